@@ -1,0 +1,1 @@
+"""Generated optimizer modules, one per spec in specs/ (written by `optgen build specs/*.yaml`)."""

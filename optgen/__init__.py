@@ -1,0 +1,11 @@
+"""optgen: a compiler for memory-efficient PyTorch optimizers.
+
+``optgen.load("my_spec.yaml")`` builds a spec in-process and returns its optimizer class; the built-in
+optimizers are in ``optgen.optim``.
+"""
+
+from optgen.build import load
+from optgen.errors import SpecError
+
+__all__ = ["SpecError", "load"]
+__version__ = "0.1.0"

@@ -1,0 +1,78 @@
+"""The PyTorch backend: the update as plain torch ops over a list of tensors (fp32 math).
+
+It runs on every device, is the reference for the Triton kernel, and is what ``backend="inductor"`` hands
+to ``torch.compile``. Scalars arrive as one fp32 tensor so that changing lr never recompiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from optgen.backends.printing import BasePrinter
+from optgen.ir import IR
+
+
+class TorchPrinter(BasePrinter):
+    sqrt_fn = "torch.sqrt"
+    rsqrt_fn = "torch.rsqrt"
+    functions = {"Abs": "torch.abs", "sign": "torch.sign", "exp": "torch.exp", "log": "torch.log",
+                 "Min": "torch.minimum", "Max": "torch.maximum", "where": "torch.where"}
+
+    def _print_Min(self, expr: sympy.Basic) -> str:
+        return self._clamp_chain(expr.args, "max", "torch.minimum")
+
+    def _print_Max(self, expr: sympy.Basic) -> str:
+        return self._clamp_chain(expr.args, "min", "torch.maximum")
+
+    def _clamp_chain(self, args: tuple, bound: str, fn: str) -> str:
+        """min/max against a number is a clamp (torch.minimum needs two tensors)."""
+        numbers = [a for a in args if a.is_Number]
+        tensors = [a for a in args if not a.is_Number]
+        out = self._binary_chain(fn, tuple(tensors))
+        for n in numbers:
+            out = f"torch.clamp({out}, {bound}={self._print(n)})"
+        return out
+
+    def _print_And(self, expr: sympy.Basic) -> str:
+        return " & ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr: sympy.Basic) -> str:
+        return " | ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Not(self, expr: sympy.Basic) -> str:
+        return f"~({self._print(expr.args[0])})"
+
+
+@dataclass(frozen=True)
+class TorchStep:
+    """The pieces of the fallback function the template lays out."""
+
+    args: list[str]  # op arguments (lists of tensors), then "scalars"
+    mutated: tuple[str, ...]
+    scalar_names: list[str]
+    loads: list[str]
+    body: list[str]
+    stores: list[str]
+
+
+def render_torch_step(ir: IR) -> TorchStep:
+    printer = TorchPrinter()
+    args = [a for t in ir.tensors for a in t.arg_names]
+    mutated = tuple(a for t in ir.written for a in t.arg_names)
+    loads = [f"{t.input.name} = {t.codec.torch_decode([f'{a}[i]' for a in t.arg_names])}" for t in ir.tensors]
+    inputs = {t.input for t in ir.tensors}
+    body = []
+    for st in ir.statements:
+        if st.expr.is_Number:
+            code = f"torch.full_like(p, {printer.doprint(st.expr)})"
+        elif st.expr in inputs:  # a bare copy of an input would alias a buffer that is overwritten below
+            code = f"{printer.doprint(st.expr)}.clone()"
+        else:
+            code = printer.doprint(st.expr)
+        body.append(f"{st.target.name} = {code}")
+    stores = []
+    for t in ir.written[1:] + ir.written[:1]:  # states first, the parameter last
+        stores += t.codec.torch_encode(t.output.name, [f"{a}[i]" for a in t.arg_names])
+    return TorchStep(args, mutated, [s.symbol.name for s in ir.scalars], loads, body, stores)

@@ -1,0 +1,150 @@
+"""Render a lowered spec into one readable Python module (jinja2 template + sympy printers) and write it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+
+import jinja2
+
+from optgen.backends.printing import HostPrinter
+from optgen.backends.torch import render_torch_step
+from optgen.ir import IR, lower
+from optgen.spec import HyperParam, Spec, load_spec
+
+
+def _docstring(text: str) -> str:
+    """Text that is safe inside a triple-quoted docstring (a spec's doc is data, never code)."""
+    return " ".join(str(text).split()).replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: resources.files("optgen.templates").joinpath(name).read_text()),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    env.filters["docstring"] = _docstring
+    env.filters["pyrepr"] = repr
+    return env
+
+
+def _py_float(x: float) -> str:
+    return "math.inf" if x == math.inf else "-math.inf" if x == -math.inf else repr(float(x))
+
+
+def _hyperparam_context(h: HyperParam) -> dict:
+    if h.kind == "tuple":
+        default_code = repr(tuple(float(v) for v in h.default))
+    elif h.kind == "bool":
+        default_code = repr(h.default)
+    else:
+        default_code = repr(float(h.default))
+    args = [repr(h.name), repr(h.kind), default_code]
+    if h.interval is not None:
+        i = h.interval
+        args += [f"low={_py_float(i.low)}", f"high={_py_float(i.high)}", f"low_closed={i.low_closed}",
+                 f"high_closed={i.high_closed}"]
+    return {"name": h.name, "doc": h.doc, "default_code": default_code, "interval": h.interval,
+            "rule": f"HyperParamRule({', '.join(args)})"}
+
+
+def _hp_unpack(spec: Spec) -> list[str]:
+    lines = []
+    for h in spec.hyperparams:
+        if h.kind == "tuple":
+            lines.append(f"{', '.join(h.names)} = hp[{h.name!r}]")
+        else:
+            lines.append(f"{h.name} = hp[{h.name!r}]")
+    return lines
+
+
+def _storage_summary(ir: IR) -> str:
+    parts = []
+    for t in ir.tensors:
+        label = {"param": "parameter", "grad": "gradient"}.get(t.role, t.name)
+        parts.append(f"{label} {t.codec.name}")
+    return ", ".join(parts)
+
+
+def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
+    """The generated module's source text for ``spec``."""
+    ir = lower(spec)
+    host = HostPrinter()
+    host_scalars = []
+    for s in ir.scalars:
+        code = host.doprint(s.expr)
+        host_scalars.append({"name": s.symbol.name, "code": f"float({code})" if s.is_condition else code})
+    checks = [{"code": host.doprint(c.condition), "message": c.message} for c in ir.checks]
+    buffers = []
+    for t in ir.tensors:
+        for arg, key, b in zip(t.arg_names, t.state_keys, t.codec.buffers()):
+            fields = [repr(arg), repr(key), repr(b.dtype)]
+            init = t.init if b.suffix == "" else b.init
+            if key is not None:
+                fields.append(f"init={float(init)!r}")
+            if t.output is not None:
+                fields.append("written=True")
+            buffers.append(f"Buffer({', '.join(fields)})")
+    context = {
+        "spec_path": spec_path,
+        "name": spec.name,
+        "class_name": spec.class_name,
+        "doc": spec.doc,
+        "fn_name": f"{spec.name}_step",
+        "op_name": op_name or f"{spec.name}_step",
+        "update_lines": [ln.rstrip() for ln in spec.update.strip().splitlines() if ln.strip()],
+        "storage_summary": _storage_summary(ir),
+        "bytes_per_param": f"{ir.bytes_per_param():g}",
+        "hp_unpack": _hp_unpack(spec),
+        "host": host_scalars,
+        "checks": checks,
+        "torch": render_torch_step(ir),
+        "hyperparams": [_hyperparam_context(h) for h in spec.hyperparams],
+        "param_dtypes": ir.param.codec.param_dtypes,
+        "buffers": buffers,
+    }
+    return _environment().get_template("optimizer.py.j2").render(**context)
+
+
+def display_path(path: Path) -> str:
+    """A stable way to name a spec in generated headers: relative to its 'specs' folder when it has one."""
+    path = Path(path)
+    return f"specs/{path.name}" if path.parent.name == "specs" else path.name
+
+
+def build_file(spec_path: str | Path, out_dir: str | Path) -> Path:
+    """``optgen build``: spec file → ``out_dir/<name>.py``."""
+    spec = load_spec(spec_path)
+    source = render(spec, display_path(Path(spec_path)))
+    out = Path(out_dir) / f"{spec.name}.py"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(source)
+    return out
+
+
+def load(spec_path: str | Path) -> type:
+    """Build a spec in-process and return its optimizer class.
+
+    The module is written to a cache folder and imported from there (Triton needs a source file). Its op is
+    ``optgen::<name>_<hash>_step`` so that loading an edited spec never collides with an earlier one.
+    """
+    spec = load_spec(spec_path)
+    digest = hashlib.sha256(Path(spec_path).read_bytes()).hexdigest()[:10]
+    module_name = f"optgen_user_{spec.name}_{digest}"
+    if module_name not in sys.modules:
+        source = render(spec, Path(spec_path).name, op_name=f"{spec.name}_{digest}_step")
+        folder = Path(tempfile.gettempdir()) / "optgen_cache"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{module_name}.py"
+        path.write_text(source)
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module: ModuleType = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    return getattr(sys.modules[module_name], spec.class_name)

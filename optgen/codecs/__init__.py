@@ -1,0 +1,25 @@
+"""Storage formats. ``get_codec`` looks one up by the name a spec uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from optgen.codecs.base import Buffer, Codec
+from optgen.codecs.plain import Bf16, Fp16, Fp32, Native
+from optgen.errors import SpecError
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (Native, Fp32, Bf16, Fp16)}
+
+
+def get_codec(name: str, options: dict[str, Any], role: str, fail: Callable[[str], SpecError]) -> Codec:
+    """Instantiate the codec ``name`` for ``role``; ``fail(message)`` builds an error naming the field."""
+    if name not in CODECS:
+        raise fail(f"unknown storage '{name}' (known: {', '.join(sorted(CODECS))})")
+    cls = CODECS[name]
+    if role not in cls.roles:
+        raise fail(f"storage '{name}' cannot hold the {role}")
+    return cls(options, fail)
+
+
+__all__ = ["Buffer", "Codec", "CODECS", "get_codec"]

@@ -1,0 +1,215 @@
+"""The IR: what every backend renders from one spec.
+
+Lowering resolves storage formats to codecs, parses the update into SSA statements, hoists every
+sub-expression that depends only on hyper-parameters and the step count into host scalars (computed once
+per step and group, in float64, then passed to the kernel as fp32), and drops statements nobody reads.
+"""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass
+
+import sympy
+
+from optgen.codecs import Codec, get_codec
+from optgen.expr import Statement, as_condition, is_condition, parse_condition, parse_update
+from optgen.spec import Spec, Storage
+
+# Names the generated code uses for itself: a spec may not use them as symbols.
+GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", "hm", "i", "params",
+                   "backend", "defaults", "group", "hp", "errors"}
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One logical tensor the kernel reads (and for p and states, writes)."""
+
+    role: str  # "param", "grad" or "state"
+    name: str  # "p", "g" or the state's name
+    codec: Codec
+    init: float
+    input: sympy.Symbol
+    output: sympy.Symbol | None  # the SSA symbol stored back; None for the gradient
+
+    @property
+    def arg_names(self) -> list[str]:
+        """Op argument names, one list of tensors per physical buffer."""
+        base = {"param": "param", "grad": "grad"}.get(self.role, f"state_{self.name}")
+        return [base + (f"_{b.suffix}" if b.suffix else "") for b in self.codec.buffers()]
+
+    @property
+    def state_keys(self) -> list[str | None]:
+        """Where each buffer lives in ``optimizer.state[p]`` (None: the parameter / its gradient)."""
+        keys: list[str | None] = []
+        for b in self.codec.buffers():
+            if self.role == "state":
+                keys.append(self.name + (f"_{b.suffix}" if b.suffix else ""))
+            elif b.suffix and self.role == "param":
+                keys.append(f"p_{b.suffix}")
+            else:
+                keys.append(None)
+        return keys
+
+
+@dataclass(frozen=True)
+class HostScalar:
+    """A kernel scalar: ``symbol`` in the kernel, ``expr`` (hyper-parameters and t) on the host."""
+
+    symbol: sympy.Symbol
+    expr: sympy.Basic
+
+    @property
+    def is_condition(self) -> bool:
+        return is_condition(self.expr)
+
+
+@dataclass(frozen=True)
+class Check:
+    condition: sympy.Basic
+    message: str
+    source: str
+
+
+@dataclass
+class IR:
+    spec: Spec
+    tensors: list[TensorIO]
+    statements: list[Statement]
+    scalars: list[HostScalar]
+    checks: list[Check]
+
+    @property
+    def param(self) -> TensorIO:
+        return self.tensors[0]
+
+    @property
+    def written(self) -> list[TensorIO]:
+        return [t for t in self.tensors if t.output is not None]
+
+    def bytes_per_param(self, param_bytes: int = 4, grad_bytes: int | None = None) -> float:
+        """Bytes held per parameter: parameter (+ its side buffers), gradient and states."""
+        grad_bytes = param_bytes if grad_bytes is None else grad_bytes
+        total = 0.0
+        for t in self.tensors:
+            total += grad_bytes if t.role == "grad" else t.codec.bytes_per_element(param_bytes)
+        return total
+
+    def bytes_moved_per_element(self, param_bytes: int = 4, grad_bytes: int | None = None) -> float:
+        """Bytes one step must move per element: every buffer read once, every written buffer written once."""
+        grad_bytes = param_bytes if grad_bytes is None else grad_bytes
+        moved = 0.0
+        for t in self.tensors:
+            size = grad_bytes if t.role == "grad" else t.codec.bytes_per_element(param_bytes)
+            moved += size * (2 if t.output is not None else 1)
+        return moved
+
+
+def _codec(spec: Spec, storage: Storage, role: str, path: tuple) -> Codec:
+    line = storage.line or spec.lines.get(path)
+    return get_codec(storage.codec, storage.options, role, lambda m: spec.error(m, path + ("storage",), line=line))
+
+
+class _Hoister:
+    """Replaces sub-expressions free of tensor symbols by named host scalars (deduplicated)."""
+
+    def __init__(self, scalar_symbols: set[sympy.Symbol], taken: set[str]) -> None:
+        self.scalar_symbols = scalar_symbols
+        self.taken = taken
+        self.scalars: dict[sympy.Basic, HostScalar] = {}
+
+    def _is_scalar(self, e: sympy.Basic) -> bool:
+        return e.free_symbols <= self.scalar_symbols
+
+    def _name(self, e: sympy.Basic) -> sympy.Basic:
+        if e in self.scalars:
+            hs = self.scalars[e]
+        else:
+            if isinstance(e, sympy.Symbol):
+                symbol = e
+            else:
+                k = len([s for s in self.scalars.values() if s.symbol != s.expr])
+                name = f"c{k}"
+                while name in self.taken:
+                    name = "_" + name
+                self.taken.add(name)
+                symbol = sympy.Symbol(name)
+            hs = self.scalars[e] = HostScalar(symbol, e)
+        return sympy.Ne(hs.symbol, 0) if hs.is_condition else hs.symbol
+
+    def hoist(self, e: sympy.Basic) -> sympy.Basic:
+        if e.is_Number or e in (sympy.true, sympy.false):
+            return e
+        if self._is_scalar(e):
+            return self._name(e)
+        if e.is_Atom:
+            return e
+        if isinstance(e, (sympy.Add, sympy.Mul)):
+            scalar = [a for a in e.args if self._is_scalar(a)]
+            rest = [self.hoist(a) for a in e.args if not self._is_scalar(a)]
+            if any(not a.is_Number for a in scalar):
+                rest.append(self._name(e.func(*scalar)))
+            else:
+                rest.extend(scalar)
+            return e.func(*rest)
+        if isinstance(e, sympy.Piecewise):
+            return sympy.Piecewise(*[(self.hoist(v), self.hoist(c)) for v, c in e.args])
+        return e.func(*[self.hoist(a) for a in e.args])
+
+
+def _prune(statements: list[Statement], outputs: set[sympy.Symbol]) -> list[Statement]:
+    """Drop assignments whose value is never read and never stored."""
+    live = set(outputs)
+    kept: list[Statement] = []
+    for st in reversed(statements):
+        if st.target in live:
+            kept.append(st)
+            live |= st.expr.free_symbols
+    return kept[::-1]
+
+
+def lower(spec: Spec) -> IR:
+    """Spec → IR. Raises SpecError (file, line, field) for anything the dataclass check could not see."""
+    for name in spec.scalar_names + [s.name for s in spec.state] + [h.name for h in spec.hyperparams]:
+        if name in GENERATED_NAMES or hasattr(builtins, name):
+            raise spec.error(f"'{name}' is reserved by the generated code; choose another name",
+                             ("state", name) if name in {s.name for s in spec.state} else ("hyperparams",))
+
+    param_codec = _codec(spec, spec.param, "param", ("param",))
+    grad_codec = _codec(spec, spec.grad, "grad", ("grad",))
+    state_codecs = [_codec(spec, s.storage, "state", ("state", s.name)) for s in spec.state]
+
+    p, g, t = sympy.Symbol("p"), sympy.Symbol("g"), sympy.Symbol("t")
+    scalar_syms = {n: sympy.Symbol(n) for n in spec.scalar_names}
+    env: dict[str, sympy.Symbol] = {"p": p, "g": g, "t": t, **scalar_syms}
+    env.update({s.name: sympy.Symbol(s.name) for s in spec.state})
+    assignable = {"p", "g"} | {s.name for s in spec.state}
+    statements = parse_update(spec.update, env, assignable, spec.file, spec.update_line)
+
+    final: dict[str, sympy.Symbol] = {}
+    for st in statements:
+        final[st.name] = st.target
+    if "p" not in final:
+        raise spec.error("the update must assign the parameter 'p'", ("update",))
+    for s in spec.state:
+        if s.name not in final:
+            raise spec.error(f"state '{s.name}' is declared but never assigned in update", ("state", s.name))
+
+    tensors = [TensorIO("param", "p", param_codec, 0.0, p, final["p"]),
+               TensorIO("grad", "g", grad_codec, 0.0, g, None)]
+    for s, codec in zip(spec.state, state_codecs):
+        tensors.append(TensorIO("state", s.name, codec, s.init, sympy.Symbol(s.name), final[s.name]))
+
+    statements = _prune(statements, {tio.output for tio in tensors if tio.output is not None})
+    taken = set(env) | {st.target.name for st in statements}
+    hoister = _Hoister(set(scalar_syms.values()) | {t}, taken)
+    statements = [Statement(st.name, st.target, hoister.hoist(st.expr), st.line) for st in statements]
+    scalars = list(hoister.scalars.values())
+
+    check_env = {**scalar_syms, **{h.name: sympy.Symbol(h.name) for h in spec.hyperparams if h.kind == "bool"}}
+    checks = [Check(parse_condition(c.require, check_env, spec.file, "checks", c.line or 1),
+                    c.message or f"requires {c.require}", c.require) for c in spec.checks]
+    return IR(spec, tensors, statements, scalars, checks)
+
+
+__all__ = ["IR", "TensorIO", "HostScalar", "Check", "lower", "as_condition"]

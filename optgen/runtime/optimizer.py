@@ -1,0 +1,290 @@
+"""The hand-written base of every generated optimizer: a real ``torch.optim.Optimizer``.
+
+The generated subclass only says what its spec decides (hyper-parameters, buffer layout, the op, the
+host scalars). Everything else lives here: validation before any state exists, lazy state, steps grouped
+into one op call per (param group, device, step count), backends, and exact state_dict round trips.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+BACKENDS = ("triton", "inductor", "eager")
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class HyperParamRule:
+    """How one constructor argument is validated: a float (or 0-d tensor) in an interval, a bool, or a tuple."""
+
+    name: str
+    kind: str  # "float", "bool" or "tuple"
+    default: Any
+    low: float = -math.inf
+    high: float = math.inf
+    low_closed: bool = True
+    high_closed: bool = True
+
+    def _interval(self) -> str:
+        return f"{'[' if self.low_closed else '('}{self.low}, {self.high}{']' if self.high_closed else ')'}"
+
+    def _check_number(self, value: Any, what: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            raise ValueError(f"Invalid {what}: expected a number, got {type(value).__name__} {value!r}")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.is_complex() or not value.is_floating_point():
+                raise ValueError(f"Invalid {what}: a tensor hyper-parameter must be a 1-element float tensor")
+            value = value.item()
+        x = float(value)
+        ok = not math.isnan(x) and (x >= self.low if self.low_closed else x > self.low) and \
+            (x <= self.high if self.high_closed else x < self.high)
+        if not ok:
+            raise ValueError(f"Invalid {what}: {value} (must be in {self._interval()})")
+
+    def validate(self, value: Any) -> Any:
+        """Return the value to store in the param group, or raise ValueError."""
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"Invalid {self.name}: expected True or False, got {value!r}")
+            return value
+        if self.kind == "tuple":
+            if isinstance(value, torch.Tensor) or not isinstance(value, (tuple, list)) or \
+                    len(value) != len(self.default):
+                raise ValueError(f"Invalid {self.name}: expected {len(self.default)} numbers, got {value!r}")
+            for i, v in enumerate(value):
+                self._check_number(v, f"{self.name}[{i}]")
+            return tuple(value)
+        self._check_number(value, f"{self.name} value")
+        return value
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One list argument of the op: the parameters, their gradients, or a state buffer (``key``)."""
+
+    arg: str
+    key: str | None  # key in optimizer.state[p]; None for the parameter ("param") and gradient ("grad")
+    dtype: str  # torch dtype name, or "param" for the parameter's own dtype
+    init: float = 0.0
+    written: bool = False
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class OptgenOptimizer(torch.optim.Optimizer):
+    """Base class of generated optimizers. Subclasses set the class attributes below."""
+
+    spec_name: ClassVar[str]
+    hyperparam_rules: ClassVar[tuple[HyperParamRule, ...]]
+    buffers: ClassVar[tuple[Buffer, ...]]
+    param_dtypes: ClassVar[tuple[str, ...]]
+    op: ClassVar[Callable[..., None]]  # the torch.library op, PyTorch fallback inside
+    fallback: ClassVar[Callable[..., None]]  # the same fallback as a plain function (for torch.compile)
+    _compiled: ClassVar[dict[type, Callable[..., None]]] = {}
+
+    @staticmethod
+    def host_scalars(hp: dict[str, Any], t: int) -> list[Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def violated_checks(hp: dict[str, Any]) -> list[str]:
+        return []
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: str | None = None) -> None:
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"Invalid backend {backend!r}: expected one of {', '.join(BACKENDS)} or None")
+        self.backend = backend
+        for rule in self.hyperparam_rules:
+            defaults[rule.name] = rule.validate(defaults[rule.name])
+        self._validate_group(defaults)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        errors = self.violated_checks(group)
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def _validate_params(self, params: list[Any]) -> None:
+        seen: set[int] = set()
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{type(self).__name__} can only optimize Tensors, got {type(p).__name__}")
+            if not p.is_leaf:
+                raise ValueError(f"{type(self).__name__} can't optimize a non-leaf Tensor")
+            name = _dtype_name(p.dtype)
+            if name not in self.param_dtypes:
+                raise ValueError(f"{type(self).__name__} ({self.spec_name}) stores parameters as "
+                                 f"{' or '.join(self.param_dtypes)}; got a {name} parameter of shape "
+                                 f"{tuple(p.shape)}")
+            if id(p) in seen:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is listed twice in one param group")
+            seen.add(id(p))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate the group (parameters and every hyper-parameter) before anything is stored."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        self._validate_params(group["params"])
+        for rule in self.hyperparam_rules:
+            if rule.name in group:
+                group[rule.name] = rule.validate(group[rule.name])
+        self._validate_group({**self.defaults, **group})
+        super().add_param_group(group)
+
+    # ------------------------------------------------------------------ step
+    def _kernel(self, device: torch.device) -> Callable[..., None]:
+        backend = self.backend or ("triton" if device.type == "cuda" else "eager")
+        if backend == "triton":
+            triton_step = getattr(type(self), "triton_step", None)
+            if triton_step is None:
+                raise RuntimeError(f"{type(self).__name__} has no Triton kernel; use backend='eager' or 'inductor'")
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+            return triton_step
+        if backend == "inductor":
+            cls = type(self)
+            if cls not in OptgenOptimizer._compiled:
+                OptgenOptimizer._compiled[cls] = torch.compile(cls.fallback, dynamic=True)
+            return OptgenOptimizer._compiled[cls]
+        return type(self).op
+
+    def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if g.shape != p.shape or g.device != p.device:
+                raise RuntimeError(f"gradient of shape {tuple(g.shape)} on {g.device} does not match its "
+                                   f"parameter of shape {tuple(p.shape)} on {p.device}")
+            if not g.is_floating_point():
+                raise RuntimeError(f"gradients must be floating point, got {g.dtype}")
+            out.append(p)
+        return out
+
+    def _init_group(self, params: list[torch.Tensor]) -> None:
+        """Create missing state lazily (Dynamo runs a method of this name eagerly)."""
+        for p in params:
+            state = self.state[p]
+            if state:
+                continue
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for b in self.buffers:
+                if b.key is not None:
+                    dtype = p.dtype if b.dtype == "param" else getattr(torch, b.dtype)
+                    state[b.key] = torch.full_like(p, b.init, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _scalars(self, group: dict[str, Any], t: int, device: torch.device) -> torch.Tensor:
+        values = self.host_scalars(group, t)
+        if any(isinstance(v, torch.Tensor) for v in values):
+            return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values]).to(
+                device=device, dtype=torch.float32)
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._init_group(params)
+        buckets: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+        for p in params:
+            step = self.state[p]["step"]
+            step += 1
+            buckets.setdefault((p.device, int(step.item())), []).append(p)
+        for (device, t), ps in buckets.items():
+            lists = []
+            for b in self.buffers:
+                if b.key is not None:
+                    lists.append([self.state[p][b.key] for p in ps])
+                else:
+                    lists.append(ps if b.arg == "param" else [p.grad for p in ps])
+            self._kernel(device)(*lists, self._scalars(group, t, device))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, self._params_with_grad(group)) for group in self.param_groups]  # check all first
+        for group, params in work:
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    # ------------------------------------------------------------------ sizes
+    @classmethod
+    def bytes_per_element(cls, param_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype | None = None,
+                          moved: bool = False) -> float:
+        """Bytes held per parameter element (or, with ``moved``, read + written by one step)."""
+        grad_dtype = grad_dtype or param_dtype
+        total = 0.0
+        for b in cls.buffers:
+            dtype = grad_dtype if b.arg == "grad" else param_dtype if b.dtype == "param" else getattr(torch, b.dtype)
+            size = torch.empty((), dtype=dtype).element_size()
+            total += size * (2 if moved and b.written else 1)
+        return total
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["optgen"] = {"spec": self.spec_name}
+        return sd
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise ValueError unless ``state_dict`` fits this optimizer exactly (nothing is changed)."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state_dict: expected keys 'state' and 'param_groups'")
+        spec = state_dict.get("optgen", {}).get("spec", self.spec_name)
+        if spec != self.spec_name:
+            raise ValueError(f"state_dict was saved by optgen spec '{spec}', not '{self.spec_name}'")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}")
+        index_to_param: dict[Any, torch.Tensor] = {}
+        for saved, group in zip(groups, self.param_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("a param group of the state_dict has a different number of parameters")
+            index_to_param.update(zip(saved["params"], group["params"]))
+            for rule in self.hyperparam_rules:
+                if rule.name not in saved:
+                    raise ValueError(f"state_dict param group lacks hyper-parameter '{rule.name}'")
+                rule.validate(saved[rule.name])
+        expected = {"step"} | {b.key for b in self.buffers if b.key is not None}
+        for index, state in state_dict["state"].items():
+            if index not in index_to_param:
+                raise ValueError(f"state_dict has state for unknown parameter index {index}")
+            p = index_to_param[index]
+            if set(state) != expected:
+                raise ValueError(f"state for parameter {index} has keys {sorted(state)}, expected {sorted(expected)}")
+            for b in self.buffers:
+                if b.key is None:
+                    continue
+                value = state[b.key]
+                dtype = p.dtype if b.dtype == "param" else getattr(torch, b.dtype)
+                if not isinstance(value, torch.Tensor) or value.shape != p.shape or value.dtype != dtype:
+                    got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
+                    raise ValueError(f"state '{b.key}' of parameter {index}: expected shape {tuple(p.shape)} "
+                                     f"and dtype {dtype}, got {got}")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load exactly: torch's loader casts states to the parameter dtype, so restore the saved dtypes."""
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(index, {}).items():
+                if key != "step":
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
