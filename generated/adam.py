@@ -50,17 +50,17 @@ def adam_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m
     """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
     weight_decay, beta1, c0, beta2, c1, c2, eps, c3 = scalars.unbind()
     for i in range(len(param)):
-        p = param[i].float()
-        g = grad[i].float()
-        m = state_m[i].float()
-        v = state_v[i].float()
+        p = param[i].reshape(-1).float()
+        g = grad[i].reshape(-1).float()
+        m = state_m[i].reshape(-1).float()
+        v = state_v[i].reshape(-1).float()
         g_1 = g + p*weight_decay
         m_1 = beta1*m + c0*g_1
         v_1 = beta2*v + c1*g_1**2
         p_1 = c3*m_1/(c2*torch.sqrt(v_1) + eps) + p
-        state_m[i].copy_(m_1)
-        state_v[i].copy_(v_1)
-        param[i].copy_(p_1)
+        state_m[i].copy_(m_1.view(state_m[i].shape))
+        state_v[i].copy_(v_1.view(state_v[i].shape))
+        param[i].copy_(p_1.view(param[i].shape))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=('param', 'state_m', 'state_v'))

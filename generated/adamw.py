@@ -50,17 +50,17 @@ def adamw_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_
     """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
     c0, beta1, c1, beta2, c2, c3, eps, c4 = scalars.unbind()
     for i in range(len(param)):
-        p = param[i].float()
-        g = grad[i].float()
-        m = state_m[i].float()
-        v = state_v[i].float()
+        p = param[i].reshape(-1).float()
+        g = grad[i].reshape(-1).float()
+        m = state_m[i].reshape(-1).float()
+        v = state_v[i].reshape(-1).float()
         p_1 = c0*p
         m_1 = beta1*m + c1*g
         v_1 = beta2*v + c2*g**2
         p_2 = c4*m_1/(c3*torch.sqrt(v_1) + eps) + p_1
-        state_m[i].copy_(m_1)
-        state_v[i].copy_(v_1)
-        param[i].copy_(p_2)
+        state_m[i].copy_(m_1.view(state_m[i].shape))
+        state_v[i].copy_(v_1.view(state_v[i].shape))
+        param[i].copy_(p_2.view(param[i].shape))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=('param', 'state_m', 'state_v'))

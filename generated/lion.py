@@ -46,14 +46,14 @@ def lion_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m
     """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, weight_decay, c1, beta2, c2 = scalars.unbind()
     for i in range(len(param)):
-        p = param[i].float()
-        g = grad[i].float()
-        m = state_m[i].float()
+        p = param[i].reshape(-1).float()
+        g = grad[i].reshape(-1).float()
+        m = state_m[i].reshape(-1).float()
         c = beta1*m + c0*g
         p_1 = c1*(p*weight_decay + torch.sign(c)) + p
         m_1 = beta2*m + c2*g
-        state_m[i].copy_(m_1)
-        param[i].copy_(p_1)
+        state_m[i].copy_(m_1.view(state_m[i].shape))
+        param[i].copy_(p_1.view(param[i].shape))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=('param', 'state_m'))

@@ -58,15 +58,15 @@ def sgd_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m:
     """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
     weight_decay, c0, c1, momentum, c2, c3, c4 = scalars.unbind()
     for i in range(len(param)):
-        p = param[i].float()
-        g = grad[i].float()
-        m = state_m[i].float()
+        p = param[i].reshape(-1).float()
+        g = grad[i].reshape(-1).float()
+        m = state_m[i].reshape(-1).float()
         g_1 = g + p*weight_decay
         m_1 = torch.where((c0 != 0), g_1, c1*g_1 + m*momentum)
         d = torch.where((c2 != 0), g_1, torch.where((c3 != 0), g_1 + m_1*momentum, m_1))
         p_1 = c4*d + p
-        state_m[i].copy_(m_1)
-        param[i].copy_(p_1)
+        state_m[i].copy_(m_1.view(state_m[i].shape))
+        param[i].copy_(p_1.view(param[i].shape))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=('param', 'state_m'))

@@ -61,7 +61,7 @@ def render_torch_step(ir: IR) -> TorchStep:
     printer = TorchPrinter()
     args = [a for t in ir.tensors for a in t.arg_names]
     mutated = tuple(a for t in ir.written for a in t.arg_names)
-    loads = [f"{t.input.name} = {t.codec.torch_decode([f'{a}[i]' for a in t.arg_names])}" for t in ir.tensors]
+    loads = [line for t in ir.tensors for line in t.codec.torch_decode(t.input.name, [f"{a}[i]" for a in t.arg_names])]
     inputs = {t.input for t in ir.tensors}
     body = []
     for st in ir.statements:

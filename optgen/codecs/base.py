@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 
 from optgen.errors import SpecError
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
+               "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,15 @@ class Buffer:
     """One physical tensor of a stored value.
 
     ``suffix`` is appended to the state name ("" for the main buffer); ``dtype`` is a torch dtype name
-    or "param" (the parameter's own dtype); the shape is the parameter's.
+    or "param" (the parameter's own dtype). ``shape`` is "param" (the parameter's shape), "groups"
+    (1-D, one element per ``group_size`` elements, rounded up), "half" (1-D, ceil(numel / 2): two 4-bit
+    codes per byte) or "scalar" (0-d, one value for the whole tensor).
     """
 
     suffix: str
     dtype: str
     init: float = 0.0
+    shape: str = "param"
 
 
 class Codec:
@@ -35,6 +39,9 @@ class Codec:
     name: ClassVar[str]
     roles: ClassVar[frozenset[str]]  # which of "param", "grad", "state" may use this format
     param_dtypes: ClassVar[tuple[str, ...]] = ("float32",)  # dtypes accepted when it stores a parameter
+    group_size: ClassVar[int] = 1  # elements per scale group (Triton tiles are rows of a multiple of it)
+    needs_rng: ClassVar[bool] = False  # stochastic rounding: the renderings use the per-tensor ``key``
+    imports: ClassVar[tuple[str, ...]] = ()  # import lines the generated module needs for the snippets
 
     def __init__(self, options: dict[str, Any], fail: Callable[[str], SpecError]) -> None:
         """Validate the spec's options for this format; ``fail(message)`` builds the error to raise."""
@@ -46,13 +53,31 @@ class Codec:
 
     def bytes_per_element(self, param_bytes: int = 4) -> float:
         """Bytes this format holds per element (``param_bytes`` sizes buffers of dtype "param")."""
-        return sum(param_bytes if b.dtype == "param" else DTYPE_BYTES[b.dtype] for b in self.buffers())
+        total = 0.0
+        for b in self.buffers():
+            size = param_bytes if b.dtype == "param" else DTYPE_BYTES[b.dtype]
+            total += {"param": size, "groups": size / self.group_size, "half": size / 2, "scalar": 0.0}[b.shape]
+        return total
 
-    # --- PyTorch backend: ``refs`` are expressions naming this tensor's buffers, in ``buffers()`` order.
-    def torch_decode(self, refs: list[str]) -> str:
-        """An fp32 tensor expression for the stored value."""
+    # --- PyTorch backend. ``refs`` are expressions naming this tensor's buffers, in ``buffers()`` order
+    # (e.g. ``state_m[i]``, ``state_m_scale[i]``). Values in the update are flat 1-D fp32 tensors.
+    def torch_decode(self, out: str, refs: list[str]) -> list[str]:
+        """Statements that set ``out`` to the stored value as a flat fp32 tensor."""
         raise NotImplementedError
 
     def torch_encode(self, value: str, refs: list[str]) -> list[str]:
-        """Statements that store the fp32 tensor ``value`` into the buffers (in place)."""
+        """Statements that store the flat fp32 tensor ``value`` into the buffers, in place."""
+        raise NotImplementedError
+
+    # --- Triton backend. The kernel works on 2-D tiles: ``offs`` holds the tile's element offsets in the
+    # flat tensor (shape [ROWS, COLS]; each row is COLS consecutive elements, COLS a multiple of every
+    # codec's group_size, a row starts at a multiple of COLS), ``mask`` is ``offs < numel``, and ``ptrs``
+    # are typed pointers to the first element of each buffer of this tensor. Values are fp32 tiles.
+    # A codec with ``needs_rng`` may also use ``key``: an int32 per (tensor, step, seed), see optgen.codecs.rng.
+    def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        """Statements that set ``out`` to the stored value as an fp32 tile (0 where masked)."""
+        raise NotImplementedError
+
+    def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        """Statements that store the fp32 tile ``value`` (masked elements are ignored)."""
         raise NotImplementedError

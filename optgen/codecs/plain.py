@@ -12,11 +12,11 @@ class PlainCodec(Codec):
     def buffers(self) -> list[Buffer]:
         return [Buffer("", self.dtype)]
 
-    def torch_decode(self, refs: list[str]) -> str:
-        return f"{refs[0]}.float()"
+    def torch_decode(self, out: str, refs: list[str]) -> list[str]:
+        return [f"{out} = {refs[0]}.reshape(-1).float()"]
 
     def torch_encode(self, value: str, refs: list[str]) -> list[str]:
-        return [f"{refs[0]}.copy_({value})"]
+        return [f"{refs[0]}.copy_({value}.view({refs[0]}.shape))"]
 
 
 class Native(PlainCodec):
