@@ -19,6 +19,16 @@ import torch
 
 from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer
 from optgen.runtime import hostmath as hm
+from optgen.runtime import torch_math as optgen_torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from optgen.runtime import triton_math as optgen_tl
+    from optgen.runtime.launch import MultiTensorLauncher
+except ImportError:  # no Triton on this platform: the PyTorch fallback still runs everywhere
+    triton = None
 
 OP_NAME = "optgen::adamw_step"
 
@@ -57,7 +67,7 @@ def adamw_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_
         p_1 = c0*p
         m_1 = beta1*m + c1*g
         v_1 = beta2*v + c2*g**2
-        p_2 = c4*m_1/(c3*torch.sqrt(v_1) + eps) + p_1
+        p_2 = c4*m_1/(c3*optgen_torch.sqrt_rn(v_1) + eps) + p_1
         state_m[i].copy_(m_1.view(state_m[i].shape))
         state_v[i].copy_(v_1.view(state_v[i].shape))
         param[i].copy_(p_2.view(param[i].shape))
@@ -71,6 +81,65 @@ def adamw_step(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: lis
 @adamw_step.register_fake
 def _(param, grad, state_m, state_v, scalars) -> None:
     return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def adamw_step_kernel(
+        param_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        state_v_ptrs,
+        numels,
+        blocks,
+        scalars,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
+        pid = tl.program_id(0)
+        tensor = tl.load(blocks + 2 * pid)
+        start = tl.load(blocks + 2 * pid + 1)
+        numel = tl.load(numels + tensor)
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        mask = offs < numel
+        param = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+        grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
+        state_m = tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32))
+        state_v = tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32))
+        c0 = tl.load(scalars + 0)
+        beta1 = tl.load(scalars + 1)
+        c1 = tl.load(scalars + 2)
+        beta2 = tl.load(scalars + 3)
+        c2 = tl.load(scalars + 4)
+        c3 = tl.load(scalars + 5)
+        eps = tl.load(scalars + 6)
+        c4 = tl.load(scalars + 7)
+        p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(state_v + offs, mask=mask, other=0.0).to(tl.float32)
+        p_1 = c0*p
+        m_1 = beta1*m + c1*g
+        v_1 = beta2*v + c2*(g*g)
+        p_2 = tl.div_rn(c4*m_1, c3*tl.sqrt_rn(v_1) + eps) + p_1
+        optgen_tl.store_rne(state_m + offs, m_1, mask)
+        optgen_tl.store_rne(state_v + offs, v_1, mask)
+        optgen_tl.store_rne(param + offs, p_2, mask)
+
+    _launcher = MultiTensorLauncher(adamw_step_kernel, adamw_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256)
+
+    @torch.library.custom_op(OP_NAME + "_triton", mutates_args=('param', 'state_m', 'state_v'))
+    def adamw_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
+        """The fused Triton kernel: one launch per dtype combination (see optgen.runtime.launch)."""
+        _launcher(param, grad, state_m, state_v, scalars=scalars)
+
+    @adamw_step_triton.register_fake
+    def _(param, grad, state_m, state_v, scalars) -> None:
+        return None
 
 
 class AdamW(OptgenOptimizer):
@@ -103,6 +172,7 @@ class AdamW(OptgenOptimizer):
     violated_checks = staticmethod(violated_checks)
     op = staticmethod(adamw_step)
     fallback = staticmethod(adamw_step_torch)
+    triton_step = staticmethod(adamw_step_triton) if triton is not None else None
 
     def __init__(
         self,

@@ -18,6 +18,16 @@ import torch
 
 from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer
 from optgen.runtime import hostmath as hm
+from optgen.runtime import torch_math as optgen_torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from optgen.runtime import triton_math as optgen_tl
+    from optgen.runtime.launch import MultiTensorLauncher
+except ImportError:  # no Triton on this platform: the PyTorch fallback still runs everywhere
+    triton = None
 
 OP_NAME = "optgen::lion_step"
 
@@ -66,6 +76,58 @@ def _(param, grad, state_m, scalars) -> None:
     return None
 
 
+if triton is not None:
+
+    @triton.jit
+    def lion_step_kernel(
+        param_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        numels,
+        blocks,
+        scalars,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
+        pid = tl.program_id(0)
+        tensor = tl.load(blocks + 2 * pid)
+        start = tl.load(blocks + 2 * pid + 1)
+        numel = tl.load(numels + tensor)
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        mask = offs < numel
+        param = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+        grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
+        state_m = tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32))
+        beta1 = tl.load(scalars + 0)
+        c0 = tl.load(scalars + 1)
+        weight_decay = tl.load(scalars + 2)
+        c1 = tl.load(scalars + 3)
+        beta2 = tl.load(scalars + 4)
+        c2 = tl.load(scalars + 5)
+        p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
+        c = beta1*m + c0*g
+        p_1 = c1*(p*weight_decay + optgen_tl.sign(c)) + p
+        m_1 = beta2*m + c2*g
+        optgen_tl.store_rne(state_m + offs, m_1, mask)
+        optgen_tl.store_rne(param + offs, p_1, mask)
+
+    _launcher = MultiTensorLauncher(lion_step_kernel, lion_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256)
+
+    @torch.library.custom_op(OP_NAME + "_triton", mutates_args=('param', 'state_m'))
+    def lion_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
+        """The fused Triton kernel: one launch per dtype combination (see optgen.runtime.launch)."""
+        _launcher(param, grad, state_m, scalars=scalars)
+
+    @lion_step_triton.register_fake
+    def _(param, grad, state_m, scalars) -> None:
+        return None
+
+
 class Lion(OptgenOptimizer):
     """Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms"), the update of the paper.
 
@@ -93,6 +155,7 @@ class Lion(OptgenOptimizer):
     violated_checks = staticmethod(violated_checks)
     op = staticmethod(lion_step)
     fallback = staticmethod(lion_step_torch)
+    triton_step = staticmethod(lion_step_triton) if triton is not None else None
 
     def __init__(
         self,

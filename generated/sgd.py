@@ -19,6 +19,16 @@ import torch
 
 from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer
 from optgen.runtime import hostmath as hm
+from optgen.runtime import torch_math as optgen_torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from optgen.runtime import triton_math as optgen_tl
+    from optgen.runtime.launch import MultiTensorLauncher
+except ImportError:  # no Triton on this platform: the PyTorch fallback still runs everywhere
+    triton = None
 
 OP_NAME = "optgen::sgd_step"
 
@@ -79,6 +89,60 @@ def _(param, grad, state_m, scalars) -> None:
     return None
 
 
+if triton is not None:
+
+    @triton.jit
+    def sgd_step_kernel(
+        param_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        numels,
+        blocks,
+        scalars,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
+        pid = tl.program_id(0)
+        tensor = tl.load(blocks + 2 * pid)
+        start = tl.load(blocks + 2 * pid + 1)
+        numel = tl.load(numels + tensor)
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        mask = offs < numel
+        param = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+        grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
+        state_m = tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32))
+        weight_decay = tl.load(scalars + 0)
+        c0 = tl.load(scalars + 1)
+        c1 = tl.load(scalars + 2)
+        momentum = tl.load(scalars + 3)
+        c2 = tl.load(scalars + 4)
+        c3 = tl.load(scalars + 5)
+        c4 = tl.load(scalars + 6)
+        p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
+        g_1 = g + p*weight_decay
+        m_1 = tl.where((c0 != 0), g_1, c1*g_1 + m*momentum)
+        d = tl.where((c2 != 0), g_1, tl.where((c3 != 0), g_1 + m_1*momentum, m_1))
+        p_1 = c4*d + p
+        optgen_tl.store_rne(state_m + offs, m_1, mask)
+        optgen_tl.store_rne(param + offs, p_1, mask)
+
+    _launcher = MultiTensorLauncher(sgd_step_kernel, sgd_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256)
+
+    @torch.library.custom_op(OP_NAME + "_triton", mutates_args=('param', 'state_m'))
+    def sgd_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
+        """The fused Triton kernel: one launch per dtype combination (see optgen.runtime.launch)."""
+        _launcher(param, grad, state_m, scalars=scalars)
+
+    @sgd_step_triton.register_fake
+    def _(param, grad, state_m, scalars) -> None:
+        return None
+
+
 class SGD(OptgenOptimizer):
     """Stochastic gradient descent with momentum, dampening, Nesterov and L2 weight decay, matching torch.optim.SGD.
 
@@ -110,6 +174,7 @@ class SGD(OptgenOptimizer):
     violated_checks = staticmethod(violated_checks)
     op = staticmethod(sgd_step)
     fallback = staticmethod(sgd_step_torch)
+    triton_step = staticmethod(sgd_step_triton) if triton is not None else None
 
     def __init__(
         self,

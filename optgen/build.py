@@ -15,8 +15,13 @@ import jinja2
 
 from optgen.backends.printing import HostPrinter
 from optgen.backends.torch import render_torch_step
+from optgen.backends.triton import render_triton_kernel
 from optgen.ir import IR, lower
 from optgen.spec import HyperParam, Spec, load_spec
+
+
+TILE_ELEMENTS = 2048  # elements per Triton program (a tile of rows x cols)
+TILE_COLS = 256  # row length: a multiple of every codec group size (32, 128, 256)
 
 
 def _docstring(text: str) -> str:
@@ -90,6 +95,9 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
             if t.output is not None:
                 fields.append("written=True")
             buffers.append(f"Buffer({', '.join(fields)})")
+    torch_step = render_torch_step(ir)
+    triton_kernel = render_triton_kernel(ir)
+    cols = max(TILE_COLS, triton_kernel.group_size)
     context = {
         "spec_path": spec_path,
         "name": spec.name,
@@ -103,7 +111,11 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
         "hp_unpack": _hp_unpack(spec),
         "host": host_scalars,
         "checks": checks,
-        "torch": render_torch_step(ir),
+        "torch": torch_step,
+        "triton": triton_kernel,
+        "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in triton_kernel.dtype_args},
+        "rows": TILE_ELEMENTS // cols,
+        "cols": cols,
         "hyperparams": [_hyperparam_context(h) for h in spec.hyperparams],
         "param_dtypes": ir.param.codec.param_dtypes,
         "buffers": buffers,

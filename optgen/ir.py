@@ -18,7 +18,14 @@ from optgen.spec import Spec, Storage
 
 # Names the generated code uses for itself: a spec may not use them as symbols.
 GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", "hm", "i", "params",
-                   "backend", "defaults", "group", "hp", "errors"}
+                   "backend", "defaults", "group", "hp", "errors", "optgen_tl", "libdevice", "pid", "tensor",
+                   "start", "numel", "numels", "blocks", "offs", "mask", "key", "ROWS", "COLS",
+                   "optgen_torch"}
+
+
+def _reserved(name: str) -> bool:
+    """Names the generated code uses itself (and Python builtins, which the fallback calls)."""
+    return name in GENERATED_NAMES or hasattr(builtins, name) or name.startswith("state_") or name.isupper()
 
 
 @dataclass(frozen=True)
@@ -171,7 +178,7 @@ def _prune(statements: list[Statement], outputs: set[sympy.Symbol]) -> list[Stat
 def lower(spec: Spec) -> IR:
     """Spec → IR. Raises SpecError (file, line, field) for anything the dataclass check could not see."""
     for name in spec.scalar_names + [s.name for s in spec.state] + [h.name for h in spec.hyperparams]:
-        if name in GENERATED_NAMES or hasattr(builtins, name):
+        if _reserved(name):
             raise spec.error(f"'{name}' is reserved by the generated code; choose another name",
                              ("state", name) if name in {s.name for s in spec.state} else ("hyperparams",))
 
@@ -188,6 +195,9 @@ def lower(spec: Spec) -> IR:
 
     final: dict[str, sympy.Symbol] = {}
     for st in statements:
+        if _reserved(st.name):
+            raise spec.error(f"'{st.name}' is reserved by the generated code; choose another name", ("update",),
+                             line=st.line)
         final[st.name] = st.target
     if "p" not in final:
         raise spec.error("the update must assign the parameter 'p'", ("update",))

@@ -15,8 +15,8 @@ from optgen.ir import IR
 
 
 class TorchPrinter(BasePrinter):
-    sqrt_fn = "torch.sqrt"
-    rsqrt_fn = "torch.rsqrt"
+    sqrt_fn = "optgen_torch.sqrt_rn"
+    rsqrt_fn = "optgen_torch.rsqrt_rn"
     functions = {"Abs": "torch.abs", "sign": "torch.sign", "exp": "torch.exp", "log": "torch.log",
                  "Min": "torch.minimum", "Max": "torch.maximum", "where": "torch.where"}
 

@@ -18,6 +18,12 @@ class PlainCodec(Codec):
     def torch_encode(self, value: str, refs: list[str]) -> list[str]:
         return [f"{refs[0]}.copy_({value}.view({refs[0]}.shape))"]
 
+    def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        return [f"{out} = tl.load({ptrs[0]} + {offs}, mask={mask}, other=0.0).to(tl.float32)"]
+
+    def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        return [f"optgen_tl.store_rne({ptrs[0]} + {offs}, {value}, {mask})"]
+
 
 class Native(PlainCodec):
     """Whatever floating dtype the parameter has (fp32, bf16 or fp16); math still runs in fp32."""

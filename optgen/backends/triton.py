@@ -1,0 +1,115 @@
+"""The Triton backend: one fused kernel per spec that reads every buffer once and writes each output once.
+
+The kernel works on 2-D tiles of a flat tensor (rows of COLS consecutive elements, so group-wise codecs
+can reduce along a row) and covers every tensor of a param group in one launch: each program looks up
+its (tensor, first element) in a block table and its buffers in per-buffer pointer tables. Division and
+square root are printed as the correctly rounded ``tl.div_rn`` / ``tl.sqrt_rn`` so that the kernel
+agrees with PyTorch to the last bit or one ulp (``tl.sqrt`` and ``/`` are approximate on the GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from optgen.backends.printing import BasePrinter
+from optgen.ir import IR
+
+TL_DTYPES = {"float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.float16", "int8": "tl.int8",
+             "uint8": "tl.uint8", "int16": "tl.int16", "int32": "tl.int32", "float8_e4m3fn": "tl.float8e4nv",
+             "float8_e5m2": "tl.float8e5"}
+
+
+class TritonPrinter(BasePrinter):
+    sqrt_fn = "tl.sqrt_rn"
+    rsqrt_fn = "optgen_tl.rsqrt_rn"
+    functions = {"Abs": "tl.abs", "sign": "optgen_tl.sign", "exp": "tl.exp", "log": "tl.log",
+                 "Min": "optgen_tl.minimum", "Max": "optgen_tl.maximum", "where": "tl.where"}
+
+    def _print_Mul(self, expr: sympy.Mul) -> str:
+        """Print a/b as tl.div_rn(a, b): correctly rounded, like PyTorch's division."""
+        num, den = [], []
+        for factor in expr.as_ordered_factors():
+            if factor.is_Pow and factor.exp.is_Number and factor.exp < 0 and factor.exp != sympy.Rational(-1, 2):
+                den.append(factor.base ** -factor.exp)
+            elif factor.is_Rational and not factor.is_Integer:
+                num.append(sympy.Integer(factor.p))
+                den.append(sympy.Integer(factor.q))
+            else:
+                num.append(factor)
+        if not den:
+            return super()._print_Mul(expr)
+        top = self._print(sympy.Mul(*num, evaluate=False)) if num else "1.0"
+        bottom = self._print(sympy.Mul(*den, evaluate=False)) if len(den) > 1 else self._print(den[0])
+        return f"tl.div_rn({top}, {bottom})"
+
+    def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
+        base, exp = expr.args
+        if exp.is_Integer and 2 <= int(exp) <= 4:  # exact repeated products, as torch does for x**2
+            b = self.parenthesize(base, 100)
+            return "(" + "*".join([b] * int(exp)) + ")"
+        if exp.is_Integer and exp < 0:
+            return f"tl.div_rn(1.0, {self._print(base ** -exp)})"
+        if exp in (sympy.Rational(1, 2), sympy.Rational(-1, 2)):
+            return super()._print_Pow(expr, rational)
+        return f"libdevice.pow({self._print(base)}, {self._print(exp)})"
+
+    def _print_And(self, expr: sympy.Basic) -> str:
+        return " & ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr: sympy.Basic) -> str:
+        return " | ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Not(self, expr: sympy.Basic) -> str:
+        return f"({self._print(expr.args[0])}) == 0"
+
+
+@dataclass(frozen=True)
+class TritonKernel:
+    """The pieces of the kernel and its launcher that the template lays out."""
+
+    table_args: list[str]  # one pointer table per buffer: <arg>_ptrs
+    dtype_args: list[str]  # constexpr element types for buffers stored in the parameter's dtype
+    pointer_setup: list[str]
+    scalar_loads: list[str]
+    loads: list[str]
+    body: list[str]
+    stores: list[str]
+    group_size: int
+    needs_rng: bool
+    imports: list[str]
+
+
+def render_triton_kernel(ir: IR) -> TritonKernel:
+    printer = TritonPrinter()
+    table_args, dtype_args, pointer_setup = [], [], []
+    for t in ir.tensors:
+        for arg, b in zip(t.arg_names, t.codec.buffers()):
+            table_args.append(f"{arg}_ptrs")
+            if b.dtype == "param" or t.role == "grad":
+                dtype = f"{arg.upper()}_DTYPE"
+                dtype_args.append(dtype)
+            else:
+                dtype = TL_DTYPES[b.dtype]
+            pointer_setup.append(f"{arg} = tl.load({arg}_ptrs + tensor).to(tl.pointer_type({dtype}))")
+    scalar_loads = [f"{s.symbol.name} = tl.load(scalars + {k})" for k, s in enumerate(ir.scalars)]
+    loads = [line for t in ir.tensors for line in t.codec.triton_decode(t.input.name, t.arg_names, "offs", "mask")]
+    body = []
+    for st in ir.statements:
+        code = printer.doprint(st.expr)
+        if st.expr.is_Number or not (st.expr.free_symbols - {s.symbol for s in ir.scalars}):
+            code = f"tl.full(offs.shape, {code}, tl.float32)"  # a tile, not a scalar
+        body.append(f"{st.target.name} = {code}")
+    stores = []
+    for t in ir.written[1:] + ir.written[:1]:
+        stores += t.codec.triton_encode(t.output.name, t.arg_names, "offs", "mask")
+    group = 1
+    imports: list[str] = []
+    for t in ir.tensors:
+        group = max(group, t.codec.group_size)
+        imports += [i for i in t.codec.imports if i not in imports]
+    if any("libdevice." in line for line in body):
+        imports.append("from triton.language.extra import libdevice")
+    return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, loads, body, stores, group,
+                        any(t.codec.needs_rng for t in ir.tensors), imports)

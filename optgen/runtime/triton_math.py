@@ -1,0 +1,45 @@
+"""Triton device functions the generated kernels call: math that must round exactly like PyTorch."""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - no Triton on this platform; the PyTorch fallback still works
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def rsqrt_rn(x):
+        """1/sqrt(x) from correctly rounded sqrt and division (tl.rsqrt is approximate on the GPU)."""
+        return tl.div_rn(1.0, tl.sqrt_rn(x))
+
+    @triton.jit
+    def sign(x):
+        """-1, 0 or 1 like torch.sign (NaN stays NaN)."""
+        return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x * 0.0))
+
+    @triton.jit
+    def minimum(a, b):
+        return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def maximum(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def store_rne(ptr, value, mask):
+        """Store fp32 ``value`` in the pointer's element type, rounding to nearest even.
+
+        bf16 is rounded with integer arithmetic on the fp32 bits: the Triton interpreter truncates on
+        ``.to(tl.bfloat16)``; on the GPU both agree with torch.
+        """
+        ty = ptr.dtype.element_ty
+        if ty == tl.bfloat16:
+            u = value.to(tl.uint32, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            rounded = tl.where(value != value, value, r.to(tl.float32, bitcast=True))
+            tl.store(ptr, rounded.to(tl.bfloat16), mask=mask)
+        else:
+            tl.store(ptr, value.to(ty), mask=mask)
