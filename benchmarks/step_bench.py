@@ -75,6 +75,7 @@ OPTGEN_NAMES = (
     "Lamb",
     "Lamb16",
 )
+OPTGEN_BF16_TOO = ("AdamW",)  # also run on bf16 parameters, beside torch fused AdamW on bf16
 DTYPE_ALIASES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -257,21 +258,12 @@ def optgen_entries(skipped: list[str]) -> list[Entry]:
         cls = getattr(optim, name, None)
         if cls is None:
             continue
-        try:
-            dtype = as_dtype(getattr(cls, "param_dtype", torch.float32))
-            declared = None
-            if hasattr(cls, "bytes_moved_per_element"):
-                declared = float(cls.bytes_moved_per_element(dtype, dtype))
-        except Exception as exc:  # noqa: BLE001
-            skipped.append(
-                f"optgen {name} (param_dtype / bytes_moved_per_element: {type(exc).__name__}: {exc})"
-            )
-            continue
-        entries.append(
-            Entry(
-                name, "optgen triton", lambda ps, cls=cls: cls(ps, lr=1e-3, backend="triton"), dtype, declared
-            )
-        )
+        dtypes = [as_dtype(d) for d in cls.param_dtypes]
+        # fp32 where the spec allows it, and bf16 as well for native-dtype specs (beside torch fused bf16)
+        for dtype in dtypes if name in OPTGEN_BF16_TOO else dtypes[:1]:
+            label = "optgen triton" + ("" if dtype == torch.float32 else " bf16")
+            entries.append(Entry(name, label, lambda ps, cls=cls: cls(ps, lr=1e-3, backend="triton"), dtype,
+                                 float(cls.bytes_per_element(dtype, dtype, moved=True))))
     return entries
 
 

@@ -42,11 +42,11 @@ def host_scalars(hp: dict, t: int) -> list:
     nesterov = hp['nesterov']
     return [
         weight_decay,  # weight_decay
-        float((t == 1)),  # c0
+        hm.flag((t == 1)),  # c0
         1 - dampening,  # c1
         momentum,  # momentum
-        float((momentum == 0)),  # c2
-        float((nesterov != 0)),  # c3
+        hm.flag((momentum == 0)),  # c2
+        hm.flag((nesterov != 0)),  # c3
         -lr,  # c4
     ]
 

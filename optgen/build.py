@@ -83,7 +83,7 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
     host_scalars = []
     for s in ir.scalars:
         code = host.doprint(s.expr)
-        host_scalars.append({"name": s.symbol.name, "code": f"float({code})" if s.is_condition else code})
+        host_scalars.append({"name": s.symbol.name, "code": f"hm.flag({code})" if s.is_condition else code})
     checks = [{"code": host.doprint(c.condition), "message": c.message} for c in ir.checks]
     buffers = []
     for t in ir.tensors:

@@ -122,8 +122,27 @@ class Spec:
         return [n for h in self.hyperparams for n in h.names]
 
 
-def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str) -> Any:
+# The only YAML tags a spec may carry (explicitly or implicitly): plain data. A plain scalar that YAML 1.1
+# would read as a date stays text. Anything else (``!!python/...``, ``!!binary``, ``!!set``, local ``!tags``)
+# is rejected, so a spec can never ask for an object to be built.
+DATA_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
+TEXT_TAGS = {"tag:yaml.org,2002:timestamp"}
+
+
+def _check_node(node: yaml.Node, path: tuple, file: str, seen: set[int]) -> None:
+    where = {"file": file, "line": node.start_mark.line + 1, "field": ".".join(map(str, path))}
+    if id(node) in seen:  # an alias (*name): rejected, it could expand exponentially or recursively
+        raise SpecError("YAML anchors and aliases (&name / *name) are not allowed in a spec", **where)
+    seen.add(id(node))
+    if node.tag not in DATA_TAGS and node.tag not in TEXT_TAGS:
+        raise SpecError(f"YAML tags such as '{node.tag}' are not allowed in a spec", **where)
+
+
+def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str,
+               seen: set[int] | None = None) -> Any:
     """Convert a composed YAML node to plain Python, recording the 1-based line of each path."""
+    seen = set() if seen is None else seen
+    _check_node(node, path, file, seen)
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
@@ -131,24 +150,23 @@ def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str)
             if not isinstance(key_node, yaml.ScalarNode):
                 raise SpecError("mapping keys must be plain names", file=file, line=key_node.start_mark.line + 1,
                                 field=".".join(map(str, path)))
+            _check_node(key_node, path, file, seen)
             key = key_node.value
             if key in out:
                 raise SpecError(f"duplicate key '{key}'", file=file, line=key_node.start_mark.line + 1,
                                 field=".".join(map(str, path + (key,))))
-            out[key] = _to_python(value_node, path + (key,), lines, file)
+            out[key] = _to_python(value_node, path + (key,), lines, file, seen)
             lines[path + (key,)] = key_node.start_mark.line + 1
             if isinstance(value_node, yaml.ScalarNode) and value_node.style in ("|", ">"):
                 lines[path + (key, "__text__")] = value_node.start_mark.line + 2
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(n, path + (i,), lines, file) for i, n in enumerate(node.value)]
-    if not node.tag.startswith("tag:yaml.org,2002:"):
-        raise SpecError(f"YAML tags such as '{node.tag}' are not allowed in a spec", file=file,
-                        line=node.start_mark.line + 1, field=".".join(map(str, path)))
-    if node.style is not None:  # quoted or block text stays text
+        return [_to_python(n, path + (i,), lines, file, seen) for i, n in enumerate(node.value)]
+    if node.tag in TEXT_TAGS:
         return node.value
-    value = yaml.safe_load(node.value) if node.value.strip() else None
-    if isinstance(value, str) and NUMBER.match(value):  # YAML 1.1 reads '1e-3' as a string
+    # Build the scalar from the composed node (never by parsing its text again as a YAML document).
+    value = yaml.constructor.SafeConstructor.yaml_constructors[node.tag](yaml.constructor.SafeConstructor(), node)
+    if node.style is None and isinstance(value, str) and NUMBER.match(value):  # YAML 1.1 reads '1e-3' as text
         return float(value)
     return value
 

@@ -42,3 +42,8 @@ def maximum(a: Any, b: Any) -> Any:
 
 def where(cond: Any, a: Any, b: Any) -> Any:
     return torch.where(torch.as_tensor(cond), a, b) if _is_tensor(cond, a, b) else (a if cond else b)
+
+
+def flag(cond: Any) -> Any:
+    """A condition as 1.0 / 0.0 (a float64 tensor when the condition is a tensor)."""
+    return cond.to(torch.float64) if _is_tensor(cond) else float(cond)

@@ -188,21 +188,34 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     dtype = p.dtype if b.dtype == "param" else getattr(torch, b.dtype)
                     state[b.key] = torch.full_like(p, b.init, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _scalars(self, group: dict[str, Any], t: int, device: torch.device) -> torch.Tensor:
+    def _scalars(self, group: dict[str, Any], t: Any, device: torch.device) -> torch.Tensor:
         values = self.host_scalars(group, t)
-        if any(isinstance(v, torch.Tensor) for v in values):
+        if any(isinstance(v, torch.Tensor) for v in values):  # tensor lr or step: stay in tensors
             return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values]).to(
                 device=device, dtype=torch.float32)
         return torch.tensor(values, dtype=torch.float32, device=device)
 
+    def _buckets(self, params: list[torch.Tensor]) -> dict[tuple[torch.device, Any], list[torch.Tensor]]:
+        """Advance each parameter's step and group parameters that share (device, step count).
+
+        Under torch.compile the step count stays a tensor (no ``.item()``, no recompiles as it grows) and
+        the parameters of a group share the first one's count, as they do when every one gets a gradient.
+        """
+        buckets: dict[tuple[torch.device, Any], list[torch.Tensor]] = {}
+        for p in params:
+            self.state[p]["step"] += 1
+        if torch.compiler.is_compiling():
+            t = self.state[params[0]]["step"]
+            for p in params:
+                buckets.setdefault((p.device, t), []).append(p)
+            return buckets
+        for p in params:
+            buckets.setdefault((p.device, int(self.state[p]["step"].item())), []).append(p)
+        return buckets
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         self._init_group(params)
-        buckets: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
-        for p in params:
-            step = self.state[p]["step"]
-            step += 1
-            buckets.setdefault((p.device, int(step.item())), []).append(p)
-        for (device, t), ps in buckets.items():
+        for (device, t), ps in self._buckets(params).items():
             lists = []
             for b in self.buffers:
                 if b.key is not None:

@@ -1,0 +1,151 @@
+"""The Triton kernel of every built-in spec against the PyTorch fallback (interpreter on the CPU, or a GPU).
+
+The IR promises correctly rounded fp32 arithmetic on both backends, so one step from the same inputs must
+give the same bits: the assertion is "at most 1 ulp" and the measured difference is 0.
+"""
+
+import os
+
+import pytest
+import torch
+
+import optgen.optim as optim
+from optgen.runtime.optimizer import OptgenOptimizer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+
+CLASSES = [getattr(optim, name) for name in optim.__all__]
+HYPER = {"lr": 1e-2, "weight_decay": 0.1, "momentum": 0.9, "nesterov": True}
+SHAPES = [(5, 3), (), (2048,), (3001,), (17, 129), (0, 4)]  # 2048 = one tile; 3001 and 17*129 are not
+
+
+def _kwargs(cls: type[OptgenOptimizer]) -> dict:
+    names = {r.name for r in cls.hyperparam_rules}
+    return {k: v for k, v in HYPER.items() if k in names}
+
+
+def _random_state(cls: type[OptgenOptimizer], shapes, param_dtype=torch.float32, seed=0):
+    """Lists of buffers for one op call, filled with fresh random data (states are positive where squared)."""
+    gen = torch.Generator().manual_seed(seed)
+    lists = []
+    for b in cls.buffers:
+        dtype = param_dtype if b.dtype == "param" else getattr(torch, b.dtype)
+        tensors = []
+        for shape in shapes:
+            x = torch.randn(shape, generator=gen)
+            if b.key is not None:
+                x = x.abs() * 0.01 if b.key == "v" else x * 0.1
+            tensors.append(x.to(dtype).to(DEVICE))
+        lists.append(tensors)
+    return lists
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between two float tensors of the same dtype."""
+    if a.numel() == 0:
+        return 0
+    assert not torch.isnan(a).any() and not torch.isnan(b).any()
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    ia, ib = a.view(bits).long(), b.view(bits).long()
+    # map sign-magnitude bit patterns to a monotonic integer line
+    top = 1 << (8 * a.element_size() - 1)
+    ia = torch.where(ia < 0, -(ia + top), ia)
+    ib = torch.where(ib < 0, -(ib + top), ib)
+    return int((ia - ib).abs().max())
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("count", [1, 3, 6])
+def test_kernel_matches_fallback_one_step(cls, count):
+    shapes = [SHAPES[i % len(SHAPES)] for i in range(count)]
+    hp = {**{r.name: r.default for r in cls.hyperparam_rules}, **_kwargs(cls)}
+    for t in (1, 7):
+        scalars = torch.tensor(cls.host_scalars(hp, t), dtype=torch.float32, device=DEVICE)
+        ref = _random_state(cls, shapes, seed=t)
+        out = [[x.clone() for x in lst] for lst in ref]
+        cls.fallback(*ref, scalars)
+        cls.triton_step(*out, scalars)
+        for b, lr, lo in zip(cls.buffers, ref, out):
+            for x, y in zip(lr, lo):
+                assert _ulps(x, y) <= 1, f"{cls.__name__} buffer {b.arg} t={t}"
+
+
+@pytest.mark.parametrize("cls", [optim.AdamW, optim.Lion], ids=lambda c: c.__name__)
+def test_kernel_matches_fallback_bf16_params(cls):
+    shapes = [(300,), (33, 65)]
+    hp = {**{r.name: r.default for r in cls.hyperparam_rules}, **_kwargs(cls)}
+    scalars = torch.tensor(cls.host_scalars(hp, 3), dtype=torch.float32, device=DEVICE)
+    ref = _random_state(cls, shapes, param_dtype=torch.bfloat16)
+    out = [[x.clone() for x in lst] for lst in ref]
+    cls.fallback(*ref, scalars)
+    cls.triton_step(*out, scalars)
+    for lr, lo in zip(ref, out):
+        for x, y in zip(lr, lo):
+            assert _ulps(x, y) <= 1
+
+
+def _count_launches(cls, monkeypatch) -> list:
+    launches = []
+    launcher = __import__(cls.__module__, fromlist=["_launcher"])._launcher
+    kernel = launcher.kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(launcher, "kernel", Counting())
+    return launches
+
+
+def test_one_launch_per_dtype_combination(monkeypatch):
+    launches = _count_launches(optim.AdamW, monkeypatch)
+    params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in range(1, 41)]
+    opt = optim.AdamW(params, backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert len(launches) == 1  # 40 tensors, one launch
+    params16 = [torch.nn.Parameter(torch.randn(n, device=DEVICE, dtype=torch.bfloat16)) for n in (5, 70)]
+    for p in params16:
+        p.grad = torch.randn_like(p)
+    opt.add_param_group({"params": params16})
+    launches.clear()
+    opt.step()
+    assert len(launches) == 2  # one per group (here: one per dtype)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_optimizer_triton_backend_matches_eager(cls):
+    torch.manual_seed(0)
+    shapes = [(7, 5), (3001,), ()]
+    base = [torch.randn(s, device=DEVICE) for s in shapes]
+    a = [torch.nn.Parameter(x.clone()) for x in base]
+    b = [torch.nn.Parameter(x.clone()) for x in base]
+    oa = cls(a, backend="eager", **_kwargs(cls))
+    ob = cls(b, backend="triton", **_kwargs(cls))
+    for _ in range(3):
+        for x, y in zip(a, b):
+            g = torch.randn_like(x)
+            x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for x, y in zip(a, b):
+        for key in oa.state[x]:
+            assert torch.equal(oa.state[x][key], ob.state[y][key])
+
+
+def test_strided_parameter_takes_the_fallback_in_place():
+    base = torch.randn(6, 4, device=DEVICE)
+    a = torch.nn.Parameter(base.clone().t())  # non-contiguous leaf
+    b = torch.nn.Parameter(base.clone().t())
+    oa, ob = optim.AdamW([a], backend="eager"), optim.AdamW([b], backend="triton")
+    g = torch.randn_like(a)
+    a.grad, b.grad = g.clone(), g.clone()
+    oa.step()
+    ob.step()
+    assert torch.equal(a, b) and not b.is_contiguous()
