@@ -106,10 +106,10 @@ if triton is not None:
         numel = tl.load(numels + tensor)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
         mask = offs < numel
-        param = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
-        grad = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE))
-        state_m = tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32))
-        state_v = tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32))
+        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
+        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
+        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
         weight_decay = tl.load(scalars + 0)
         beta1 = tl.load(scalars + 1)
         c0 = tl.load(scalars + 2)
@@ -172,7 +172,9 @@ class Adam(OptgenOptimizer):
     violated_checks = staticmethod(violated_checks)
     op = staticmethod(adam_step)
     fallback = staticmethod(adam_step_torch)
-    triton_step = staticmethod(adam_step_triton) if triton is not None else None
+    if triton is not None:
+        triton_step = staticmethod(adam_step_triton)
+        triton_launcher = _launcher
 
     def __init__(
         self,

@@ -92,7 +92,7 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
                 dtype_args.append(dtype)
             else:
                 dtype = TL_DTYPES[b.dtype]
-            pointer_setup.append(f"{arg} = tl.load({arg}_ptrs + tensor).to(tl.pointer_type({dtype}))")
+            pointer_setup.append(f"{arg} = tl.multiple_of(tl.load({arg}_ptrs + tensor).to(tl.pointer_type({dtype})), 16)")
     scalar_loads = [f"{s.symbol.name} = tl.load(scalars + {k})" for k, s in enumerate(ir.scalars)]
     loads = [line for t in ir.tensors for line in t.codec.triton_decode(t.input.name, t.arg_names, "offs", "mask")]
     body = []

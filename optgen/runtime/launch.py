@@ -1,7 +1,10 @@
 """Launch one generated Triton kernel over many tensors: one launch per dtype combination, not per tensor.
 
 Each buffer list becomes a table of data pointers, and a block table maps every program to (tensor, first
-element). Tables are cached by the tensors' addresses, so a training loop builds them once.
+element). The launch plan (tables included) is cached by the tensors' addresses, so a training loop builds it once.
+
+The kernel assumes 16-byte aligned, contiguous buffers (so loads are vectorised); any tensor that is not
+goes through the PyTorch fallback instead, in place.
 
 Why an opaque ``torch.library.custom_op`` around this and not ``triton_op``: pointer tables built from
 ``data_ptr()`` cannot be traced inside a ``triton_op`` (pytorch/pytorch#136271), and a kernel with a fixed
@@ -12,8 +15,10 @@ Inductor loses nothing by not seeing into it, and ``torch.compile(fullgraph=True
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,14 +42,14 @@ class MultiTensorLauncher:
         self.rows = rows
         self.cols = cols
         self.num_warps = num_warps
-        self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = OrderedDict()
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
 
     @property
     def block(self) -> int:
         return self.rows * self.cols
 
-    def _build_tables(self, lists: list[list[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, tuple, int]:
-        """One int64 device tensor holding the pointer tables, numels and the (tensor, start) block table."""
+    def _build_tables(self, lists: list[list[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Pointer tables (one per buffer list), numels and the (tensor, start) block table, on ``device``."""
         n = len(lists[0])
         pointers = torch.tensor([[t.data_ptr() for t in lst] for lst in lists], dtype=torch.int64)
         numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
@@ -54,39 +59,50 @@ class MultiTensorLauncher:
         starts = (torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]) * self.block
         blocks = torch.stack([tensor_of_block, starts], 1)
         packed = torch.cat([pointers.flatten(), numels, blocks.flatten()]).to(device)
-        return packed, pointers.shape, len(tensor_of_block)
+        return (*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 1) * n],
+                packed[(len(lists) + 1) * n:])
 
-    def _tables_for(self, lists: list[list[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, tuple, int]:
-        key = tuple((t.data_ptr(), t.numel()) for lst in lists for t in lst)
-        if key in self._tables:
-            self._tables.move_to_end(key)
-            return self._tables[key]
-        tables = self._build_tables(lists, device)
-        self._tables[key] = tables
-        if len(self._tables) > self.cache_size:
-            self._tables.popitem(last=False)
-        return tables
-
-    def __call__(self, *lists: list[torch.Tensor], scalars: torch.Tensor) -> None:
+    def _plan(self, lists: tuple[list[torch.Tensor], ...]) -> _Plan:
+        """Split the tensors into kernel launches (one per dtype combination) and fallback cases."""
         n = len(lists[0])
-        irregular = [i for i in range(n) if not all(lst[i].is_contiguous() for lst in lists)]
-        if irregular:  # strided views: the fallback handles them in place
-            self.fallback(*[[lst[i] for i in irregular] for lst in lists], scalars)
+        irregular = [i for i in range(n) if not all(t.is_contiguous() and t.data_ptr() % 16 == 0
+                                                      for t in (lst[i] for lst in lists))]
         skip = set(irregular)
         by_dtypes: dict[tuple, list[int]] = {}
         for i in range(n):
             if i not in skip and lists[0][i].numel() > 0:
                 dtypes = tuple(lists[k][i].dtype for k in self.dtype_args.values())
                 by_dtypes.setdefault(dtypes, []).append(i)
+        launches = []
         for dtypes, idx in by_dtypes.items():
             sub = [[lst[i] for i in idx] for lst in lists]
-            device = sub[0][0].device
-            packed, (n_lists, count), n_blocks = self._tables_for(sub, device)
-            tables = [packed[k * count:(k + 1) * count] for k in range(n_lists)]
-            numels = packed[n_lists * count:(n_lists + 1) * count]
-            blocks = packed[(n_lists + 1) * count:]
+            tables = self._build_tables(sub, sub[0][0].device)
+            n_blocks = tables[-1].numel() // 2
             constexprs = {name: getattr(tl, str(d).removeprefix("torch.")) for name, d in zip(self.dtype_args, dtypes)}
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                self.kernel[(n_blocks,)](*tables, numels, blocks, scalars, **constexprs, ROWS=self.rows,
-                                         COLS=self.cols, num_warps=self.num_warps)
+            launches.append((tables, n_blocks, constexprs, sub[0][0].device))
+        return _Plan(launches, irregular)
 
+    def __call__(self, *lists: list[torch.Tensor], scalars: torch.Tensor) -> None:
+        # The plan depends on where every buffer lives, the parameters' shapes and the gradients' layout.
+        key = (tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), tuple(map(torch.Tensor.size, lists[0])),
+               tuple(map(torch.Tensor.is_contiguous, lists[1])))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(lists)
+            if len(self._plans) > self.cache_size:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        if plan.irregular:  # strided or unaligned views: the fallback handles them in place
+            self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists], scalars)
+        for tables, n_blocks, constexprs, device in plan.launches:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
+                self.kernel[(n_blocks,)](*tables, scalars, **constexprs, ROWS=self.rows, COLS=self.cols,
+                                         num_warps=self.num_warps, enable_fp_fusion=False)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    launches: list[tuple[tuple[torch.Tensor, ...], int, dict[str, Any], torch.device]]
+    irregular: list[int]  # tensors the fallback steps

@@ -88,6 +88,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
     param_dtypes: ClassVar[tuple[str, ...]]
     op: ClassVar[Callable[..., None]]  # the torch.library op, PyTorch fallback inside
     fallback: ClassVar[Callable[..., None]]  # the same fallback as a plain function (for torch.compile)
+    triton_step: ClassVar[Callable[..., None] | None] = None  # the Triton kernel as an op (for torch.compile)
+    triton_launcher: ClassVar[Callable[..., None] | None] = None  # the same, called directly in eager mode
     _compiled: ClassVar[dict[type, Callable[..., None]]] = {}
 
     @staticmethod
@@ -147,12 +149,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
     def _kernel(self, device: torch.device) -> Callable[..., None]:
         backend = self.backend or ("triton" if device.type == "cuda" else "eager")
         if backend == "triton":
-            triton_step = getattr(type(self), "triton_step", None)
+            triton_step = type(self).triton_step
             if triton_step is None:
                 raise RuntimeError(f"{type(self).__name__} has no Triton kernel; use backend='eager' or 'inductor'")
             if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-            return triton_step
+            # Eager: call the launcher directly (the op's dispatch costs more than the kernel for small models).
+            return triton_step if torch.compiler.is_compiling() else self._launch_triton
         if backend == "inductor":
             cls = type(self)
             if cls not in OptgenOptimizer._compiled:
@@ -160,20 +163,20 @@ class OptgenOptimizer(torch.optim.Optimizer):
             return OptgenOptimizer._compiled[cls]
         return type(self).op
 
+    def _launch_triton(self, *args: Any) -> None:
+        *lists, scalars = args
+        type(self).triton_launcher(*lists, scalars=scalars)
+        torch.autograd.graph.increment_version([t for b, lst in zip(self.buffers, lists) if b.written for t in lst])
+
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        """Parameters that have a gradient (torch's grad setter already checks shape, device and dtype)."""
         out = []
         for p in group["params"]:
-            if p.grad is None:
-                continue
             g = p.grad
-            if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if g.shape != p.shape or g.device != p.device:
-                raise RuntimeError(f"gradient of shape {tuple(g.shape)} on {g.device} does not match its "
-                                   f"parameter of shape {tuple(p.shape)} on {p.device}")
-            if not g.is_floating_point():
-                raise RuntimeError(f"gradients must be floating point, got {g.dtype}")
-            out.append(p)
+            if g is not None:
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                out.append(p)
         return out
 
     def _init_group(self, params: list[torch.Tensor]) -> None:
@@ -189,7 +192,17 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     state[b.key] = torch.full_like(p, b.init, dtype=dtype, memory_format=torch.preserve_format)
 
     def _scalars(self, group: dict[str, Any], t: Any, device: torch.device) -> torch.Tensor:
-        values = self.host_scalars(group, t)
+        """The kernel's scalars as one fp32 tensor on ``device``, computed in float64.
+
+        A tensor lr or step count (torch.compile) stays a tensor, promoted to float64 first: in fp32,
+        ``1 - 0.999**t`` alone would be off by 1e-5 relative.
+        """
+        def f64(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.to(torch.float64)
+            return tuple(map(f64, v)) if isinstance(v, tuple) else v
+
+        values = self.host_scalars({k: f64(v) for k, v in group.items() if k != "params"}, f64(t))
         if any(isinstance(v, torch.Tensor) for v in values):  # tensor lr or step: stay in tensors
             return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values]).to(
                 device=device, dtype=torch.float32)
@@ -202,15 +215,14 @@ class OptgenOptimizer(torch.optim.Optimizer):
         the parameters of a group share the first one's count, as they do when every one gets a gradient.
         """
         buckets: dict[tuple[torch.device, Any], list[torch.Tensor]] = {}
-        for p in params:
-            self.state[p]["step"] += 1
+        steps = [self.state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1)
         if torch.compiler.is_compiling():
-            t = self.state[params[0]]["step"]
             for p in params:
-                buckets.setdefault((p.device, t), []).append(p)
+                buckets.setdefault((p.device, steps[0]), []).append(p)
             return buckets
-        for p in params:
-            buckets.setdefault((p.device, int(self.state[p]["step"].item())), []).append(p)
+        for p, t in zip(params, torch.stack(steps).tolist()):
+            buckets.setdefault((p.device, int(t)), []).append(p)
         return buckets
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:

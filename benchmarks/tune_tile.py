@@ -1,0 +1,73 @@
+"""Tile-shape sweep for the generated multi-tensor kernel (GPU): which (rows, cols, num_warps) moves bytes fastest.
+
+    python benchmarks/tune_tile.py [--spec adamw]
+
+Times the kernel alone (tables cached, CUDA events, median) on the large parameter set of step_bench.py,
+and the whole ``opt.step()`` to show the host-side overhead. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+
+import torch
+
+from benchmarks.step_bench import copy_bandwidth, gpt2_shapes, large_shapes, make_params
+
+CONFIGS = [(8, 256, 4), (8, 256, 8), (16, 256, 8), (16, 256, 16), (32, 256, 16), (4, 256, 4), (8, 512, 8)]
+
+
+def median_ms(fn, iters: int = 30, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec", default="adamw")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    module = importlib.import_module(f"optgen.generated.{args.spec}")
+    cls = next(v for v in vars(module).values() if isinstance(v, type) and getattr(v, "spec_name", None) == args.spec)
+    copy_gbps = copy_bandwidth(device, 2**31, 10)
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s")
+    for set_name, shapes in (("large", large_shapes()), ("gpt2", gpt2_shapes())):
+        params = make_params(shapes, torch.float32, device)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = cls(params, lr=1e-3, backend="triton")
+        opt.step()
+        numel = sum(p.numel() for p in params)
+        moved = cls.bytes_per_element(torch.float32, moved=True) * numel
+        group = opt.param_groups[0]
+        lists = [params if b.key is None and b.arg == "param" else [p.grad for p in params] if b.key is None
+                 else [opt.state[p][b.key] for p in params] for b in cls.buffers]
+        scalars = opt._scalars(group, 2, device)
+        launcher = module._launcher
+        print(f"\n{set_name}: {numel / 1e6:.1f}M params, floor {moved / copy_gbps / 1e6:.3f} ms")
+        print("| rows | cols | warps | kernel ms | frac copy BW |\n|---|---|---|---|---|")
+        for rows, cols, warps in CONFIGS:
+            launcher.rows, launcher.cols, launcher.num_warps = rows, cols, warps
+            launcher._plans.clear()
+            ms = median_ms(lambda: launcher(*lists, scalars=scalars))
+            print(f"| {rows} | {cols} | {warps} | {ms:.3f} | {moved / (ms * 1e6) / copy_gbps:.2f} |")
+        launcher.rows, launcher.cols, launcher.num_warps = 8, 256, 8
+        launcher._plans.clear()
+        print(f"opt.step() total: {median_ms(opt.step):.3f} ms")
+        del opt, params, lists
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
