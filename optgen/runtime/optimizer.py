@@ -104,6 +104,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"Invalid backend {backend!r}: expected one of {', '.join(BACKENDS)} or None")
         self.backend = backend
+        self._step_packs: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         for rule in self.hyperparam_rules:
             defaults[rule.name] = rule.validate(defaults[rule.name])
         self._validate_group(defaults)
@@ -179,10 +180,9 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 out.append(p)
         return out
 
-    def _init_group(self, params: list[torch.Tensor]) -> None:
+    def _init_group(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         """Create missing state lazily (Dynamo runs a method of this name eagerly)."""
-        for p in params:
-            state = self.state[p]
+        for p, state in zip(params, states):
             if state:
                 continue
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -208,32 +208,56 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 device=device, dtype=torch.float32)
         return torch.tensor(values, dtype=torch.float32, device=device)
 
-    def _buckets(self, params: list[torch.Tensor]) -> dict[tuple[torch.device, Any], list[torch.Tensor]]:
-        """Advance each parameter's step and group parameters that share (device, step count).
+    def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> dict[tuple, list[int]]:
+        """Advance each parameter's step; group the indices of parameters that share (device, step count).
 
         Under torch.compile the step count stays a tensor (no ``.item()``, no recompiles as it grows) and
         the parameters of a group share the first one's count, as they do when every one gets a gradient.
         """
-        buckets: dict[tuple[torch.device, Any], list[torch.Tensor]] = {}
-        steps = [self.state[p]["step"] for p in params]
-        torch._foreach_add_(steps, 1)
+        buckets: dict[tuple, list[int]] = {}
+        steps = [state["step"] for state in states]
         if torch.compiler.is_compiling():
-            for p in params:
-                buckets.setdefault((p.device, steps[0]), []).append(p)
+            torch._foreach_add_(steps, 1)
+            for i, p in enumerate(params):
+                buckets.setdefault((p.device, steps[0]), []).append(i)
             return buckets
-        for p, t in zip(params, torch.stack(steps).tolist()):
-            buckets.setdefault((p.device, int(t)), []).append(p)
+        for i, (p, t) in enumerate(zip(params, self._advance_packed(states, steps))):
+            buckets.setdefault((p.device, int(t)), []).append(i)
         return buckets
 
+    def _advance_packed(self, states: list[dict[str, Any]], steps: list[torch.Tensor]) -> list[float]:
+        """Add 1 to every step count with one op and return the new counts.
+
+        The counts become 0-d views of one packed tensor (each ``state[p]["step"]`` is still its own tensor,
+        as in torch.optim): a per-tensor add costs more than the kernel itself for a small model. A pack is
+        found again by the identity of its views, which it keeps alive so that no id is reused.
+        """
+        key = tuple(map(id, steps))
+        entry = self._step_packs.get(key)
+        if entry is None:
+            packed = torch.stack(steps)
+            views = list(packed.unbind())
+            for state, view in zip(states, views):
+                state["step"] = view
+            entry = (packed, views)
+            self._step_packs[tuple(map(id, views))] = entry
+            while len(self._step_packs) > 4 * max(1, len(self.param_groups)):
+                self._step_packs.pop(next(iter(self._step_packs)))
+        entry[0].add_(1)
+        return entry[0].tolist()
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        self._init_group(params)
-        for (device, t), ps in self._buckets(params).items():
+        states = [self.state[p] for p in params]
+        self._init_group(params, states)
+        for (device, t), idx in self._buckets(params, states).items():
             lists = []
             for b in self.buffers:
                 if b.key is not None:
-                    lists.append([self.state[p][b.key] for p in ps])
+                    lists.append([states[i][b.key] for i in idx])
+                elif b.arg == "param":
+                    lists.append([params[i] for i in idx])
                 else:
-                    lists.append(ps if b.arg == "param" else [p.grad for p in ps])
+                    lists.append([params[i].grad for i in idx])
             self._kernel(device)(*lists, self._scalars(group, t, device))
 
     @torch.no_grad()
