@@ -56,6 +56,18 @@ def violated_checks(hp: dict) -> list[str]:
     return []
 
 
+def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fresh state buffers for parameter p: each state at its initial value, encoded in its storage."""
+    n = p.numel()
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    v = torch.full((n,), 0.0, device=p.device)
+    state_v.copy_(v.view(state_v.shape))
+    return {'m': state_m, 'v': state_v}
+
+
 def adam_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
     """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
     weight_decay, beta1, c0, beta2, c1, c2, eps, c3 = scalars.unbind()
@@ -165,11 +177,12 @@ class Adam(OptgenOptimizer):
     buffers = (
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', init=0.0, written=True),
-        Buffer('state_v', 'v', 'float32', init=0.0, written=True),
+        Buffer('state_m', 'm', 'float32', written=True),
+        Buffer('state_v', 'v', 'float32', written=True),
     )
     host_scalars = staticmethod(host_scalars)
     violated_checks = staticmethod(violated_checks)
+    init_state = staticmethod(init_state)
     op = staticmethod(adam_step)
     fallback = staticmethod(adam_step_torch)
     if triton is not None:

@@ -64,6 +64,15 @@ def violated_checks(hp: dict) -> list[str]:
     return errors
 
 
+def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fresh state buffers for parameter p: each state at its initial value, encoded in its storage."""
+    n = p.numel()
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    return {'m': state_m}
+
+
 def sgd_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
     """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
     weight_decay, c0, c1, momentum, c2, c3, c4 = scalars.unbind()
@@ -168,10 +177,11 @@ class SGD(OptgenOptimizer):
     buffers = (
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', init=0.0, written=True),
+        Buffer('state_m', 'm', 'float32', written=True),
     )
     host_scalars = staticmethod(host_scalars)
     violated_checks = staticmethod(violated_checks)
+    init_state = staticmethod(init_state)
     op = staticmethod(sgd_step)
     fallback = staticmethod(sgd_step_torch)
     if triton is not None:

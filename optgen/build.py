@@ -76,6 +76,33 @@ def _storage_summary(ir: IR) -> str:
     return ", ".join(parts)
 
 
+def _init_state_lines(ir: IR) -> list[str]:
+    """Body of the generated ``init_state(p)``: allocate every state buffer and encode its initial value.
+
+    Side buffers of the parameter (e.g. an ECC correction) start at zero: the parameter holds its value exactly.
+    """
+    dtypes = {"param": "p.dtype"}
+    shapes = {"param": "p.shape", "half": "((n + 1) // 2,)", "scalar": "()"}
+    lines = ["n = p.numel()"]
+    keys = []
+    for t in ir.tensors:
+        if t.role == "grad":
+            continue
+        for arg, key, b in zip(t.arg_names, t.state_keys, t.codec.buffers()):
+            if key is None:
+                continue
+            shape = shapes.get(b.shape) or f"((n + {t.codec.group_size - 1}) // {t.codec.group_size},)"
+            dtype = dtypes.get(b.dtype, f"torch.{b.dtype}")
+            fill = "zeros" if t.role == "param" else "empty"
+            lines.append(f"{arg} = torch.{fill}({shape}, dtype={dtype}, device=p.device)")
+            keys.append((key, arg))
+        if t.role == "state":
+            lines.append(f"{t.input.name} = torch.full((n,), {float(t.init)!r}, device=p.device)")
+            lines += t.codec.torch_encode(t.input.name, t.arg_names)
+    lines.append("return {" + ", ".join(f"{k!r}: {a}" for k, a in keys) + "}")
+    return lines
+
+
 def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
     """The generated module's source text for ``spec``."""
     ir = lower(spec)
@@ -89,11 +116,12 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
     for t in ir.tensors:
         for arg, key, b in zip(t.arg_names, t.state_keys, t.codec.buffers()):
             fields = [repr(arg), repr(key), repr(b.dtype)]
-            init = t.init if b.suffix == "" else b.init
-            if key is not None:
-                fields.append(f"init={float(init)!r}")
             if t.output is not None:
                 fields.append("written=True")
+            if b.shape != "param":
+                fields.append(f"shape={b.shape!r}")
+            if b.shape == "groups":
+                fields.append(f"group={t.codec.group_size}")
             buffers.append(f"Buffer({', '.join(fields)})")
     torch_step = render_torch_step(ir)
     triton_kernel = render_triton_kernel(ir)
@@ -119,6 +147,7 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
         "hyperparams": [_hyperparam_context(h) for h in spec.hyperparams],
         "param_dtypes": ir.param.codec.param_dtypes,
         "buffers": buffers,
+        "init_state": _init_state_lines(ir),
     }
     return _environment().get_template("optimizer.py.j2").render(**context)
 

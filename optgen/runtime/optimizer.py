@@ -71,8 +71,22 @@ class Buffer:
     arg: str
     key: str | None  # key in optimizer.state[p]; None for the parameter ("param") and gradient ("grad")
     dtype: str  # torch dtype name, or "param" for the parameter's own dtype
-    init: float = 0.0
     written: bool = False
+    shape: str = "param"  # "param", "groups" (one per `group` elements), "half" (4-bit pairs) or "scalar"
+    group: int = 1
+
+    def torch_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        return param_dtype if self.dtype == "param" else getattr(torch, self.dtype)
+
+    def shape_for(self, p: torch.Tensor) -> tuple[int, ...]:
+        """The buffer's shape for parameter ``p``."""
+        n = p.numel()
+        return {"param": tuple(p.shape), "groups": (-(-n // self.group),), "half": (-(-n // 2),),
+                "scalar": ()}[self.shape]
+
+    def bytes_per_element(self, param_dtype: torch.dtype) -> float:
+        size = torch.empty((), dtype=self.torch_dtype(param_dtype)).element_size()
+        return {"param": size, "groups": size / self.group, "half": size / 2, "scalar": 0.0}[self.shape]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -99,6 +113,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
     @staticmethod
     def violated_checks(hp: dict[str, Any]) -> list[str]:
         return []
+
+    @staticmethod
+    def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fresh state buffers for parameter ``p`` (each state at its initial value, encoded)."""
+        raise NotImplementedError
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: str | None = None) -> None:
         if backend is not None and backend not in BACKENDS:
@@ -183,13 +202,9 @@ class OptgenOptimizer(torch.optim.Optimizer):
     def _init_group(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         """Create missing state lazily (Dynamo runs a method of this name eagerly)."""
         for p, state in zip(params, states):
-            if state:
-                continue
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            for b in self.buffers:
-                if b.key is not None:
-                    dtype = p.dtype if b.dtype == "param" else getattr(torch, b.dtype)
-                    state[b.key] = torch.full_like(p, b.init, dtype=dtype, memory_format=torch.preserve_format)
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state.update(self.init_state(p.detach()))
 
     def _scalars(self, group: dict[str, Any], t: Any, device: torch.device) -> torch.Tensor:
         """The kernel's scalars as one fp32 tensor on ``device``, computed in float64.
@@ -280,8 +295,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         grad_dtype = grad_dtype or param_dtype
         total = 0.0
         for b in cls.buffers:
-            dtype = grad_dtype if b.arg == "grad" else param_dtype if b.dtype == "param" else getattr(torch, b.dtype)
-            size = torch.empty((), dtype=dtype).element_size()
+            size = b.bytes_per_element(grad_dtype if b.arg == "grad" else param_dtype)
             total += size * (2 if moved and b.written else 1)
         return total
 
@@ -321,10 +335,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 if b.key is None:
                     continue
                 value = state[b.key]
-                dtype = p.dtype if b.dtype == "param" else getattr(torch, b.dtype)
-                if not isinstance(value, torch.Tensor) or value.shape != p.shape or value.dtype != dtype:
+                dtype, shape = b.torch_dtype(p.dtype), b.shape_for(p)
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
                     got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
-                    raise ValueError(f"state '{b.key}' of parameter {index}: expected shape {tuple(p.shape)} "
+                    raise ValueError(f"state '{b.key}' of parameter {index}: expected shape {shape} "
                                      f"and dtype {dtype}, got {got}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
