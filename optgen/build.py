@@ -25,8 +25,13 @@ TILE_COLS = 256  # row length: a multiple of every codec group size (32, 128, 25
 
 
 def _docstring(text: str) -> str:
-    """Text that is safe inside a triple-quoted docstring (a spec's doc is data, never code)."""
-    return " ".join(str(text).split()).replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    """Text that is safe on one line of a comment or inside a triple-quoted docstring (a spec is data).
+
+    Whitespace (newlines included) collapses to single spaces, other control characters are dropped,
+    backslashes and quotes are escaped.
+    """
+    text = "".join(c for c in " ".join(str(text).split()) if c.isprintable())
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _environment() -> jinja2.Environment:

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"optgen: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. an output folder that cannot be created: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"optgen: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -55,6 +55,11 @@ FUNCTIONS: dict[str, tuple[Callable[..., sympy.Basic], tuple[int, ...]]] = {
 
 BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
           ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+# A constant exponent above this is refused: sympy would compute 9**9**9 exactly (and hang), and no fp32
+# update needs one.
+MAX_CONSTANT_EXPONENT = 1024
+NOT_FINITE = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan, sympy.I)
+
 COMPARE = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge, ast.Eq: sympy.Eq,
            ast.NotEq: sympy.Ne}
 
@@ -84,11 +89,22 @@ class ExprBuilder:
 
     def build(self, node: ast.AST) -> sympy.Basic:
         try:
-            return self._build(node)
+            value = self._build(node)
         except SpecError:
             raise
         except (TypeError, ValueError, AttributeError) as exc:  # e.g. a comparison used as a number
             raise self.error(node, f"invalid expression: {exc}") from None
+        if value.has(*NOT_FINITE):  # 1e400, 1/0, log(0), sqrt(-1): no finite real fp32 value to compute
+            raise self.error(node, f"the expression has a constant that is not a finite real number: {value}")
+        # exp(1) evaluates to sympy's E (printed as a bare name): keep named constants as plain numbers
+        return value.xreplace({c: sympy.Float(c.evalf(30), 30) for c in value.atoms(sympy.NumberSymbol)})
+
+    def _power(self, node: ast.BinOp) -> sympy.Basic:
+        base, exponent = self._build(node.left), self._build(node.right)
+        if exponent.is_Number and abs(exponent) > MAX_CONSTANT_EXPONENT:
+            raise self.error(node, f"constant exponent {exponent} is too large "
+                                   f"(at most {MAX_CONSTANT_EXPONENT})")
+        return base ** exponent
 
     def _build(self, node: ast.AST) -> sympy.Basic:
         if isinstance(node, ast.Constant):
@@ -104,6 +120,8 @@ class ExprBuilder:
                 raise self.error(node, f"unknown name '{node.id}' (known: {', '.join(sorted(self.env))}; "
                                        "a temporary must be assigned before it is read)")
             return self.env[node.id]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            return self._power(node)
         if isinstance(node, ast.BinOp) and type(node.op) in BINOPS:
             return BINOPS[type(node.op)](self._build(node.left), self._build(node.right))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):

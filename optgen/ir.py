@@ -177,10 +177,11 @@ def _prune(statements: list[Statement], outputs: set[sympy.Symbol]) -> list[Stat
 
 def lower(spec: Spec) -> IR:
     """Spec → IR. Raises SpecError (file, line, field) for anything the dataclass check could not see."""
-    for name in spec.scalar_names + [s.name for s in spec.state] + [h.name for h in spec.hyperparams]:
+    defined = [(n, ("hyperparams", h.name)) for h in spec.hyperparams
+               for n in dict.fromkeys((h.name, *h.names))] + [(s.name, ("state", s.name)) for s in spec.state]
+    for name, path in defined:
         if _reserved(name):
-            raise spec.error(f"'{name}' is reserved by the generated code; choose another name",
-                             ("state", name) if name in {s.name for s in spec.state} else ("hyperparams",))
+            raise spec.error(f"'{name}' is reserved by the generated code; choose another name", path)
 
     param_codec = _codec(spec, spec.param, "param", ("param",))
     grad_codec = _codec(spec, spec.grad, "grad", ("grad",))

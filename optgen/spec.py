@@ -129,20 +129,15 @@ DATA_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "
 TEXT_TAGS = {"tag:yaml.org,2002:timestamp"}
 
 
-def _check_node(node: yaml.Node, path: tuple, file: str, seen: set[int]) -> None:
-    where = {"file": file, "line": node.start_mark.line + 1, "field": ".".join(map(str, path))}
-    if id(node) in seen:  # an alias (*name): rejected, it could expand exponentially or recursively
-        raise SpecError("YAML anchors and aliases (&name / *name) are not allowed in a spec", **where)
-    seen.add(id(node))
+def _check_tag(node: yaml.Node, path: tuple, file: str) -> None:
     if node.tag not in DATA_TAGS and node.tag not in TEXT_TAGS:
-        raise SpecError(f"YAML tags such as '{node.tag}' are not allowed in a spec", **where)
+        raise SpecError(f"YAML tags such as '{node.tag}' are not allowed in a spec", file=file,
+                        line=node.start_mark.line + 1, field=".".join(map(str, path)))
 
 
-def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str,
-               seen: set[int] | None = None) -> Any:
+def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str) -> Any:
     """Convert a composed YAML node to plain Python, recording the 1-based line of each path."""
-    seen = set() if seen is None else seen
-    _check_node(node, path, file, seen)
+    _check_tag(node, path, file)
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
@@ -150,22 +145,23 @@ def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str,
             if not isinstance(key_node, yaml.ScalarNode):
                 raise SpecError("mapping keys must be plain names", file=file, line=key_node.start_mark.line + 1,
                                 field=".".join(map(str, path)))
-            _check_node(key_node, path, file, seen)
+            _check_tag(key_node, path, file)
             key = key_node.value
             if key in out:
                 raise SpecError(f"duplicate key '{key}'", file=file, line=key_node.start_mark.line + 1,
                                 field=".".join(map(str, path + (key,))))
-            out[key] = _to_python(value_node, path + (key,), lines, file, seen)
+            out[key] = _to_python(value_node, path + (key,), lines, file)
             lines[path + (key,)] = key_node.start_mark.line + 1
             if isinstance(value_node, yaml.ScalarNode) and value_node.style in ("|", ">"):
                 lines[path + (key, "__text__")] = value_node.start_mark.line + 2
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(n, path + (i,), lines, file, seen) for i, n in enumerate(node.value)]
+        return [_to_python(n, path + (i,), lines, file) for i, n in enumerate(node.value)]
     if node.tag in TEXT_TAGS:
         return node.value
     # Build the scalar from the composed node (never by parsing its text again as a YAML document).
-    value = yaml.constructor.SafeConstructor.yaml_constructors[node.tag](yaml.constructor.SafeConstructor(), node)
+    construct = yaml.constructor.SafeConstructor.yaml_constructors[node.tag]
+    value = construct(yaml.constructor.SafeConstructor(), node)
     if node.style is None and isinstance(value, str) and NUMBER.match(value):  # YAML 1.1 reads '1e-3' as text
         return float(value)
     return value
@@ -173,11 +169,19 @@ def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str,
 
 def _parse_yaml(text: str, file: str) -> tuple[dict, dict[tuple, int]]:
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):  # could expand exponentially (or forever, if recursive)
+                raise SpecError(f"YAML aliases such as '*{event.anchor}' are not allowed in a spec",
+                                file=file, line=event.start_mark.line + 1)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and "block" not in context and context_mark is not None and \
+                (mark is None or context_mark.line != mark.line):
+            problem += f" ({context} that starts on line {context_mark.line + 1})"  # e.g. an unclosed '{'
         raise SpecError(f"malformed YAML: {problem}", file=file, line=line) from None
     if node is None or not isinstance(node, yaml.MappingNode):
         raise SpecError("a spec must be a YAML mapping of fields (name, class, update, ...)", file=file, line=1)
@@ -209,6 +213,18 @@ def _check_ident(name: Any, err, what: str) -> str:
     if not isinstance(name, str) or not IDENT.match(name) or keyword.iskeyword(name):
         raise err(f"{what} must be an identifier (letters, digits, '_'), got {name!r}")
     return name
+
+
+def _text(value: Any, err) -> str:
+    """Free text (doc strings, messages): a string of printable characters, tabs and newlines."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise err(f"expected text, got {value!r}")
+    bad = [c for c in value if not (c.isprintable() or c in "\t\n\r ")]
+    if bad:
+        raise err(f"text may not contain control characters, got {bad[0]!r}")
+    return value
 
 
 def _unknown_fields(spec: Spec, data: dict, allowed: set[str], path: tuple) -> None:
@@ -253,12 +269,17 @@ def _hyperparam(spec: Spec, name: str, body: Any) -> HyperParam:
     for v in values:
         if interval is not None and not interval.contains(v):
             raise err(f"default {v!r} is outside its range {interval}", "default")
-    return HyperParam(name, default, interval, names, str(body.get("doc", "")))
+    return HyperParam(name, default, interval, names, _text(body.get("doc"), lambda m: err(m, "doc")))
 
 
 def _storage(spec: Spec, body: Any, path: tuple, allowed: set[str]) -> Storage:
     if isinstance(body, str):
         body = {"storage": body}
+    if isinstance(body, dict) and "storage" not in body:
+        for key in body:
+            if key not in allowed:  # most likely a misspelling of 'storage'
+                raise spec.error(f"unknown field '{key}' (expected 'storage', e.g. {{storage: fp32}})",
+                                 path + (key,))
     if not isinstance(body, dict) or "storage" not in body:
         raise spec.error("expected a mapping with a 'storage' field, e.g. {storage: fp32}", path)
     codec = body["storage"]
@@ -276,7 +297,7 @@ def load_spec_text(text: str, file: str = "<spec>") -> Spec:
     _unknown_fields(spec, data, TOP_FIELDS, ())
     for required in ("name", "class", "update", "param"):
         if required not in data:
-            raise spec.error(f"missing required field '{required}'", (), line=1)
+            raise spec.error(f"missing required field '{required}'", (required,), line=1)
 
     spec.name = data["name"]
     if not isinstance(spec.name, str) or not MODULE_NAME.match(spec.name) or keyword.iskeyword(spec.name):
@@ -285,7 +306,7 @@ def load_spec_text(text: str, file: str = "<spec>") -> Spec:
     spec.class_name = data["class"]
     if not isinstance(spec.class_name, str) or not CLASS_NAME.match(spec.class_name):
         raise spec.error(f"class must be a CamelCase class name, got {spec.class_name!r}", ("class",))
-    spec.doc = str(data.get("doc", "") or "")
+    spec.doc = _text(data.get("doc"), lambda m: spec.error(m, ("doc",)))
 
     hyper = data.get("hyperparams", {}) or {}
     if not isinstance(hyper, dict):
@@ -307,23 +328,29 @@ def load_spec_text(text: str, file: str = "<spec>") -> Spec:
         init = body.get("init", 0) if isinstance(body, dict) else 0
         spec.state.append(StateSpec(name, storage, _number(init, lambda m, p=path: spec.error(m, p + ("init",)))))
 
-    for i, check in enumerate(data.get("checks", []) or []):
+    checks = data.get("checks", []) or []
+    if not isinstance(checks, list):
+        raise spec.error("checks must be a list of {require: <condition>, message: <text>}", ("checks",))
+    for i, check in enumerate(checks):
         path = ("checks", i)
         if not isinstance(check, dict) or "require" not in check:
             raise spec.error("each check is {require: <condition>, message: <text>}", path)
         _unknown_fields(spec, check, CHECK_FIELDS, path)
-        spec.checks.append(Check(str(check["require"]), str(check.get("message", "")),
-                                 lines.get(path + ("require",))))
+        message = _text(check.get("message"), lambda m, p=path: spec.error(m, p + ("message",)))
+        spec.checks.append(Check(str(check["require"]), message, lines.get(path + ("require",))))
 
-    names = [n for h in spec.hyperparams for n in h.names] + [h.name for h in spec.hyperparams] + \
-        [s.name for s in spec.state]
-    for n in set(names):
+    # every name a spec defines, with the field that defines it (for the error's line)
+    defined = [(h.name, ("hyperparams", h.name)) for h in spec.hyperparams] + \
+        [(n, ("hyperparams", h.name, "names")) for h in spec.hyperparams if h.names != (h.name,)
+         for n in h.names] + \
+        [(s.name, ("state", s.name)) for s in spec.state]
+    for n, path in defined:
         if n in RESERVED:
-            raise spec.error(f"'{n}' is reserved (p = parameter, g = gradient, t = step)", ())
+            raise spec.error(f"'{n}' is reserved (p = parameter, g = gradient, t = step)", path)
     symbols = [n for h in spec.hyperparams for n in h.names] + [s.name for s in spec.state]
-    dupes = {n for n in symbols if symbols.count(n) > 1}
-    if dupes:
-        raise spec.error(f"name used twice: {', '.join(sorted(dupes))}", ())
+    for n, path in defined:
+        if symbols.count(n) > 1:
+            raise spec.error(f"name used twice: {n}", path)
 
     update = data["update"]
     if not isinstance(update, str) or not update.strip():

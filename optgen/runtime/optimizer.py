@@ -331,6 +331,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
             p = index_to_param[index]
             if set(state) != expected:
                 raise ValueError(f"state for parameter {index} has keys {sorted(state)}, expected {sorted(expected)}")
+            step = state["step"]
+            if not isinstance(step, torch.Tensor) or step.numel() != 1 or not step.is_floating_point() or \
+                    not math.isfinite(float(step)) or float(step) < 0:
+                raise ValueError(f"state 'step' of parameter {index} must be a finite, non-negative 0-d float "
+                                 f"tensor, got {step!r}")
             for b in self.buffers:
                 if b.key is None:
                     continue
@@ -349,5 +354,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for index, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(index, {}).items():
-                if key != "step":
-                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+                # copies, never the saved tensors themselves: the step count is updated in place
+                device = torch.device("cpu") if key == "step" else p.device
+                self.state[p][key] = value.detach().to(device=device, dtype=value.dtype, copy=True).reshape(
+                    value.shape)
