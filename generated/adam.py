@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer
+from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer, Variant
 from optgen.runtime import hostmath as hm
 from optgen.runtime import torch_math as optgen_torch
 
@@ -29,9 +29,6 @@ try:
     from optgen.runtime.launch import MultiTensorLauncher
 except ImportError:  # no Triton on this platform: the PyTorch fallback still runs everywhere
     triton = None
-
-OP_NAME = "optgen::adam_step"
-
 
 def host_scalars(hp: dict, t: int) -> list:
     """The kernel's scalars for one param group at step t: computed once on the host, in float64."""
@@ -56,8 +53,11 @@ def violated_checks(hp: dict) -> list[str]:
     return []
 
 
+
+
+# ---------------------------------------------------------------- layout as specified
 def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Fresh state buffers for parameter p: each state at its initial value, encoded in its storage."""
+    """Fresh state buffers for parameter p (as specified): each state at its initial value, encoded."""
     n = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     m = torch.full((n,), 0.0, device=p.device)
@@ -69,7 +69,7 @@ def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def adam_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     weight_decay, beta1, c0, beta2, c1, c2, eps, c3 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -85,7 +85,7 @@ def adam_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m
         param[i].copy_(p_1.view(param[i].shape))
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=('param', 'state_m', 'state_v'))
+@torch.library.custom_op("optgen::adam_step", mutates_args=('param', 'state_m', 'state_v'))
 def adam_step(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
     adam_step_torch(param, grad, state_m, state_v, scalars)
 
@@ -144,7 +144,7 @@ if triton is not None:
 
     _launcher = MultiTensorLauncher(adam_step_kernel, adam_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256)
 
-    @torch.library.custom_op(OP_NAME + "_triton", mutates_args=('param', 'state_m', 'state_v'))
+    @torch.library.custom_op("optgen::adam_step_triton", mutates_args=('param', 'state_m', 'state_v'))
     def adam_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
         """The fused Triton kernel: one launch per dtype combination (see optgen.runtime.launch)."""
         _launcher(param, grad, state_m, state_v, scalars=scalars)
@@ -152,6 +152,21 @@ if triton is not None:
     @adam_step_triton.register_fake
     def _(param, grad, state_m, state_v, scalars) -> None:
         return None
+
+
+MAIN_VARIANT = Variant(
+    buffers=(
+        Buffer('param', None, 'param', written=True),
+        Buffer('grad', None, 'param'),
+        Buffer('state_m', 'm', 'float32', written=True),
+        Buffer('state_v', 'v', 'float32', written=True),
+    ),
+    init_state=init_state,
+    op=adam_step,
+    fallback=adam_step_torch,
+    triton_step=adam_step_triton if triton is not None else None,
+    triton_launcher=_launcher if triton is not None else None,
+)
 
 
 class Adam(OptgenOptimizer):
@@ -164,6 +179,8 @@ class Adam(OptgenOptimizer):
         eps: default 1e-08, in [0.0, inf).
         weight_decay: default 0.0, in [0.0, inf).
         backend: "triton", "inductor" or "eager"; None picks Triton on CUDA and eager elsewhere.
+        min_quantized_size: tensors with fewer elements keep fp32 states (as do parameters with
+            ``optgen_fp32_state = True``); this spec's states are fp32 anyway.
     """
 
     spec_name = 'adam'
@@ -174,20 +191,13 @@ class Adam(OptgenOptimizer):
         HyperParamRule('eps', 'float', 1e-08, low=0.0, high=math.inf, low_closed=True, high_closed=False),
         HyperParamRule('weight_decay', 'float', 0.0, low=0.0, high=math.inf, low_closed=True, high_closed=False),
     )
-    buffers = (
-        Buffer('param', None, 'param', written=True),
-        Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
-        Buffer('state_v', 'v', 'float32', written=True),
-    )
+    variants = {'': MAIN_VARIANT}
+    buffers = MAIN_VARIANT.buffers
+    op = staticmethod(MAIN_VARIANT.op)
+    fallback = staticmethod(MAIN_VARIANT.fallback)
+    triton_step = staticmethod(MAIN_VARIANT.triton_step) if triton is not None else None
     host_scalars = staticmethod(host_scalars)
     violated_checks = staticmethod(violated_checks)
-    init_state = staticmethod(init_state)
-    op = staticmethod(adam_step)
-    fallback = staticmethod(adam_step_torch)
-    if triton is not None:
-        triton_step = staticmethod(adam_step_triton)
-        triton_launcher = _launcher
 
     def __init__(
         self,
@@ -198,6 +208,7 @@ class Adam(OptgenOptimizer):
         weight_decay=0.0,
         *,
         backend: str | None = None,
+        min_quantized_size: int = 4096,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, min_quantized_size=min_quantized_size)

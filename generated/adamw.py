@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer
+from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer, Variant
 from optgen.runtime import hostmath as hm
 from optgen.runtime import torch_math as optgen_torch
 
@@ -29,9 +29,6 @@ try:
     from optgen.runtime.launch import MultiTensorLauncher
 except ImportError:  # no Triton on this platform: the PyTorch fallback still runs everywhere
     triton = None
-
-OP_NAME = "optgen::adamw_step"
-
 
 def host_scalars(hp: dict, t: int) -> list:
     """The kernel's scalars for one param group at step t: computed once on the host, in float64."""
@@ -56,8 +53,11 @@ def violated_checks(hp: dict) -> list[str]:
     return []
 
 
+
+
+# ---------------------------------------------------------------- layout as specified
 def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Fresh state buffers for parameter p: each state at its initial value, encoded in its storage."""
+    """Fresh state buffers for parameter p (as specified): each state at its initial value, encoded."""
     n = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     m = torch.full((n,), 0.0, device=p.device)
@@ -69,7 +69,7 @@ def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def adamw_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     c0, beta1, c1, beta2, c2, c3, eps, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -85,7 +85,7 @@ def adamw_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_
         param[i].copy_(p_2.view(param[i].shape))
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=('param', 'state_m', 'state_v'))
+@torch.library.custom_op("optgen::adamw_step", mutates_args=('param', 'state_m', 'state_v'))
 def adamw_step(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
     adamw_step_torch(param, grad, state_m, state_v, scalars)
 
@@ -144,7 +144,7 @@ if triton is not None:
 
     _launcher = MultiTensorLauncher(adamw_step_kernel, adamw_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256)
 
-    @torch.library.custom_op(OP_NAME + "_triton", mutates_args=('param', 'state_m', 'state_v'))
+    @torch.library.custom_op("optgen::adamw_step_triton", mutates_args=('param', 'state_m', 'state_v'))
     def adamw_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
         """The fused Triton kernel: one launch per dtype combination (see optgen.runtime.launch)."""
         _launcher(param, grad, state_m, state_v, scalars=scalars)
@@ -152,6 +152,21 @@ if triton is not None:
     @adamw_step_triton.register_fake
     def _(param, grad, state_m, state_v, scalars) -> None:
         return None
+
+
+MAIN_VARIANT = Variant(
+    buffers=(
+        Buffer('param', None, 'param', written=True),
+        Buffer('grad', None, 'param'),
+        Buffer('state_m', 'm', 'float32', written=True),
+        Buffer('state_v', 'v', 'float32', written=True),
+    ),
+    init_state=init_state,
+    op=adamw_step,
+    fallback=adamw_step_torch,
+    triton_step=adamw_step_triton if triton is not None else None,
+    triton_launcher=_launcher if triton is not None else None,
+)
 
 
 class AdamW(OptgenOptimizer):
@@ -164,6 +179,8 @@ class AdamW(OptgenOptimizer):
         eps: default 1e-08, in [0.0, inf).
         weight_decay: default 0.01, in [0.0, inf).
         backend: "triton", "inductor" or "eager"; None picks Triton on CUDA and eager elsewhere.
+        min_quantized_size: tensors with fewer elements keep fp32 states (as do parameters with
+            ``optgen_fp32_state = True``); this spec's states are fp32 anyway.
     """
 
     spec_name = 'adamw'
@@ -174,20 +191,13 @@ class AdamW(OptgenOptimizer):
         HyperParamRule('eps', 'float', 1e-08, low=0.0, high=math.inf, low_closed=True, high_closed=False),
         HyperParamRule('weight_decay', 'float', 0.01, low=0.0, high=math.inf, low_closed=True, high_closed=False),
     )
-    buffers = (
-        Buffer('param', None, 'param', written=True),
-        Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
-        Buffer('state_v', 'v', 'float32', written=True),
-    )
+    variants = {'': MAIN_VARIANT}
+    buffers = MAIN_VARIANT.buffers
+    op = staticmethod(MAIN_VARIANT.op)
+    fallback = staticmethod(MAIN_VARIANT.fallback)
+    triton_step = staticmethod(MAIN_VARIANT.triton_step) if triton is not None else None
     host_scalars = staticmethod(host_scalars)
     violated_checks = staticmethod(violated_checks)
-    init_state = staticmethod(init_state)
-    op = staticmethod(adamw_step)
-    fallback = staticmethod(adamw_step_torch)
-    if triton is not None:
-        triton_step = staticmethod(adamw_step_triton)
-        triton_launcher = _launcher
 
     def __init__(
         self,
@@ -198,6 +208,7 @@ class AdamW(OptgenOptimizer):
         weight_decay=0.01,
         *,
         backend: str | None = None,
+        min_quantized_size: int = 4096,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, min_quantized_size=min_quantized_size)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer
+from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer, Variant
 from optgen.runtime import hostmath as hm
 from optgen.runtime import torch_math as optgen_torch
 
@@ -28,9 +28,6 @@ try:
     from optgen.runtime.launch import MultiTensorLauncher
 except ImportError:  # no Triton on this platform: the PyTorch fallback still runs everywhere
     triton = None
-
-OP_NAME = "optgen::lion_step"
-
 
 def host_scalars(hp: dict, t: int) -> list:
     """The kernel's scalars for one param group at step t: computed once on the host, in float64."""
@@ -52,8 +49,11 @@ def violated_checks(hp: dict) -> list[str]:
     return []
 
 
+
+
+# ---------------------------------------------------------------- layout as specified
 def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Fresh state buffers for parameter p: each state at its initial value, encoded in its storage."""
+    """Fresh state buffers for parameter p (as specified): each state at its initial value, encoded."""
     n = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     m = torch.full((n,), 0.0, device=p.device)
@@ -62,7 +62,7 @@ def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def lion_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, weight_decay, c1, beta2, c2 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -75,7 +75,7 @@ def lion_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m
         param[i].copy_(p_1.view(param[i].shape))
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=('param', 'state_m'))
+@torch.library.custom_op("optgen::lion_step", mutates_args=('param', 'state_m'))
 def lion_step(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
     lion_step_torch(param, grad, state_m, scalars)
 
@@ -127,7 +127,7 @@ if triton is not None:
 
     _launcher = MultiTensorLauncher(lion_step_kernel, lion_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256)
 
-    @torch.library.custom_op(OP_NAME + "_triton", mutates_args=('param', 'state_m'))
+    @torch.library.custom_op("optgen::lion_step_triton", mutates_args=('param', 'state_m'))
     def lion_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
         """The fused Triton kernel: one launch per dtype combination (see optgen.runtime.launch)."""
         _launcher(param, grad, state_m, scalars=scalars)
@@ -135,6 +135,20 @@ if triton is not None:
     @lion_step_triton.register_fake
     def _(param, grad, state_m, scalars) -> None:
         return None
+
+
+MAIN_VARIANT = Variant(
+    buffers=(
+        Buffer('param', None, 'param', written=True),
+        Buffer('grad', None, 'param'),
+        Buffer('state_m', 'm', 'float32', written=True),
+    ),
+    init_state=init_state,
+    op=lion_step,
+    fallback=lion_step_torch,
+    triton_step=lion_step_triton if triton is not None else None,
+    triton_launcher=_launcher if triton is not None else None,
+)
 
 
 class Lion(OptgenOptimizer):
@@ -146,6 +160,8 @@ class Lion(OptgenOptimizer):
         betas: default (0.9, 0.99), in [0.0, 1.0).
         weight_decay: default 0.0, in [0.0, inf).
         backend: "triton", "inductor" or "eager"; None picks Triton on CUDA and eager elsewhere.
+        min_quantized_size: tensors with fewer elements keep fp32 states (as do parameters with
+            ``optgen_fp32_state = True``); this spec's states are fp32 anyway.
     """
 
     spec_name = 'lion'
@@ -155,19 +171,13 @@ class Lion(OptgenOptimizer):
         HyperParamRule('betas', 'tuple', (0.9, 0.99), low=0.0, high=1.0, low_closed=True, high_closed=False),
         HyperParamRule('weight_decay', 'float', 0.0, low=0.0, high=math.inf, low_closed=True, high_closed=False),
     )
-    buffers = (
-        Buffer('param', None, 'param', written=True),
-        Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
-    )
+    variants = {'': MAIN_VARIANT}
+    buffers = MAIN_VARIANT.buffers
+    op = staticmethod(MAIN_VARIANT.op)
+    fallback = staticmethod(MAIN_VARIANT.fallback)
+    triton_step = staticmethod(MAIN_VARIANT.triton_step) if triton is not None else None
     host_scalars = staticmethod(host_scalars)
     violated_checks = staticmethod(violated_checks)
-    init_state = staticmethod(init_state)
-    op = staticmethod(lion_step)
-    fallback = staticmethod(lion_step_torch)
-    if triton is not None:
-        triton_step = staticmethod(lion_step_triton)
-        triton_launcher = _launcher
 
     def __init__(
         self,
@@ -177,6 +187,7 @@ class Lion(OptgenOptimizer):
         weight_decay=0.0,
         *,
         backend: str | None = None,
+        min_quantized_size: int = 4096,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, min_quantized_size=min_quantized_size)

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer
+from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer, Variant
 from optgen.runtime import hostmath as hm
 from optgen.runtime import torch_math as optgen_torch
 
@@ -29,9 +29,6 @@ try:
     from optgen.runtime.launch import MultiTensorLauncher
 except ImportError:  # no Triton on this platform: the PyTorch fallback still runs everywhere
     triton = None
-
-OP_NAME = "optgen::sgd_step"
-
 
 def host_scalars(hp: dict, t: int) -> list:
     """The kernel's scalars for one param group at step t: computed once on the host, in float64."""
@@ -64,8 +61,11 @@ def violated_checks(hp: dict) -> list[str]:
     return errors
 
 
+
+
+# ---------------------------------------------------------------- layout as specified
 def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Fresh state buffers for parameter p: each state at its initial value, encoded in its storage."""
+    """Fresh state buffers for parameter p (as specified): each state at its initial value, encoded."""
     n = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     m = torch.full((n,), 0.0, device=p.device)
@@ -74,7 +74,7 @@ def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def sgd_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback: plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     weight_decay, c0, c1, momentum, c2, c3, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -88,7 +88,7 @@ def sgd_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m:
         param[i].copy_(p_1.view(param[i].shape))
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=('param', 'state_m'))
+@torch.library.custom_op("optgen::sgd_step", mutates_args=('param', 'state_m'))
 def sgd_step(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
     sgd_step_torch(param, grad, state_m, scalars)
 
@@ -142,7 +142,7 @@ if triton is not None:
 
     _launcher = MultiTensorLauncher(sgd_step_kernel, sgd_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256)
 
-    @torch.library.custom_op(OP_NAME + "_triton", mutates_args=('param', 'state_m'))
+    @torch.library.custom_op("optgen::sgd_step_triton", mutates_args=('param', 'state_m'))
     def sgd_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
         """The fused Triton kernel: one launch per dtype combination (see optgen.runtime.launch)."""
         _launcher(param, grad, state_m, scalars=scalars)
@@ -150,6 +150,20 @@ if triton is not None:
     @sgd_step_triton.register_fake
     def _(param, grad, state_m, scalars) -> None:
         return None
+
+
+MAIN_VARIANT = Variant(
+    buffers=(
+        Buffer('param', None, 'param', written=True),
+        Buffer('grad', None, 'param'),
+        Buffer('state_m', 'm', 'float32', written=True),
+    ),
+    init_state=init_state,
+    op=sgd_step,
+    fallback=sgd_step_torch,
+    triton_step=sgd_step_triton if triton is not None else None,
+    triton_launcher=_launcher if triton is not None else None,
+)
 
 
 class SGD(OptgenOptimizer):
@@ -163,6 +177,8 @@ class SGD(OptgenOptimizer):
         weight_decay: default 0.0, in [0.0, inf).
         nesterov: default False.
         backend: "triton", "inductor" or "eager"; None picks Triton on CUDA and eager elsewhere.
+        min_quantized_size: tensors with fewer elements keep fp32 states (as do parameters with
+            ``optgen_fp32_state = True``); this spec's states are fp32 anyway.
     """
 
     spec_name = 'sgd'
@@ -174,19 +190,13 @@ class SGD(OptgenOptimizer):
         HyperParamRule('weight_decay', 'float', 0.0, low=0.0, high=math.inf, low_closed=True, high_closed=False),
         HyperParamRule('nesterov', 'bool', False),
     )
-    buffers = (
-        Buffer('param', None, 'param', written=True),
-        Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
-    )
+    variants = {'': MAIN_VARIANT}
+    buffers = MAIN_VARIANT.buffers
+    op = staticmethod(MAIN_VARIANT.op)
+    fallback = staticmethod(MAIN_VARIANT.fallback)
+    triton_step = staticmethod(MAIN_VARIANT.triton_step) if triton is not None else None
     host_scalars = staticmethod(host_scalars)
     violated_checks = staticmethod(violated_checks)
-    init_state = staticmethod(init_state)
-    op = staticmethod(sgd_step)
-    fallback = staticmethod(sgd_step_torch)
-    if triton is not None:
-        triton_step = staticmethod(sgd_step_triton)
-        triton_launcher = _launcher
 
     def __init__(
         self,
@@ -198,6 +208,7 @@ class SGD(OptgenOptimizer):
         nesterov=False,
         *,
         backend: str | None = None,
+        min_quantized_size: int = 4096,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, min_quantized_size=min_quantized_size)

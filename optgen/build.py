@@ -108,16 +108,9 @@ def _init_state_lines(ir: IR) -> list[str]:
     return lines
 
 
-def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
-    """The generated module's source text for ``spec``."""
-    ir = lower(spec)
-    host = HostPrinter()
-    host_scalars = []
-    for s in ir.scalars:
-        code = host.doprint(s.expr)
-        host_scalars.append({"name": s.symbol.name, "code": f"hm.flag({code})" if s.is_condition else code})
-    checks = [{"code": host.doprint(c.condition), "message": c.message} for c in ir.checks]
-    buffers = []
+def _buffer_records(ir: IR) -> list[str]:
+    """``Buffer(...)`` constructor calls, one per op argument, for the generated class."""
+    records = []
     for t in ir.tensors:
         for arg, key, b in zip(t.arg_names, t.state_keys, t.codec.buffers()):
             fields = [repr(arg), repr(key), repr(b.dtype)]
@@ -127,32 +120,53 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
                 fields.append(f"shape={b.shape!r}")
             if b.shape == "groups":
                 fields.append(f"group={t.codec.group_size}")
-            buffers.append(f"Buffer({', '.join(fields)})")
+            records.append(f"Buffer({', '.join(fields)})")
+    return records
+
+
+def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dict:
+    """What the template needs for one storage layout (its init, fallback, op and kernel)."""
     torch_step = render_torch_step(ir)
-    triton_kernel = render_triton_kernel(ir)
-    cols = max(TILE_COLS, triton_kernel.group_size)
+    kernel = render_triton_kernel(ir)
+    cols = max(TILE_COLS, kernel.group_size)
+    return {
+        "key": key, "sfx": sfx, "label": "with fp32 states" if key == "fp32" else "as specified",
+        "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}",
+        "torch": torch_step, "triton": kernel, "buffers": _buffer_records(ir), "init_state": _init_state_lines(ir),
+        "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
+        "rows": TILE_ELEMENTS // cols, "cols": cols,
+    }
+
+
+def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
+    """The generated module's source text for ``spec``."""
+    ir = lower(spec)
+    host = HostPrinter()
+    host_scalars = []
+    for s in ir.scalars:
+        code = host.doprint(s.expr)
+        host_scalars.append({"name": s.symbol.name, "code": f"hm.flag({code})" if s.is_condition else code})
+    checks = [{"code": host.doprint(c.condition), "message": c.message} for c in ir.checks]
+    layouts = [("", "", ir)]
+    if any(t.role == "state" and t.codec.name != "fp32" for t in ir.tensors):
+        layouts.append(("fp32", "_fp32", lower(spec, fp32_states=True)))
+    variants = [_variant_context(key, sfx, v_ir, spec.name, op_name or f"{spec.name}_step") for key, sfx, v_ir in layouts]
     context = {
         "spec_path": spec_path,
         "name": spec.name,
         "class_name": spec.class_name,
         "doc": spec.doc,
-        "fn_name": f"{spec.name}_step",
-        "op_name": op_name or f"{spec.name}_step",
         "update_lines": [ln.rstrip() for ln in spec.update.strip().splitlines() if ln.strip()],
         "storage_summary": _storage_summary(ir),
         "bytes_per_param": f"{ir.bytes_per_param():g}",
         "hp_unpack": _hp_unpack(spec),
         "host": host_scalars,
         "checks": checks,
-        "torch": torch_step,
-        "triton": triton_kernel,
-        "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in triton_kernel.dtype_args},
-        "rows": TILE_ELEMENTS // cols,
-        "cols": cols,
+        "variants": variants,
+        "codec_imports": list(dict.fromkeys(i for _, _, v_ir in layouts for t in v_ir.tensors for i in t.codec.imports)),
+        "triton_imports": list(dict.fromkeys(i for v in variants for i in v["triton"].imports)),
         "hyperparams": [_hyperparam_context(h) for h in spec.hyperparams],
         "param_dtypes": ir.param.codec.param_dtypes,
-        "buffers": buffers,
-        "init_state": _init_state_lines(ir),
     }
     return _environment().get_template("optimizer.py.j2").render(**context)
 

@@ -175,8 +175,11 @@ def _prune(statements: list[Statement], outputs: set[sympy.Symbol]) -> list[Stat
     return kept[::-1]
 
 
-def lower(spec: Spec) -> IR:
-    """Spec → IR. Raises SpecError (file, line, field) for anything the dataclass check could not see."""
+def lower(spec: Spec, fp32_states: bool = False) -> IR:
+    """Spec → IR. Raises SpecError (file, line, field) for anything the dataclass check could not see.
+
+    ``fp32_states`` lowers the same update with every state stored as fp32 (the layout small tensors use).
+    """
     defined = [(n, ("hyperparams", h.name)) for h in spec.hyperparams
                for n in dict.fromkeys((h.name, *h.names))] + [(s.name, ("state", s.name)) for s in spec.state]
     for name, path in defined:
@@ -185,7 +188,8 @@ def lower(spec: Spec) -> IR:
 
     param_codec = _codec(spec, spec.param, "param", ("param",))
     grad_codec = _codec(spec, spec.grad, "grad", ("grad",))
-    state_codecs = [_codec(spec, s.storage, "state", ("state", s.name)) for s in spec.state]
+    state_codecs = [_codec(spec, Storage("fp32", {}, s.storage.line) if fp32_states else s.storage, "state",
+                           ("state", s.name)) for s in spec.state]
 
     p, g, t = sympy.Symbol("p"), sympy.Symbol("g"), sympy.Symbol("t")
     scalar_syms = {n: sympy.Symbol(n) for n in spec.scalar_names}

@@ -78,7 +78,7 @@ class TritonKernel:
     stores: list[str]
     group_size: int
     needs_rng: bool
-    imports: list[str]
+    imports: list[str]  # Triton-only imports (codec modules are imported by the module itself)
 
 
 def render_triton_kernel(ir: IR) -> TritonKernel:
@@ -104,12 +104,7 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
     stores = []
     for t in ir.written[1:] + ir.written[:1]:
         stores += t.codec.triton_encode(t.output.name, t.arg_names, "offs", "mask")
-    group = 1
-    imports: list[str] = []
-    for t in ir.tensors:
-        group = max(group, t.codec.group_size)
-        imports += [i for i in t.codec.imports if i not in imports]
-    if any("libdevice." in line for line in body):
-        imports.append("from triton.language.extra import libdevice")
+    group = max(t.codec.group_size for t in ir.tensors)
+    imports = ["from triton.language.extra import libdevice"] if any("libdevice." in line for line in body) else []
     return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, loads, body, stores, group,
                         any(t.codec.needs_rng for t in ir.tensors), imports)

@@ -89,6 +89,25 @@ class Buffer:
         return {"param": size, "groups": size / self.group, "half": size / 2, "scalar": 0.0}[self.shape]
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One storage layout of a spec with its state initializer and kernels.
+
+    Every spec has the main layout (""); a spec with compressed states also has "fp32", the same update
+    with fp32 states, used for small tensors and parameters marked to keep full-precision state.
+    """
+
+    buffers: tuple[Buffer, ...]
+    init_state: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    op: Callable[..., None]
+    fallback: Callable[..., None]
+    triton_step: Callable[..., None] | None = None
+    triton_launcher: Callable[..., None] | None = None
+
+
+FP32_STATE_ATTR = "optgen_fp32_state"  # set to True on a parameter to keep its optimizer state in fp32
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -98,13 +117,14 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
     spec_name: ClassVar[str]
     hyperparam_rules: ClassVar[tuple[HyperParamRule, ...]]
-    buffers: ClassVar[tuple[Buffer, ...]]
     param_dtypes: ClassVar[tuple[str, ...]]
+    variants: ClassVar[dict[str, Variant]]  # "" the spec's layout; "fp32" with fp32 states, if different
+    # The main variant's parts, for direct use (tests, benchmarks):
+    buffers: ClassVar[tuple[Buffer, ...]]
     op: ClassVar[Callable[..., None]]  # the torch.library op, PyTorch fallback inside
     fallback: ClassVar[Callable[..., None]]  # the same fallback as a plain function (for torch.compile)
     triton_step: ClassVar[Callable[..., None] | None] = None  # the Triton kernel as an op (for torch.compile)
-    triton_launcher: ClassVar[Callable[..., None] | None] = None  # the same, called directly in eager mode
-    _compiled: ClassVar[dict[type, Callable[..., None]]] = {}
+    _compiled: ClassVar[dict[tuple[type, str], Callable[..., None]]] = {}
 
     @staticmethod
     def host_scalars(hp: dict[str, Any], t: int) -> list[Any]:
@@ -114,15 +134,14 @@ class OptgenOptimizer(torch.optim.Optimizer):
     def violated_checks(hp: dict[str, Any]) -> list[str]:
         return []
 
-    @staticmethod
-    def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Fresh state buffers for parameter ``p`` (each state at its initial value, encoded)."""
-        raise NotImplementedError
-
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: str | None = None) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: str | None = None,
+                 min_quantized_size: int = 4096) -> None:
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"Invalid backend {backend!r}: expected one of {', '.join(BACKENDS)} or None")
+        if isinstance(min_quantized_size, bool) or not isinstance(min_quantized_size, int) or min_quantized_size < 0:
+            raise ValueError(f"Invalid min_quantized_size: {min_quantized_size!r} (a number of elements >= 0)")
         self.backend = backend
+        self.min_quantized_size = min_quantized_size
         self._step_packs: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         for rule in self.hyperparam_rules:
             defaults[rule.name] = rule.validate(defaults[rule.name])
@@ -166,27 +185,37 @@ class OptgenOptimizer(torch.optim.Optimizer):
         super().add_param_group(group)
 
     # ------------------------------------------------------------------ step
-    def _kernel(self, device: torch.device) -> Callable[..., None]:
+    def variant_of(self, p: torch.Tensor) -> str:
+        """Which storage layout parameter ``p`` uses: fp32 states for small or marked parameters."""
+        if "fp32" in self.variants and (p.numel() < self.min_quantized_size or getattr(p, FP32_STATE_ATTR, False)):
+            return "fp32"
+        return ""
+
+    def _kernel(self, device: torch.device, variant: str) -> Callable[..., None]:
         backend = self.backend or ("triton" if device.type == "cuda" else "eager")
+        v = self.variants[variant]
         if backend == "triton":
-            triton_step = type(self).triton_step
-            if triton_step is None:
+            if v.triton_step is None:
                 raise RuntimeError(f"{type(self).__name__} has no Triton kernel; use backend='eager' or 'inductor'")
             if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-            # Eager: call the launcher directly (the op's dispatch costs more than the kernel for small models).
-            return triton_step if torch.compiler.is_compiling() else self._launch_triton
-        if backend == "inductor":
-            cls = type(self)
-            if cls not in OptgenOptimizer._compiled:
-                OptgenOptimizer._compiled[cls] = torch.compile(cls.fallback, dynamic=True)
-            return OptgenOptimizer._compiled[cls]
-        return type(self).op
+            if torch.compiler.is_compiling():
+                return v.triton_step
 
-    def _launch_triton(self, *args: Any) -> None:
-        *lists, scalars = args
-        type(self).triton_launcher(*lists, scalars=scalars)
-        torch.autograd.graph.increment_version([t for b, lst in zip(self.buffers, lists) if b.written for t in lst])
+            def launch(*args: Any) -> None:
+                # Eager: call the launcher directly (the op's dispatch costs more than the kernel for small
+                # models), and bump the version counters as an in-place op would.
+                *lists, scalars = args
+                v.triton_launcher(*lists, scalars=scalars)
+                torch.autograd.graph.increment_version(
+                    [t for b, lst in zip(v.buffers, lists) if b.written for t in lst])
+            return launch
+        if backend == "inductor":
+            key = (type(self), variant)
+            if key not in OptgenOptimizer._compiled:
+                OptgenOptimizer._compiled[key] = torch.compile(v.fallback, dynamic=True)
+            return OptgenOptimizer._compiled[key]
+        return v.op
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         """Parameters that have a gradient (torch's grad setter already checks shape, device and dtype)."""
@@ -204,7 +233,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         for p, state in zip(params, states):
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state.update(self.init_state(p.detach()))
+                state.update(self.variants[self.variant_of(p)].init_state(p.detach()))
 
     def _scalars(self, group: dict[str, Any], t: Any, device: torch.device) -> torch.Tensor:
         """The kernel's scalars as one fp32 tensor on ``device``, computed in float64.
@@ -224,7 +253,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return torch.tensor(values, dtype=torch.float32, device=device)
 
     def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> dict[tuple, list[int]]:
-        """Advance each parameter's step; group the indices of parameters that share (device, step count).
+        """Advance each parameter's step; group indices of parameters sharing (device, step count, variant).
 
         Under torch.compile the step count stays a tensor (no ``.item()``, no recompiles as it grows) and
         the parameters of a group share the first one's count, as they do when every one gets a gradient.
@@ -234,10 +263,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             torch._foreach_add_(steps, 1)
             for i, p in enumerate(params):
-                buckets.setdefault((p.device, steps[0]), []).append(i)
+                buckets.setdefault((p.device, steps[0], self.variant_of(p)), []).append(i)
             return buckets
         for i, (p, t) in enumerate(zip(params, self._advance_packed(states, steps))):
-            buckets.setdefault((p.device, int(t)), []).append(i)
+            buckets.setdefault((p.device, int(t), self.variant_of(p)), []).append(i)
         return buckets
 
     def _advance_packed(self, states: list[dict[str, Any]], steps: list[torch.Tensor]) -> list[float]:
@@ -264,16 +293,16 @@ class OptgenOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in params]
         self._init_group(params, states)
-        for (device, t), idx in self._buckets(params, states).items():
+        for (device, t, variant), idx in self._buckets(params, states).items():
             lists = []
-            for b in self.buffers:
+            for b in self.variants[variant].buffers:
                 if b.key is not None:
                     lists.append([states[i][b.key] for i in idx])
                 elif b.arg == "param":
                     lists.append([params[i] for i in idx])
                 else:
                     lists.append([params[i].grad for i in idx])
-            self._kernel(device)(*lists, self._scalars(group, t, device))
+            self._kernel(device, variant)(*lists, self._scalars(group, t, device))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -324,11 +353,12 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 if rule.name not in saved:
                     raise ValueError(f"state_dict param group lacks hyper-parameter '{rule.name}'")
                 rule.validate(saved[rule.name])
-        expected = {"step"} | {b.key for b in self.buffers if b.key is not None}
         for index, state in state_dict["state"].items():
             if index not in index_to_param:
                 raise ValueError(f"state_dict has state for unknown parameter index {index}")
             p = index_to_param[index]
+            buffers = self.variants[self.variant_of(p)].buffers
+            expected = {"step"} | {b.key for b in buffers if b.key is not None}
             if set(state) != expected:
                 raise ValueError(f"state for parameter {index} has keys {sorted(state)}, expected {sorted(expected)}")
             step = state["step"]
@@ -336,7 +366,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     not math.isfinite(float(step)) or float(step) < 0:
                 raise ValueError(f"state 'step' of parameter {index} must be a finite, non-negative 0-d float "
                                  f"tensor, got {step!r}")
-            for b in self.buffers:
+            for b in buffers:
                 if b.key is None:
                     continue
                 value = state[b.key]
