@@ -186,7 +186,7 @@ def parse_update(text: str, env: dict[str, sympy.Symbol], assignable: set[str], 
         if name.startswith("_"):
             raise builder.error(node, f"names starting with '_' are reserved, got '{name}'")
         expr = builder.build(node.value)
-        if is_condition(expr):
+        if is_condition(expr) and name in assignable:  # a named condition is fine as a temporary
             raise builder.error(node, f"'{name}' is assigned a condition; use where(cond, a, b) for a value")
         target_name = name
         k = 1

@@ -31,12 +31,15 @@ def _random_state(cls: type[OptgenOptimizer], shapes, param_dtype=torch.float32,
     gen = torch.Generator().manual_seed(seed)
     lists = []
     for b in cls.buffers:
-        dtype = param_dtype if b.dtype == "param" else getattr(torch, b.dtype)
+        dtype = b.torch_dtype(param_dtype)
         tensors = []
         for shape in shapes:
-            x = torch.randn(shape, generator=gen)
-            if b.key is not None:
-                x = x.abs() * 0.01 if b.key == "v" else x * 0.1
+            x = torch.randn(b.shape_for(torch.empty(shape)), generator=gen)
+            if not dtype.is_floating_point:  # codes: random over the whole code range
+                info = torch.iinfo(dtype)
+                x = torch.randint(info.min, info.max + 1, x.shape, generator=gen)
+            elif b.key is not None:
+                x = x.abs() * 0.01 if b.key.startswith("v") or b.shape == "groups" else x * 0.1
             tensors.append(x.to(dtype).to(DEVICE))
         lists.append(tensors)
     return lists
@@ -46,6 +49,8 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest distance in units in the last place between two float tensors of the same dtype."""
     if a.numel() == 0:
         return 0
+    if not a.dtype.is_floating_point:  # quantization codes must be identical
+        return 0 if torch.equal(a, b) else 1 << 30
     assert not torch.isnan(a).any() and not torch.isnan(b).any()
     bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
     ia, ib = a.view(bits).long(), b.view(bits).long()

@@ -33,10 +33,7 @@ class TritonPrinter(BasePrinter):
         for factor in expr.as_ordered_factors():
             if factor.is_Pow and factor.exp.is_Number and factor.exp < 0 and factor.exp != sympy.Rational(-1, 2):
                 den.append(factor.base ** -factor.exp)
-            elif factor.is_Rational and not factor.is_Integer:
-                num.append(sympy.Integer(factor.p))
-                den.append(sympy.Integer(factor.q))
-            else:
+            else:  # a constant such as 1/3 is multiplied as the float 0.333..., as the PyTorch backend does
                 num.append(factor)
         if not den:
             return super()._print_Mul(expr)
@@ -76,6 +73,7 @@ class TritonKernel:
     loads: list[str]
     body: list[str]
     stores: list[str]
+    constants: list[tuple[str, str]]  # extra pointer arguments: (name, host expression with {device})
     group_size: int
     needs_rng: bool
     imports: list[str]  # Triton-only imports (codec modules are imported by the module itself)
@@ -106,5 +104,6 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
         stores += t.codec.triton_encode(t.output.name, t.arg_names, "offs", "mask")
     group = max(t.codec.group_size for t in ir.tensors)
     imports = ["from triton.language.extra import libdevice"] if any("libdevice." in line for line in body) else []
-    return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, loads, body, stores, group,
+    constants = list(dict.fromkeys(c for t in ir.tensors for c in t.codec.constants))
+    return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, loads, body, stores, constants, group,
                         any(t.codec.needs_rng for t in ir.tensors), imports)

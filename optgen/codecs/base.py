@@ -42,6 +42,8 @@ class Codec:
     group_size: ClassVar[int] = 1  # elements per scale group (Triton tiles are rows of a multiple of it)
     needs_rng: ClassVar[bool] = False  # stochastic rounding: the renderings use the per-tensor ``key``
     imports: ClassVar[tuple[str, ...]] = ()  # import lines the generated module needs for the snippets
+    # Read-only tables the Triton snippets use: (kernel argument name, host expression with {device}).
+    constants: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, options: dict[str, Any], fail: Callable[[str], SpecError]) -> None:
         """Validate the spec's options for this format; ``fail(message)`` builds the error to raise."""

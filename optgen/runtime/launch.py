@@ -35,13 +35,15 @@ class MultiTensorLauncher:
     cache_size = 8
 
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, rows: int,
-                 cols: int, num_warps: int = 8) -> None:
+                 cols: int, num_warps: int = 8,
+                 constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None) -> None:
         self.kernel = kernel
         self.fallback = fallback
         self.dtype_args = dtype_args  # constexpr name -> index of the list whose dtype it takes
         self.rows = rows
         self.cols = cols
         self.num_warps = num_warps
+        self.constants = constants  # read-only tables (e.g. a quantization map) passed after the scalars
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
 
     @property
@@ -96,10 +98,11 @@ class MultiTensorLauncher:
         if plan.irregular:  # strided or unaligned views: the fallback handles them in place
             self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists], scalars)
         for tables, n_blocks, constexprs, device in plan.launches:
+            constants = self.constants(device) if self.constants is not None else ()
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
-                self.kernel[(n_blocks,)](*tables, scalars, **constexprs, ROWS=self.rows, COLS=self.cols,
-                                         num_warps=self.num_warps, enable_fp_fusion=False)
+                self.kernel[(n_blocks,)](*tables, scalars, *constants, **constexprs, ROWS=self.rows,
+                                         COLS=self.cols, num_warps=self.num_warps, enable_fp_fusion=False)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,407 @@
+"""Map-based block quantization: ``q8_dynamic`` (bitsandbytes' 8-bit dynamic map) and the 4-bit torchao
+formats ``q4_dynamic`` (signed 4-bit dynamic map) and ``q4_linear`` (unsigned linear map, no zero).
+
+A block of B consecutive elements of the flat tensor (the last block may be partial; its padding counts as
+0) keeps one fp32 scale s = max(max|x|, 1e-12) (NaN if the block holds a NaN); each element stores the
+index of a value of a sorted map M (in [-1, 1]) for x/s, and decodes to M[code]·s.
+
+The maps are built the way bitsandbytes' ``create_dynamic_map`` builds them (``dynamic_map`` below: fp32
+``torch.linspace`` on the CPU, fp32 midpoints, times a power of ten), so they equal its table bit for bit:
+- 8-bit signed: 127 negative values, 0, 127 positive values and 1.0 (no -1.0); smallest magnitude ≈ 5.5e-7.
+- 8-bit unsigned: 0, 254 positive values from ≈ 3.25e-7, and 1.0.
+- 4-bit signed (torchao ``create_dynamic_map(True, 3, 4)``): ±{0.0055, 0.0325, 0.0775, 0.2125, 0.4375,
+  0.6625, 0.8875}, 0 and 1.0.
+- 4-bit linear (torchao): {1/16, 2/16, ..., 1}, no zero.
+
+Which code an element gets (all comparisons in fp32, x/s correctly rounded in both backends):
+- q8_dynamic follows bitsandbytes: the nearest map value, decided against the 255 fp32 midpoints
+  fp32(M[i] + M[i+1])·0.5; code = number of midpoints strictly below x/s, so a value exactly on a midpoint
+  takes the LOWER code. This is what bitsandbytes' default (CPU) backend does (``torch.bucketize`` over the
+  same midpoints); its CUDA ``quantize_2D`` sends an exact tie to whichever neighbour its binary-search
+  pivot is, so at exact ties (and because it divides with ``__fdividef``) a CUDA bitsandbytes code can
+  differ by one step. Signed map only: like bitsandbytes' 8-bit optimizers, a negative value whose nearest
+  code is 0 takes the next code below (the smallest negative value), so a negative state never becomes 0.
+- q4_*: torchao's rule: c = the largest index with M[c] <= x/s (0 below M[0]); then c + 1 if
+  fp32(x/s − M[c]) >= fp32(M[c+1] − M[c])·0.5 ("ties up"; the top code stays).
+The block scale: bitsandbytes stores the raw absmax (0 for a zero block); here it is max(absmax, 1e-12)
+as torchao does, so x/s is never 0/0. A NaN input makes its block's scale NaN (visible when decoded) and
+its own code is that of 0.
+Decode error: |x̂ − x| <= s·(half the gap between the code's map value and its neighbour on x/s's side),
+plus for q8_dynamic signed the sign rule (at most the smallest magnitude, 5.5e-7·s) and for q4_linear,
+which has no zero, up to s/16 for entries below s/16.
+Padding: a partial last block is padded with zeros; for the 4-bit formats with an odd element count the
+low nibble of the last byte holds the code of 0 (the even element sits in the high nibble).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from optgen.codecs.base import Buffer, Codec
+
+try:  # the module must import without Triton (then only the PyTorch path exists)
+    import triton
+    import triton.language as tl
+
+    from optgen.codecs.q8 import group_absmax, group_broadcast, group_view, store_group_values
+except ImportError:  # pragma: no cover - exercised only where Triton is missing
+    triton = None
+    tl = None
+
+SCALE_FLOOR = 1e-12
+Q8_BLOCK = 256
+Q4_BLOCK = 128
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The maps
+# ----------------------------------------------------------------------------------------------------------
+def dynamic_map(signed: bool, exponent_bits: int = 7, total_bits: int = 8) -> list[float]:
+    """The dynamic map of bitsandbytes (Dettmers, "8-bit approximations"), as sorted Python floats.
+
+    Decade i = 0..exponent_bits-1 covers magnitudes 10^(i+1-exponent_bits)·[0.1, 1]: split [0.1, 1] into
+    2^i equal parts (2^(i+1) when unsigned: the sign bit becomes a fraction bit), take the midpoints
+    of the parts, scale them by the decade's power of ten, and add their negatives when signed. Then 0
+    and 1.0. All arithmetic is fp32 on the CPU, as bitsandbytes does it (``torch.linspace`` of fp32, fp32
+    midpoints, a fp32 product with the power of ten), so every value equals its table entry exactly.
+    """
+    if exponent_bits != total_bits - 1:
+        # bitsandbytes then adds a linear region; none of our formats uses it
+        raise ValueError("only maps with exponent_bits == total_bits - 1 are supported")
+    values: list[float] = []
+    for i in range(exponent_bits):
+        parts = 2 ** (i + (0 if signed else 1))
+        edges = torch.linspace(0.1, 1.0, parts + 1, dtype=torch.float32, device="cpu")
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        decade = 10 ** (i + 1 - exponent_bits)
+        values += (decade * mids).tolist()
+        if signed:
+            values += (-decade * mids).tolist()
+    values += [0.0, 1.0]
+    assert len(values) == 2**total_bits
+    return sorted(values)
+
+
+def linear_map(levels: int = 16) -> list[float]:
+    """torchao's unsigned 4-bit map: ``linspace(0, 1, levels + 1)[1:]`` in fp32, i.e. k/levels, no zero."""
+    return torch.linspace(0.0, 1.0, levels + 1, dtype=torch.float32, device="cpu")[1:].tolist()
+
+
+Q8_SIGNED_MAP = dynamic_map(True)
+Q8_UNSIGNED_MAP = dynamic_map(False)
+Q4_SIGNED_MAP = dynamic_map(True, 3, 4)
+Q4_LINEAR_MAP = linear_map(16)
+
+TABLE_SIZE = 512  # q8 table: 256 map values, 255 midpoints, +inf
+
+
+def _q8_table_cpu(signed: bool) -> torch.Tensor:
+    values = torch.tensor(Q8_SIGNED_MAP if signed else Q8_UNSIGNED_MAP, dtype=torch.float32)
+    mids = (values[:-1] + values[1:]) * 0.5  # fp32, as bitsandbytes ((a + b)·0.5f in CUDA, (a + b)/2 on CPU)
+    return torch.cat([values, mids, torch.tensor([float("inf")])]).contiguous()
+
+
+# the CPU tables, built once at import; device copies are made on first use and cached (also when that
+# first use is inside torch.compile: Dynamo records the cache insertion as a side effect)
+_SOURCE = {("q8", True): _q8_table_cpu(True), ("q8", False): _q8_table_cpu(False),
+           ("q4", True): torch.tensor(Q4_SIGNED_MAP, dtype=torch.float32),
+           ("q4", False): torch.tensor(Q4_LINEAR_MAP, dtype=torch.float32)}
+_CACHE: dict[tuple[str, bool, torch.device], torch.Tensor] = {}
+
+
+def _table(kind: str, signed: bool, device: torch.device | str) -> torch.Tensor:
+    key = (kind, signed, torch.device(device))
+    t = _CACHE.get(key)
+    if t is None:
+        t = _SOURCE[(kind, signed)].to(key[2])
+        _CACHE[key] = t
+    return t
+
+
+def qmap_table(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The q8_dynamic kernel constant: fp32[512] on ``device`` (cached): entries 0..255 the map values in
+    ascending order, 256..510 the midpoints between neighbours, 511 = +inf (never read)."""
+    return _table("q8", signed, device)
+
+
+def q4_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 values of the 4-bit map (signed dynamic, or linear) as fp32 on ``device`` (cached)."""
+    return _table("q4", signed, device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch: flat 1-D fp32 values; no .item(), no data-dependent branching (torch.compile friendly)
+# ----------------------------------------------------------------------------------------------------------
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized blocks x/s ([nblocks, block], padded with zeros, NaN -> 0) and the scales s."""
+    x = x.reshape(-1).float()
+    g = F.pad(x, (0, (-x.numel()) % block)).view(-1, block)
+    s = g.abs().amax(dim=1).clamp_min(SCALE_FLOOR)  # amax propagates NaN
+    r = g / s[:, None]
+    return torch.where(torch.isnan(r), torch.zeros_like(r), r), s
+
+
+def _expand(scale: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    return scale.reshape(-1).float().repeat_interleave(block)[:n]
+
+
+def quantize_q8(x: torch.Tensor, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat fp32 ``x`` -> (codes uint8 [numel], absmax fp32 [ceil(numel/256)])."""
+    n = x.numel()
+    r, s = _blocks(x, Q8_BLOCK)
+    mids = qmap_table(signed, x.device)[256:511]
+    code = torch.bucketize(r, mids, out_int32=True)  # number of midpoints < r: ties take the lower code
+    if signed:
+        code = torch.where((r < 0) & (code == 127), code - 1, code)  # 127 is the code of 0
+    return code.reshape(-1)[:n].to(torch.uint8), s
+
+
+def dequantize_q8(codes: torch.Tensor, absmax: torch.Tensor, signed: bool = True) -> torch.Tensor:
+    n = codes.numel()
+    values = qmap_table(signed, codes.device)[:256]
+    return values[codes.reshape(-1).to(torch.int64)] * _expand(absmax, Q8_BLOCK, n)
+
+
+def quantize_q4(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat fp32 ``x`` -> (packed uint8 [ceil(numel/2)], scale fp32 [ceil(numel/128)])."""
+    n = x.numel()
+    r, s = _blocks(x, Q4_BLOCK)
+    qmap = q4_map(signed, x.device)
+    down_i = torch.bucketize(r, qmap[1:], right=True)  # number of map values M[1:] <= r
+    up_i = (down_i + 1).clamp(max=15)
+    down, up = qmap[down_i], qmap[up_i]
+    code = torch.where((r - down) >= (up - down) * 0.5, up_i, down_i)
+    code = code.reshape(-1)[: n + n % 2].to(torch.uint8)  # blocks are even, so the pad element exists
+    return (code[0::2] << 4) | code[1::2], s
+
+
+def dequantize_q4(packed: torch.Tensor, scale: torch.Tensor, numel: int, signed: bool) -> torch.Tensor:
+    b = packed.reshape(-1)
+    code = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:numel].to(torch.int64)
+    return q4_map(signed, packed.device)[code] * _expand(scale, Q4_BLOCK, numel)
+
+
+def torch_encode_q8(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> None:
+    c, s = quantize_q8(x, signed)
+    codes.copy_(c.view(codes.shape))
+    absmax.copy_(s)
+
+
+def torch_decode_q8(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    return dequantize_q8(codes, absmax, signed)
+
+
+def torch_encode_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, signed: bool) -> None:
+    c, s = quantize_q4(x, signed)
+    packed.copy_(c)
+    scale.copy_(s)
+
+
+def torch_decode_q4(packed: torch.Tensor, scale: torch.Tensor, numel: int, signed: bool) -> torch.Tensor:
+    return dequantize_q4(packed, scale, numel, signed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton: 2-D fp32 tiles [ROWS, COLS], COLS a multiple of the block
+# ----------------------------------------------------------------------------------------------------------
+if triton is not None:
+    _Q4S = [tl.constexpr(v) for v in Q4_SIGNED_MAP]
+    (_S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9, _S10, _S11, _S12, _S13, _S14, _S15) = _Q4S
+    _Q4L = [tl.constexpr(v) for v in Q4_LINEAR_MAP]
+    (_L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7, _L8, _L9, _L10, _L11, _L12, _L13, _L14, _L15) = _Q4L
+
+    @triton.jit
+    def _normalized(x, mask, B: tl.constexpr):
+        x = tl.where(mask, x, 0.0)
+        s = group_absmax(x, B)
+        r = tl.div_rn(x, group_broadcast(s, x, B))
+        return tl.where(r == r, r, 0.0), s  # noqa: PLR0124 (r != r: NaN)
+
+    @triton.jit
+    def triton_encode_q8(x, q_ptr, s_ptr, table_ptr, offs, mask, SIGNED: tl.constexpr):
+        """Store the tile ``x``: codes at ``q_ptr`` (uint8), block absmax at ``s_ptr`` (fp32); ``table_ptr``
+        is ``qmap_table(SIGNED, device)``. The code is found by an 8-step branchless binary search over
+        the midpoints (entries 256..510): it counts the midpoints below x/s."""
+        r, s = _normalized(x, mask, 256)
+        mids = table_ptr + 256
+        c = tl.zeros(x.shape, tl.int32)
+        c = tl.where(tl.load(mids + c + 127) < r, c + 128, c)
+        c = tl.where(tl.load(mids + c + 63) < r, c + 64, c)
+        c = tl.where(tl.load(mids + c + 31) < r, c + 32, c)
+        c = tl.where(tl.load(mids + c + 15) < r, c + 16, c)
+        c = tl.where(tl.load(mids + c + 7) < r, c + 8, c)
+        c = tl.where(tl.load(mids + c + 3) < r, c + 4, c)
+        c = tl.where(tl.load(mids + c + 1) < r, c + 2, c)
+        c = tl.where(tl.load(mids + c) < r, c + 1, c)
+        if SIGNED:
+            c = tl.where((r < 0) & (c == 127), c - 1, c)
+        tl.store(q_ptr + offs, c.to(tl.uint8), mask=mask)
+        store_group_values(s_ptr, s, offs, mask, 256)
+
+    @triton.jit
+    def triton_decode_q8(q_ptr, s_ptr, table_ptr, offs, mask):
+        c = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+        s = tl.load(s_ptr + offs // 256, mask=mask, other=0.0)
+        return tl.where(mask, tl.load(table_ptr + c) * s, 0.0)
+
+    @triton.jit
+    def _pick16(c, v0: tl.constexpr, v1: tl.constexpr, v2: tl.constexpr, v3: tl.constexpr,
+                v4: tl.constexpr, v5: tl.constexpr, v6: tl.constexpr, v7: tl.constexpr,
+                v8: tl.constexpr, v9: tl.constexpr, v10: tl.constexpr, v11: tl.constexpr,
+                v12: tl.constexpr, v13: tl.constexpr, v14: tl.constexpr, v15: tl.constexpr):
+        """v[c] for a tile of indices c in [0, 16), as a tree of 15 selects."""
+        b0 = (c & 1) != 0
+        b1 = (c & 2) != 0
+        b2 = (c & 4) != 0
+        b3 = (c & 8) != 0
+        a0 = tl.where(b1, tl.where(b0, v3, v2), tl.where(b0, v1, v0))
+        a1 = tl.where(b1, tl.where(b0, v7, v6), tl.where(b0, v5, v4))
+        a2 = tl.where(b1, tl.where(b0, v11, v10), tl.where(b0, v9, v8))
+        a3 = tl.where(b1, tl.where(b0, v15, v14), tl.where(b0, v13, v12))
+        return tl.where(b3, tl.where(b2, a3, a2), tl.where(b2, a1, a0)).to(tl.float32)
+
+    @triton.jit
+    def _q4_value(c, SIGNED: tl.constexpr):
+        if SIGNED:
+            v = _pick16(c, _S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9, _S10, _S11, _S12, _S13, _S14, _S15)
+        else:
+            v = _pick16(c, _L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7, _L8, _L9, _L10, _L11, _L12, _L13, _L14, _L15)
+        return v
+
+    @triton.jit
+    def _q4_count(r, SIGNED: tl.constexpr):
+        """Number of map values M[1..15] <= r."""
+        if SIGNED:
+            c = ((r >= _S1).to(tl.int32) + (r >= _S2).to(tl.int32) + (r >= _S3).to(tl.int32)
+                 + (r >= _S4).to(tl.int32) + (r >= _S5).to(tl.int32) + (r >= _S6).to(tl.int32)
+                 + (r >= _S7).to(tl.int32) + (r >= _S8).to(tl.int32) + (r >= _S9).to(tl.int32)
+                 + (r >= _S10).to(tl.int32) + (r >= _S11).to(tl.int32) + (r >= _S12).to(tl.int32)
+                 + (r >= _S13).to(tl.int32) + (r >= _S14).to(tl.int32) + (r >= _S15).to(tl.int32))
+        else:
+            c = ((r >= _L1).to(tl.int32) + (r >= _L2).to(tl.int32) + (r >= _L3).to(tl.int32)
+                 + (r >= _L4).to(tl.int32) + (r >= _L5).to(tl.int32) + (r >= _L6).to(tl.int32)
+                 + (r >= _L7).to(tl.int32) + (r >= _L8).to(tl.int32) + (r >= _L9).to(tl.int32)
+                 + (r >= _L10).to(tl.int32) + (r >= _L11).to(tl.int32) + (r >= _L12).to(tl.int32)
+                 + (r >= _L13).to(tl.int32) + (r >= _L14).to(tl.int32) + (r >= _L15).to(tl.int32))
+        return c
+
+    @triton.jit
+    def triton_encode_q4(x, q_ptr, s_ptr, offs, mask, SIGNED: tl.constexpr):
+        """Store the tile ``x``: packed codes at ``q_ptr`` (uint8, byte k holds elements 2k (high nibble)
+        and 2k+1), block scales at ``s_ptr`` (fp32)."""
+        r, s = _normalized(x, mask, 128)
+        down_i = _q4_count(r, SIGNED)
+        up_i = tl.minimum(down_i + 1, 15)
+        down = _q4_value(down_i, SIGNED)
+        up = _q4_value(up_i, SIGNED)
+        c = tl.where((r - down) >= (up - down) * 0.5, up_i, down_i)
+        hi, lo = tl.split(group_view(c, 2))  # (even, odd) element pairs
+        first, _ = tl.split(group_view(offs, 2))
+        live, _ = tl.split(group_view(mask.to(tl.int32), 2))
+        tl.store(q_ptr + first // 2, ((hi << 4) | lo).to(tl.uint8), mask=live != 0)
+        store_group_values(s_ptr, s, offs, mask, 128)
+
+    @triton.jit
+    def triton_decode_q4(q_ptr, s_ptr, offs, mask, SIGNED: tl.constexpr):
+        b = tl.load(q_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+        c = tl.where((offs % 2) == 0, b >> 4, b & 15)
+        s = tl.load(s_ptr + offs // 128, mask=mask, other=0.0)
+        return tl.where(mask, _q4_value(c, SIGNED) * s, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Codecs
+# ----------------------------------------------------------------------------------------------------------
+class Q8Dynamic(Codec):
+    """bitsandbytes-style 8-bit dynamic map, blocks of 256, fp32 absmax per block (1.015625 B/element).
+
+    Option ``signed`` (default true): the signed map for states that can be negative (m); false picks the
+    unsigned map (v, which must be >= 0: a negative value takes code 0).
+
+    Kernel constant. Besides this state's two buffers the Triton code reads one table (fp32[512]: the 256
+    map values, then the 255 midpoints): ``dynamic.qmap_table(signed, device)``, a module-level tensor
+    cached per device. ``constants`` lists it as (kernel argument name, host expression with ``{device}``):
+    a backend adds one pointer argument of that name per distinct entry to the kernel (shared by every
+    q8_dynamic tensor with the same map) and passes the tensor at launch; the Triton renderings refer to
+    it by that name. The PyTorch renderings need nothing: they fetch the cached table themselves.
+    """
+
+    name = "q8_dynamic"
+    roles = frozenset({"state"})
+    group_size = Q8_BLOCK
+    imports = ("from optgen.codecs import dynamic",)
+
+    def __init__(self, options: dict[str, Any], fail) -> None:
+        unknown = sorted(set(options) - {"signed"})
+        if unknown:
+            raise fail(f"storage '{self.name}' takes only the option 'signed', got: {', '.join(unknown)}")
+        signed = options.get("signed", True)
+        if not isinstance(signed, bool):
+            raise fail(f"storage '{self.name}': signed must be true or false, got {signed!r}")
+        self.signed = signed
+        self.table_arg = "qmap_signed" if signed else "qmap_unsigned"
+        self.constants = ((self.table_arg, f"dynamic.qmap_table({signed}, {{device}})"),)
+
+    def buffers(self) -> list[Buffer]:
+        return [Buffer("", "uint8"), Buffer("absmax", "float32", 0.0, "groups")]
+
+    def torch_decode(self, out: str, refs: list[str]) -> list[str]:
+        return [f"{out} = dynamic.torch_decode_q8({refs[0]}, {refs[1]}, {self.signed})"]
+
+    def torch_encode(self, value: str, refs: list[str]) -> list[str]:
+        return [f"dynamic.torch_encode_q8({value}, {refs[0]}, {refs[1]}, {self.signed})"]
+
+    def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        return [f"{out} = dynamic.triton_decode_q8({ptrs[0]}, {ptrs[1]}, {self.table_arg}, {offs}, {mask})"]
+
+    def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        return [(f"dynamic.triton_encode_q8({value}, {ptrs[0]}, {ptrs[1]}, {self.table_arg}, {offs}, {mask}, "
+                 f"{self.signed})")]
+
+
+class Q4Codec(Codec):
+    """torchao-style 4-bit state: blocks of 128, fp32 scale per block, two codes per byte, the even element
+    in the high nibble (codes buffer shape "half"; 0.53125 B/element).
+
+    The PyTorch decode needs the element count (an odd count leaves a pad nibble) and the interface gives
+    it none, so the rendering names it: ``numel_expr`` (default ``param[i].numel()``, the PyTorch
+    backend's expression for the parameter of the tensor being decoded; every state has its shape).
+    """
+
+    roles = frozenset({"state"})
+    group_size = Q4_BLOCK
+    imports = ("from optgen.codecs import dynamic",)
+    signed: bool
+    numel_expr = "param[i].numel()"
+
+    def buffers(self) -> list[Buffer]:
+        return [Buffer("", "uint8", 0.0, "half"), Buffer("scale", "float32", 0.0, "groups")]
+
+    def torch_decode(self, out: str, refs: list[str]) -> list[str]:
+        return [f"{out} = dynamic.torch_decode_q4({refs[0]}, {refs[1]}, {self.numel_expr}, {self.signed})"]
+
+    def torch_encode(self, value: str, refs: list[str]) -> list[str]:
+        return [f"dynamic.torch_encode_q4({value}, {refs[0]}, {refs[1]}, {self.signed})"]
+
+    def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        return [f"{out} = dynamic.triton_decode_q4({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, {self.signed})"]
+
+    def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        return [f"dynamic.triton_encode_q4({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, {self.signed})"]
+
+
+class Q4Dynamic(Q4Codec):
+    """Signed 4-bit dynamic map (torchao's first moment): ±{0.0055 ... 0.8875}, 0, 1.0."""
+
+    name = "q4_dynamic"
+    signed = True
+
+
+class Q4Linear(Q4Codec):
+    """Unsigned 4-bit linear map {1/16, ..., 1} without zero (torchao's second moment; for x >= 0)."""
+
+    name = "q4_linear"
+    signed = False
