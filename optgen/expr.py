@@ -20,6 +20,26 @@ class rsqrt(sympy.Function):  # noqa: N801 - printed as a function name
     """1/sqrt(x) as one operation (a single instruction on GPUs)."""
 
 
+class tensor_sum(sympy.Function):  # noqa: N801
+    """Sum of an elementwise expression over the whole tensor: one value per tensor (a reduction)."""
+
+
+class tensor_max(sympy.Function):  # noqa: N801
+    """Maximum of an elementwise expression over the whole tensor (a reduction)."""
+
+
+REDUCTIONS = (tensor_sum, tensor_max)
+
+
+def _norm(x: sympy.Expr) -> sympy.Expr:
+    return sympy.sqrt(tensor_sum(x ** 2))
+
+
+def _max(*args: sympy.Expr) -> sympy.Expr:
+    """max(x) of one argument reduces over the tensor; max(a, b, ...) is elementwise."""
+    return tensor_max(args[0]) if len(args) == 1 else sympy.Max(*args)
+
+
 def _where(cond: sympy.Basic, a: sympy.Expr, b: sympy.Expr) -> sympy.Expr:
     return sympy.Piecewise((a, as_condition(cond)), (b, True))
 
@@ -48,7 +68,9 @@ FUNCTIONS: dict[str, tuple[Callable[..., sympy.Basic], tuple[int, ...]]] = {
     "exp": (sympy.exp, (1,)),
     "log": (sympy.log, (1,)),
     "min": (sympy.Min, (2, 3, 4)),
-    "max": (sympy.Max, (2, 3, 4)),
+    "max": (_max, (1, 2, 3, 4)),
+    "sum": (tensor_sum, (1,)),
+    "norm": (_norm, (1,)),
     "where": (_where, (3,)),
     "clamp": (_clamp, (3,)),
 }

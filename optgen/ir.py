@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import sympy
 
 from optgen.codecs import Codec, get_codec
-from optgen.expr import Statement, as_condition, is_condition, parse_condition, parse_update
+from optgen.expr import (REDUCTIONS, Statement, as_condition, is_condition, parse_condition, parse_update,
+                         tensor_sum)
 from optgen.spec import Spec, Storage
 
 # Names the generated code uses for itself: a spec may not use them as symbols.
@@ -72,6 +73,16 @@ class HostScalar:
 
 
 @dataclass(frozen=True)
+class Reduction:
+    """A whole-tensor reduction: one value per tensor, computed in an extra pass over the tensor."""
+
+    symbol: sympy.Symbol
+    kind: str  # "sum" or "max"
+    arg: sympy.Expr  # elementwise expression reduced over the tensor
+    level: int  # the pass that computes it: 1 + the highest level of the reductions its argument needs
+
+
+@dataclass(frozen=True)
 class Check:
     condition: sympy.Basic
     message: str
@@ -85,6 +96,12 @@ class IR:
     statements: list[Statement]
     scalars: list[HostScalar]
     checks: list[Check]
+    reductions: list[Reduction]
+
+    @property
+    def passes(self) -> int:
+        """Reduction passes before the final (writing) pass: 0 for a purely elementwise update."""
+        return max((r.level for r in self.reductions), default=0)
 
     @property
     def param(self) -> TensorIO:
@@ -164,6 +181,40 @@ class _Hoister:
         return e.func(*[self.hoist(a) for a in e.args])
 
 
+def _extract_reductions(statements: list[Statement], taken: set[str]) -> tuple[list[Statement], list[Reduction]]:
+    """Replace each whole-tensor reduction by a per-tensor symbol and give it the pass that computes it."""
+    level: dict[sympy.Symbol, int] = {}
+    found: dict[tuple, sympy.Symbol] = {}
+    reductions: list[Reduction] = []
+
+    def replace(e: sympy.Basic) -> sympy.Basic:
+        if e.is_Atom:
+            return e
+        args = tuple(replace(a) for a in e.args)
+        e = e.func(*args) if args != e.args else e
+        if not isinstance(e, REDUCTIONS):
+            return e
+        arg = e.args[0]
+        key = (type(e), arg)
+        if key not in found:
+            name = f"r{len(reductions)}"
+            while name in taken:
+                name = "_" + name
+            taken.add(name)
+            symbol = found[key] = sympy.Symbol(name)
+            level[symbol] = 1 + max((level.get(x, 0) for x in arg.free_symbols), default=0)
+            kind = "sum" if isinstance(e, tensor_sum) else "max"
+            reductions.append(Reduction(symbol, kind, arg, level[symbol]))
+        return found[key]
+
+    out = []
+    for st in statements:
+        expr = replace(st.expr)
+        level[st.target] = max((level.get(x, 0) for x in expr.free_symbols), default=0)
+        out.append(Statement(st.name, st.target, expr, st.line))
+    return out, reductions
+
+
 def _prune(statements: list[Statement], outputs: set[sympy.Symbol]) -> list[Statement]:
     """Drop assignments whose value is never read and never stored."""
     live = set(outputs)
@@ -193,7 +244,7 @@ def lower(spec: Spec, fp32_states: bool = False) -> IR:
 
     p, g, t = sympy.Symbol("p"), sympy.Symbol("g"), sympy.Symbol("t")
     scalar_syms = {n: sympy.Symbol(n) for n in spec.scalar_names}
-    env: dict[str, sympy.Symbol] = {"p": p, "g": g, "t": t, **scalar_syms}
+    env: dict[str, sympy.Symbol] = {"p": p, "g": g, "t": t, "numel": sympy.Symbol("numel"), **scalar_syms}
     env.update({s.name: sympy.Symbol(s.name) for s in spec.state})
     assignable = {"p", "g"} | {s.name for s in spec.state}
     statements = parse_update(spec.update, env, assignable, spec.file, spec.update_line)
@@ -220,11 +271,12 @@ def lower(spec: Spec, fp32_states: bool = False) -> IR:
     hoister = _Hoister(set(scalar_syms.values()) | {t}, taken)
     statements = [Statement(st.name, st.target, hoister.hoist(st.expr), st.line) for st in statements]
     scalars = list(hoister.scalars.values())
+    statements, reductions = _extract_reductions(statements, taken)
 
     check_env = {**scalar_syms, **{h.name: sympy.Symbol(h.name) for h in spec.hyperparams if h.kind == "bool"}}
     checks = [Check(parse_condition(c.require, check_env, spec.file, "checks", c.line or 1),
                     c.message or f"requires {c.require}", c.require) for c in spec.checks]
-    return IR(spec, tensors, statements, scalars, checks)
+    return IR(spec, tensors, statements, scalars, checks, reductions)
 
 
-__all__ = ["IR", "TensorIO", "HostScalar", "Check", "lower", "as_condition"]
+__all__ = ["IR", "TensorIO", "HostScalar", "Check", "Reduction", "lower", "as_condition"]

@@ -148,7 +148,7 @@ def test_error_is_one_line_on_stderr_in_process(tmp_path, capsys):
         assert captured.out == ""
         assert (
             captured.err == f"optgen: error: {spec}:7: update: unknown name 'gg' "
-            f"(known: g, lr, p, t; a temporary must be assigned before it is read)\n"
+            f"(known: g, lr, numel, p, t; a temporary must be assigned before it is read)\n"
         )
     assert not (tmp_path / "out" / "bad.py").exists()
 

@@ -72,9 +72,16 @@ def test_kernel_matches_fallback_one_step(cls, count):
         out = [[x.clone() for x in lst] for lst in ref]
         cls.fallback(*ref, scalars)
         cls.triton_step(*out, scalars)
+        reduces = bool(__import__(cls.__module__, fromlist=["_launcher"])._launcher.reductions)
         for b, lr, lo in zip(cls.buffers, ref, out):
             for x, y in zip(lr, lo):
-                assert _ulps(x, y) <= 1, f"{cls.__name__} buffer {b.arg} t={t}"
+                if reduces and x.dtype.is_floating_point and x.numel():
+                    # Whole-tensor sums are added in another order (per-tile partial sums and atomics vs
+                    # torch's cascade): a norm differs by a few fp32 ulps, and so does every element using it.
+                    err = float((x.double() - y.double()).abs().max() / x.double().abs().max())
+                    assert err <= 8 * torch.finfo(torch.float32).eps, f"{cls.__name__} {b.arg}: {err}"
+                else:
+                    assert _ulps(x, y) <= 1, f"{cls.__name__} buffer {b.arg} t={t}"
 
 
 @pytest.mark.parametrize("cls", [optim.AdamW, optim.Lion], ids=lambda c: c.__name__)

@@ -64,7 +64,25 @@ def render_torch_step(ir: IR) -> TorchStep:
     loads = [line for t in ir.tensors for line in t.codec.torch_decode(t.input.name, [f"{a}[i]" for a in t.arg_names])]
     inputs = {t.input for t in ir.tensors}
     body = []
+    pending = list(ir.reductions)
+    if any(sympy.Symbol("numel") in st.expr.free_symbols for st in ir.statements) or \
+            any(sympy.Symbol("numel") in r.arg.free_symbols for r in ir.reductions):
+        body.append("numel = param[i].numel()")
+    per_tensor = {s.symbol for s in ir.scalars} | {r.symbol for r in ir.reductions} | {sympy.Symbol("numel")}
+
+    def emit_reductions(symbols: set) -> None:
+        """Each reduction right before its first use (after the reductions its argument needs)."""
+        for r in [r for r in pending if r.symbol in symbols]:
+            pending.remove(r)
+            emit_reductions(r.arg.free_symbols)
+            arg = printer.doprint(r.arg)
+            if r.arg.free_symbols <= per_tensor:  # no elementwise value in it: broadcast to the tensor
+                arg = f"torch.full_like(p, 1.0) * ({arg})"
+            fn = "torch.sum" if r.kind == "sum" else "optgen_torch.tensor_max"
+            body.append(f"{r.symbol.name} = {fn}({arg})")
+
     for st in ir.statements:
+        emit_reductions(st.expr.free_symbols)
         if st.expr.is_Number:
             code = f"torch.full_like(p, {printer.doprint(st.expr)})"
         elif st.expr in inputs:  # a bare copy of an input would alias a buffer that is overwritten below

@@ -27,6 +27,9 @@ class TritonPrinter(BasePrinter):
     functions = {"Abs": "tl.abs", "sign": "optgen_tl.sign", "exp": "tl.exp", "log": "tl.log",
                  "Min": "optgen_tl.minimum", "Max": "optgen_tl.maximum", "where": "tl.where"}
 
+    def _print_Symbol(self, expr: sympy.Symbol) -> str:
+        return "numel.to(tl.float32)" if expr.name == "numel" else super()._print_Symbol(expr)
+
     def _print_Mul(self, expr: sympy.Mul) -> str:
         """Print a/b as tl.div_rn(a, b): correctly rounded, like PyTorch's division."""
         num, den = [], []
@@ -77,6 +80,8 @@ class TritonKernel:
     group_size: int
     needs_rng: bool
     imports: list[str]  # Triton-only imports (codec modules are imported by the module itself)
+    passes: list[list[str]]  # reduction passes before the final one (PASS = 1, 2, ...)
+    reductions: list[str]  # kind of each per-tensor accumulator ("sum" or "max")
 
 
 def render_triton_kernel(ir: IR) -> TritonKernel:
@@ -92,18 +97,47 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
                 dtype = TL_DTYPES[b.dtype]
             pointer_setup.append(f"{arg} = tl.multiple_of(tl.load({arg}_ptrs + tensor).to(tl.pointer_type({dtype})), 16)")
     scalar_loads = [f"{s.symbol.name} = tl.load(scalars + {k})" for k, s in enumerate(ir.scalars)]
-    loads = [line for t in ir.tensors for line in t.codec.triton_decode(t.input.name, t.arg_names, "offs", "mask")]
-    body = []
-    for st in ir.statements:
-        code = printer.doprint(st.expr)
-        if st.expr.is_Number or not (st.expr.free_symbols - {s.symbol for s in ir.scalars}):
+    host = {s.symbol for s in ir.scalars}
+
+    def tile(expr: sympy.Basic) -> str:
+        code = printer.doprint(expr)
+        if expr.is_Number or not (expr.free_symbols - host):
             code = f"tl.full(offs.shape, {code}, tl.float32)"  # a tile, not a scalar
-        body.append(f"{st.target.name} = {code}")
+        return code
+
+    def loads_for(tensors: list) -> list[str]:
+        return [line for t in tensors for line in t.codec.triton_decode(t.input.name, t.arg_names, "offs", "mask")]
+
+    def load_reductions(level: int) -> list[str]:
+        return [f"{r.symbol.name} = tl.load(red + tensor * NRED + {j})" for j, r in enumerate(ir.reductions)
+                if r.level < level]
+
+    loads = loads_for(ir.tensors)
+    body = [f"{st.target.name} = {tile(st.expr)}" for st in ir.statements]
+    passes = []
+    for level in range(1, ir.passes + 1):
+        wanted = set().union(*(r.arg.free_symbols for r in ir.reductions if r.level == level))
+        needed = []
+        for st in reversed(ir.statements):  # the statements the reductions of this pass depend on
+            if st.target in wanted:
+                needed.append(st)
+                wanted |= st.expr.free_symbols
+        lines = loads_for([t for t in ir.tensors if t.input in wanted]) + load_reductions(level)
+        lines += [f"{st.target.name} = {tile(st.expr)}" for st in reversed(needed)]
+        for j, r in enumerate(ir.reductions):
+            if r.level == level:
+                if r.kind == "sum":
+                    lines.append(f"tl.atomic_add(red + tensor * NRED + {j}, tl.sum(tl.where(mask, {tile(r.arg)}, 0.0)))")
+                else:
+                    lines.append(f"tl.atomic_max(red + tensor * NRED + {j}, "
+                                 f"tl.max(tl.where(mask, {tile(r.arg)}, float('-inf'))))")
+        passes.append(lines)
     stores = []
     for t in ir.written[1:] + ir.written[:1]:
         stores += t.codec.triton_encode(t.output.name, t.arg_names, "offs", "mask")
     group = max(t.codec.group_size for t in ir.tensors)
     imports = ["from triton.language.extra import libdevice"] if any("libdevice." in line for line in body) else []
     constants = list(dict.fromkeys(c for t in ir.tensors for c in t.codec.constants))
-    return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, loads, body, stores, constants, group,
-                        any(t.codec.needs_rng for t in ir.tensors), imports)
+    return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, load_reductions(ir.passes + 1) + loads,
+                        body, stores, constants, group, any(t.codec.needs_rng for t in ir.tensors), imports,
+                        passes, [r.kind for r in ir.reductions])

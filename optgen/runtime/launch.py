@@ -36,7 +36,8 @@ class MultiTensorLauncher:
 
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, rows: int,
                  cols: int, num_warps: int = 8,
-                 constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None) -> None:
+                 constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None,
+                 reductions: tuple[str, ...] = (), passes: int = 0) -> None:
         self.kernel = kernel
         self.fallback = fallback
         self.dtype_args = dtype_args  # constexpr name -> index of the list whose dtype it takes
@@ -44,6 +45,9 @@ class MultiTensorLauncher:
         self.cols = cols
         self.num_warps = num_warps
         self.constants = constants  # read-only tables (e.g. a quantization map) passed after the scalars
+        # Whole-tensor reductions: one accumulator per (tensor, reduction), filled by atomics in extra passes.
+        self.reductions = tuple(reductions)
+        self.passes = passes  # reduction passes before the final one
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
 
     @property
@@ -98,11 +102,18 @@ class MultiTensorLauncher:
         if plan.irregular:  # strided or unaligned views: the fallback handles them in place
             self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists], scalars)
         for tables, n_blocks, constexprs, device in plan.launches:
-            constants = self.constants(device) if self.constants is not None else ()
+            args = [*tables, scalars, *(self.constants(device) if self.constants is not None else ())]
+            passes = [{}]
+            if self.reductions:
+                n = tables[-2].numel()
+                init = torch.tensor([0.0 if kind == "sum" else float("-inf") for kind in self.reductions])
+                args.append(init.to(device).repeat(n, 1))
+                passes = [{"PASS": k + 1, "NRED": len(self.reductions)} for k in range(self.passes + 1)]
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
-                self.kernel[(n_blocks,)](*tables, scalars, *constants, **constexprs, ROWS=self.rows,
-                                         COLS=self.cols, num_warps=self.num_warps, enable_fp_fusion=False)
+                for extra in passes:
+                    # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
+                    self.kernel[(n_blocks,)](*args, **constexprs, **extra, ROWS=self.rows, COLS=self.cols,
+                                             num_warps=self.num_warps, enable_fp_fusion=False)
 
 
 @dataclass(frozen=True)

@@ -20,3 +20,8 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
 def rsqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """1 / sqrt(x), each step correctly rounded (as the Triton kernel computes it)."""
     return 1.0 / sqrt_rn(x)
+
+
+def tensor_max(x: torch.Tensor) -> torch.Tensor:
+    """The maximum over the whole tensor (-inf for an empty one, where torch.max raises)."""
+    return torch.amax(x) if x.numel() else torch.tensor(float("-inf"), device=x.device)

@@ -1,0 +1,103 @@
+"""Whole-tensor reductions (norm, sum, max): LAMB against a float64 transcription of cybertronai/pytorch-lamb,
+on both backends, and a custom spec that uses sum, max and numel."""
+
+import os
+
+import pytest
+import torch
+
+import optgen
+from optgen.optim import Lamb
+
+BACKENDS = ["eager"] + (["triton"] if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lamb_reference(p, g, m, v, lr, b1, b2, eps, wd, t, bias_correction=False):
+    """One LAMB step in float64, as pytorch_lamb/lamb.py (trust = min(|p|, 10) / |adam_step|, 1 if either is 0)."""
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mh, vh = (m / (1 - b1**t), v / (1 - b2**t)) if bias_correction else (m, v)
+    w = p.norm().clamp(0, 10)
+    a = mh / (vh.sqrt() + eps) + wd * p
+    r = a.norm()
+    trust = 1.0 if (w == 0 or r == 0) else w / r
+    return p - lr * trust * a, m, v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_lamb_matches_float64_reference(backend, bias_correction):
+    torch.manual_seed(0)
+    shapes = [(64, 33), (5000,), (), (7, 3)]
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=bias_correction)
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
+    ref = [p.detach().double().clone() for p in params]
+    ms = [torch.zeros_like(r) for r in ref]
+    vs = [torch.zeros_like(r) for r in ref]
+    opt = Lamb(params, backend=backend, **hp)
+    steps = 20 if backend == "eager" else 8
+    for t in range(1, steps + 1):
+        for i, p in enumerate(params):
+            p.grad = torch.randn_like(p)
+            ref[i], ms[i], vs[i] = lamb_reference(ref[i], p.grad.double(), ms[i], vs[i], hp["lr"], 0.9, 0.999, 1e-6,
+                                                  0.01, t, bias_correction)
+        opt.step()
+        for p, r in zip(params, ref):
+            err = (p.detach().double() - r).abs().max() / r.abs().max()
+            assert err < 1e-6, (t, float(err))
+
+
+def test_lamb_trust_is_one_for_a_zero_parameter():
+    p = torch.nn.Parameter(torch.zeros(300))  # |p| = 0: trust ratio 1, so the step is lr * adam step
+    opt = Lamb([p], lr=0.1, backend="eager")
+    p.grad = torch.randn(300)
+    g = p.grad.double()
+    m, v = 0.1 * g, 0.001 * g * g
+    opt.step()
+    expected = -0.1 * m / (v.sqrt() + 1e-6)
+    assert torch.allclose(p.detach().double(), expected, rtol=1e-6, atol=0)
+
+
+SPEC = """
+name: clipped_sgd
+class: ClippedSGD
+doc: SGD whose step is scaled so that its largest element is at most `cap`, with a mean-centred gradient.
+hyperparams:
+  lr:  {default: 0.1, range: "[0, inf)"}
+  cap: {default: 0.01, range: "(0, inf)"}
+param: {storage: native}
+grad:  {storage: native}
+state:
+  count: {storage: fp32}
+update: |
+  gc = g - sum(g)/numel
+  biggest = max(abs(lr*gc))
+  scale = where(biggest > cap, cap/biggest, 1)
+  p = p - lr*scale*gc
+  count = count + 1
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sum_max_numel_in_a_custom_spec(tmp_path, backend):
+    path = tmp_path / "clipped_sgd.yaml"
+    path.write_text(SPEC)
+    cls = optgen.load(path)
+    torch.manual_seed(1)
+    shapes = [(3001,), (40, 50), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
+    before = [p.detach().double().clone() for p in params]
+    opt = cls(params, lr=0.5, cap=0.02, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p, b in zip(params, before):
+        g = p.grad.double()
+        gc = g - g.mean()
+        biggest = (0.5 * gc).abs().max()
+        scale = 0.02 / biggest if biggest > 0.02 else 1.0
+        expected = b - 0.5 * scale * gc
+        assert torch.allclose(p.detach().double(), expected, rtol=0, atol=1e-6 * float(b.abs().max()))
+        assert float((p.detach().double() - b).abs().max()) <= 0.02 * (1 + 1e-5)
+        assert torch.equal(opt.state[p]["count"], torch.ones_like(p))
