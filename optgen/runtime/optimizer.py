@@ -142,6 +142,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid min_quantized_size: {min_quantized_size!r} (a number of elements >= 0)")
         self.backend = backend
         self.min_quantized_size = min_quantized_size
+        self._release: Any = None  # the GradientRelease handle while gradient release is attached
         self._step_packs: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         for rule in self.hyperparam_rules:
             defaults[rule.name] = rule.validate(defaults[rule.name])
@@ -304,8 +305,31 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     lists.append([params[i].grad for i in idx])
             self._kernel(device, variant)(*lists, self._scalars(group, t, device))
 
+    def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
+        """Step each parameter during backward, as soon as its gradient is accumulated, and free the gradient.
+
+        Returns a handle whose ``remove()`` undoes it. While attached, ``step()`` and ``zero_grad()`` do
+        nothing (the work happened in backward), a closure is refused, and the learning rate and other
+        hyper-parameters are read when each hook runs, so LR schedulers work. Gradient clipping over all
+        parameters and accumulation over micro-batches cannot work (each gradient is gone when backward
+        ends); DistributedDataParallel is refused. Pass ``model`` to check that it owns no parameter this
+        optimizer lacks.
+        """
+        from optgen.runtime.release import attach
+
+        return attach(self, model)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._release is None:
+            super().zero_grad(set_to_none)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self._release is not None:
+            if closure is not None:
+                raise RuntimeError("step(closure) cannot run with gradient release attached: the parameters "
+                                   "are stepped inside backward")
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
