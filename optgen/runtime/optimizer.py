@@ -229,9 +229,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 out.append(p)
         return out
 
-    def _init_group(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
-        """Create missing state lazily (Dynamo runs a method of this name eagerly)."""
-        for p, state in zip(params, states):
+    def _init_group(self, params: list[torch.Tensor]) -> None:
+        """Create missing state lazily. Dynamo runs a method of this name eagerly, from the real objects:
+        it must take only the parameters (a list of state dicts would be copied)."""
+        for p in params:
+            state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state.update(self.variants[self.variant_of(p)].init_state(p.detach()))
@@ -292,8 +294,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return entry[0].tolist()
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self._init_group(params)
         states = [self.state[p] for p in params]
-        self._init_group(params, states)
         for (device, t, variant), idx in self._buckets(params, states).items():
             lists = []
             for b in self.variants[variant].buffers:
