@@ -80,6 +80,8 @@ def lamb_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m
     """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, c3, c4, eps, weight_decay, c5 = scalars.unbind()
     for i in range(len(param)):
+        if param[i].numel() == 0:  # per-tensor values (norms, scales) of nothing: leave it as is
+            continue
         p = param[i].reshape(-1).float()
         g = grad[i].reshape(-1).float()
         m = state_m[i].reshape(-1).float()
@@ -162,7 +164,7 @@ if triton is not None:
             a = tl.div_rn(mh, eps + tl.sqrt_rn(vh)) + p*weight_decay
             tl.atomic_add(red + tensor * NRED + 0, tl.sum(tl.where(mask, (p*p), 0.0)))
             tl.atomic_add(red + tensor * NRED + 1, tl.sum(tl.where(mask, (a*a), 0.0)))
-        else:  # final pass: update and store
+        elif PASS == 2:  # update and store
             r0 = tl.load(red + tensor * NRED + 0)
             r1 = tl.load(red + tensor * NRED + 1)
             p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
@@ -173,7 +175,7 @@ if triton is not None:
             v_1 = beta2*v + c1*(g*g)
             mh = tl.where((c3 != 0), c2*m_1, m_1)
             vh = tl.where((c3 != 0), c4*v_1, v_1)
-            w = optgen_tl.minimum(10, tl.sqrt_rn(r0))
+            w = optgen_tl.minimum(tl.full((), 10, tl.float32), tl.sqrt_rn(r0))
             a = tl.div_rn(mh, eps + tl.sqrt_rn(vh)) + p*weight_decay
             r = tl.sqrt_rn(r1)
             trust = tl.where(((r > 0)) & ((w > 0)), tl.div_rn(w, r), 1)
@@ -183,7 +185,7 @@ if triton is not None:
             optgen_tl.store_rne(param + offs, p_1, mask)
 
     _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256,
-                                   reductions=['sum', 'sum'], passes=1)
+                                   slots=['sum', 'sum'], passes=2)
 
     @torch.library.custom_op("optgen::lamb_step_triton", mutates_args=('param', 'state_m', 'state_v'))
     def lamb_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:

@@ -98,8 +98,11 @@ def _init_state_lines(ir: IR) -> list[str]:
                 continue
             shape = shapes.get(b.shape) or f"((n + {t.codec.group_size - 1}) // {t.codec.group_size},)"
             dtype = dtypes.get(b.dtype, f"torch.{b.dtype}")
-            fill = "zeros" if t.role == "param" else "empty"
-            lines.append(f"{arg} = torch.{fill}({shape}, dtype={dtype}, device=p.device)")
+            if b.shape == "scalar":  # a per-tensor value (e.g. a scale) the encode below reads
+                lines.append(f"{arg} = torch.full((), {float(b.init)!r}, dtype={dtype}, device=p.device)")
+            else:
+                fill = "zeros" if t.role == "param" else "empty"
+                lines.append(f"{arg} = torch.{fill}({shape}, dtype={dtype}, device=p.device)")
             keys.append((key, arg))
         if t.role == "state":
             lines.append(f"{t.input.name} = torch.full((n,), {float(t.init)!r}, device=p.device)")
@@ -164,7 +167,6 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
         "checks": checks,
         "variants": variants,
         "codec_imports": list(dict.fromkeys(i for _, _, v_ir in layouts for t in v_ir.tensors for i in t.codec.imports)),
-        "triton_imports": list(dict.fromkeys(i for v in variants for i in v["triton"].imports)),
         "hyperparams": [_hyperparam_context(h) for h in spec.hyperparams],
         "param_dtypes": ir.param.codec.param_dtypes,
     }

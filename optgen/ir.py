@@ -39,6 +39,9 @@ class TensorIO:
     init: float
     input: sympy.Symbol
     output: sympy.Symbol | None  # the SSA symbol stored back; None for the gradient
+    # Per-tensor scalar buffers the spec reads and assigns by name (e.g. LAMB16's m_scale):
+    # (buffer index, symbol holding the stored value, symbol of the new value or None if unchanged)
+    side: tuple[tuple[int, sympy.Symbol, sympy.Symbol | None], ...] = ()
 
     @property
     def arg_names(self) -> list[str]:
@@ -247,6 +250,14 @@ def lower(spec: Spec, fp32_states: bool = False) -> IR:
     env: dict[str, sympy.Symbol] = {"p": p, "g": g, "t": t, "numel": sympy.Symbol("numel"), **scalar_syms}
     env.update({s.name: sympy.Symbol(s.name) for s in spec.state})
     assignable = {"p", "g"} | {s.name for s in spec.state}
+    side_names = {}  # state name -> [(buffer index, symbol name)] for its per-tensor scalar buffers
+    for s, codec in zip(spec.state, state_codecs):
+        for k, b in enumerate(codec.buffers()):
+            if b.shape == "scalar":
+                name = f"{s.name}_{b.suffix}"
+                side_names.setdefault(s.name, []).append((k, name))
+                env[name] = sympy.Symbol(name)
+                assignable.add(name)
     statements = parse_update(spec.update, env, assignable, spec.file, spec.update_line)
 
     final: dict[str, sympy.Symbol] = {}
@@ -264,9 +275,12 @@ def lower(spec: Spec, fp32_states: bool = False) -> IR:
     tensors = [TensorIO("param", "p", param_codec, 0.0, p, final["p"]),
                TensorIO("grad", "g", grad_codec, 0.0, g, None)]
     for s, codec in zip(spec.state, state_codecs):
-        tensors.append(TensorIO("state", s.name, codec, s.init, sympy.Symbol(s.name), final[s.name]))
+        side = tuple((k, sympy.Symbol(n), final.get(n)) for k, n in side_names.get(s.name, []))
+        tensors.append(TensorIO("state", s.name, codec, s.init, sympy.Symbol(s.name), final[s.name], side))
 
-    statements = _prune(statements, {tio.output for tio in tensors if tio.output is not None})
+    outputs = {tio.output for tio in tensors if tio.output is not None}
+    outputs |= {out for tio in tensors for _, _, out in tio.side if out is not None}
+    statements = _prune(statements, outputs)
     taken = set(env) | {st.target.name for st in statements}
     hoister = _Hoister(set(scalar_syms.values()) | {t}, taken)
     statements = [Statement(st.name, st.target, hoister.hoist(st.expr), st.line) for st in statements]

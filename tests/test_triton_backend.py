@@ -72,7 +72,7 @@ def test_kernel_matches_fallback_one_step(cls, count):
         out = [[x.clone() for x in lst] for lst in ref]
         cls.fallback(*ref, scalars)
         cls.triton_step(*out, scalars)
-        reduces = bool(__import__(cls.__module__, fromlist=["_launcher"])._launcher.reductions)
+        reduces = bool(__import__(cls.__module__, fromlist=["_launcher"])._launcher.slots)
         for b, lr, lo in zip(cls.buffers, ref, out):
             for x, y in zip(lr, lo):
                 if reduces and x.dtype.is_floating_point and x.numel():
@@ -144,11 +144,17 @@ def test_optimizer_triton_backend_matches_eager(cls):
             x.grad, y.grad = g.clone(), g.clone()
         oa.step()
         ob.step()
+    reduces = bool(__import__(cls.__module__, fromlist=["_launcher"])._launcher.slots)
     for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    for x, y in zip(a, b):
-        for key in oa.state[x]:
-            assert torch.equal(oa.state[x][key], ob.state[y][key])
+        pairs = [(x, y)] + [(oa.state[x][k], ob.state[y][k]) for k in oa.state[x]]
+        for u, w in pairs:
+            if reduces and u.dtype.is_floating_point:  # sums in another order: see test above
+                assert float((u.double() - w.double()).abs().max()) <= 8 * 1.2e-7 * float(u.double().abs().max())
+            elif reduces:  # codes of values that moved by an ulp may differ by one step, rarely
+                assert (u.view(torch.uint8).int() - w.view(torch.uint8).int()).abs().max() <= 1
+                assert (u != w).float().mean() < 0.01
+            else:
+                assert torch.equal(u, w)
 
 
 def test_strided_parameter_takes_the_fallback_in_place():

@@ -62,13 +62,16 @@ def render_torch_step(ir: IR) -> TorchStep:
     args = [a for t in ir.tensors for a in t.arg_names]
     mutated = tuple(a for t in ir.written for a in t.arg_names)
     loads = [line for t in ir.tensors for line in t.codec.torch_decode(t.input.name, [f"{a}[i]" for a in t.arg_names])]
+    loads += [f"{sym.name} = {t.arg_names[k]}[i]" for t in ir.tensors for k, sym, _ in t.side]
     inputs = {t.input for t in ir.tensors}
     body = []
     pending = list(ir.reductions)
     if any(sympy.Symbol("numel") in st.expr.free_symbols for st in ir.statements) or \
             any(sympy.Symbol("numel") in r.arg.free_symbols for r in ir.reductions):
-        body.append("numel = param[i].numel()")
+        # a device tensor: dividing by a Python number on CUDA multiplies by its reciprocal (not exact)
+        body.append("numel = torch.full((), param[i].numel(), dtype=torch.float32, device=p.device)")
     per_tensor = {s.symbol for s in ir.scalars} | {r.symbol for r in ir.reductions} | {sympy.Symbol("numel")}
+    per_tensor |= {sym for t in ir.tensors for _, sym, _ in t.side}
 
     def emit_reductions(symbols: set) -> None:
         """Each reduction right before its first use (after the reductions its argument needs)."""
@@ -92,5 +95,7 @@ def render_torch_step(ir: IR) -> TorchStep:
         body.append(f"{st.target.name} = {code}")
     stores = []
     for t in ir.written[1:] + ir.written[:1]:  # states first, the parameter last
+        # a new per-tensor scale is stored first: the codec encodes with the stored scale
+        stores += [f"{t.arg_names[k]}[i].copy_({out.name})" for k, _, out in t.side if out is not None]
         stores += t.codec.torch_encode(t.output.name, [f"{a}[i]" for a in t.arg_names])
     return TorchStep(args, mutated, [s.symbol.name for s in ir.scalars], loads, body, stores)

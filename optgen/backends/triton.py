@@ -27,6 +27,14 @@ class TritonPrinter(BasePrinter):
     functions = {"Abs": "tl.abs", "sign": "optgen_tl.sign", "exp": "tl.exp", "log": "tl.log",
                  "Min": "optgen_tl.minimum", "Max": "optgen_tl.maximum", "where": "tl.where"}
 
+    def _binary_chain(self, fn: str, args: tuple) -> str:
+        """min/max: a number becomes an fp32 scalar (tl.minimum needs tensors to propagate NaN)."""
+        printed = [f"tl.full((), {self._print(a)}, tl.float32)" if a.is_Number else self._print(a) for a in args]
+        out = printed[0]
+        for a in printed[1:]:
+            out = f"{fn}({out}, {a})"
+        return out
+
     def _print_Symbol(self, expr: sympy.Symbol) -> str:
         return "numel.to(tl.float32)" if expr.name == "numel" else super()._print_Symbol(expr)
 
@@ -53,7 +61,7 @@ class TritonPrinter(BasePrinter):
             return f"tl.div_rn(1.0, {self._print(base ** -exp)})"
         if exp in (sympy.Rational(1, 2), sympy.Rational(-1, 2)):
             return super()._print_Pow(expr, rational)
-        return f"libdevice.pow({self._print(base)}, {self._print(exp)})"
+        return f"optgen_tl.pow({self._print(base)}, {self._print(exp)})"
 
     def _print_And(self, expr: sympy.Basic) -> str:
         return " & ".join(f"({self._print(a)})" for a in expr.args)
@@ -79,9 +87,9 @@ class TritonKernel:
     constants: list[tuple[str, str]]  # extra pointer arguments: (name, host expression with {device})
     group_size: int
     needs_rng: bool
-    imports: list[str]  # Triton-only imports (codec modules are imported by the module itself)
     passes: list[list[str]]  # reduction passes before the final one (PASS = 1, 2, ...)
-    reductions: list[str]  # kind of each per-tensor accumulator ("sum" or "max")
+    slots: list[str]  # per-tensor accumulator slots: "sum", "max" (reductions) or "stage" (new scales)
+    epilogue: list[str]  # after the final pass, in each tensor's first program: staged scales to buffers
 
 
 def render_triton_kernel(ir: IR) -> TritonKernel:
@@ -113,6 +121,7 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
                 if r.level < level]
 
     loads = loads_for(ir.tensors)
+    loads += [f"{sym.name} = tl.load({t.arg_names[k]})" for t in ir.tensors for k, sym, _ in t.side]
     body = [f"{st.target.name} = {tile(st.expr)}" for st in ir.statements]
     passes = []
     for level in range(1, ir.passes + 1):
@@ -132,12 +141,23 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
                     lines.append(f"tl.atomic_max(red + tensor * NRED + {j}, "
                                  f"tl.max(tl.where(mask, {tile(r.arg)}, float('-inf'))))")
         passes.append(lines)
-    stores = []
+    # A new per-tensor scale cannot be written to its buffer while other programs still decode with the old
+    # one: every program stores it in a staging slot (the same value), encodes with it, and an epilogue pass
+    # copies it to the buffer.
+    slots = [r.kind for r in ir.reductions]
+    stores, epilogue = [], []
     for t in ir.written[1:] + ir.written[:1]:
-        stores += t.codec.triton_encode(t.output.name, t.arg_names, "offs", "mask")
+        ptrs = list(t.arg_names)
+        for k, _, out in t.side:
+            if out is not None:
+                slot = f"red + tensor * NRED + {len(slots)}"
+                slots.append("stage")
+                stores.append(f"tl.store({slot}, {out.name})")
+                epilogue.append(f"tl.store({t.arg_names[k]}, tl.load({slot}))")
+                ptrs[k] = f"({slot})"
+        stores += t.codec.triton_encode(t.output.name, ptrs, "offs", "mask")
     group = max(t.codec.group_size for t in ir.tensors)
-    imports = ["from triton.language.extra import libdevice"] if any("libdevice." in line for line in body) else []
     constants = list(dict.fromkeys(c for t in ir.tensors for c in t.codec.constants))
     return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, load_reductions(ir.passes + 1) + loads,
-                        body, stores, constants, group, any(t.codec.needs_rng for t in ir.tensors), imports,
-                        passes, [r.kind for r in ir.reductions])
+                        body, stores, constants, group, any(t.codec.needs_rng for t in ir.tensors),
+                        passes, slots, epilogue)

@@ -22,6 +22,8 @@ fp8 type is touched in Triton).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from optgen.codecs.base import Buffer, Codec
@@ -102,9 +104,12 @@ def fp8_value(bits: torch.Tensor, fmt: str) -> torch.Tensor:
     return _decode_bits(bits, mant, bias)
 
 
-def torch_encode(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fmt: str) -> None:
-    """codes (fp8, parameter-shaped) := fp8(x / scale), in place; ``scale`` is the 0-d fp32 buffer."""
-    bits = fp8_bits(x.reshape(-1).float() / scale, fmt)  # tensor / tensor: correctly rounded everywhere
+def torch_encode(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fmt: str, clip: float | None = None) -> None:
+    """codes (fp8, parameter-shaped) := fp8(x / scale), in place; ``scale`` is the 0-d fp32 buffer.
+
+    ``clip`` clamps x / scale to [-clip, clip] before rounding (LAMB16 clamps m / s_m to ±15)."""
+    y = x.reshape(-1).float() / scale  # tensor / tensor: correctly rounded everywhere
+    bits = fp8_bits(y if clip is None else torch.clamp(y, -clip, clip), fmt)
     codes.view(torch.uint8).copy_(bits.view(codes.shape))
 
 
@@ -158,9 +163,12 @@ if triton is not None:
 
     @triton.jit
     def _encode(x, q_ptr, s_ptr, offs, mask, MANT: tl.constexpr, BIAS: tl.constexpr, SPECIAL: tl.constexpr,
-                OVER: tl.constexpr):
+                OVER: tl.constexpr, CLIP: tl.constexpr):
         s = tl.load(s_ptr)
-        bits = encode_bits(tl.div_rn(x, s), MANT, BIAS, SPECIAL, OVER)
+        y = tl.div_rn(x, s)
+        if CLIP > 0:
+            y = tl.minimum(tl.maximum(y, -CLIP), CLIP)  # NaN stays NaN (like torch.clamp)
+        bits = encode_bits(y, MANT, BIAS, SPECIAL, OVER)
         tl.store(q_ptr.to(tl.pointer_type(tl.uint8)) + offs, bits.to(tl.uint8), mask=mask)
 
     @triton.jit
@@ -169,16 +177,16 @@ if triton is not None:
         return decode_bits(b, MANT, BIAS) * tl.load(s_ptr)
 
     @triton.jit
-    def triton_encode_e4m3fn(x, q_ptr, s_ptr, offs, mask):
-        _encode(x, q_ptr, s_ptr, offs, mask, 3, 7, 0x43F00000, 0x7E)
+    def triton_encode_e4m3fn(x, q_ptr, s_ptr, offs, mask, CLIP: tl.constexpr = 0.0):
+        _encode(x, q_ptr, s_ptr, offs, mask, 3, 7, 0x43F00000, 0x7E, CLIP)
 
     @triton.jit
     def triton_decode_e4m3fn(q_ptr, s_ptr, offs, mask):
         return _decode(q_ptr, s_ptr, offs, mask, 3, 7)
 
     @triton.jit
-    def triton_encode_e5m2(x, q_ptr, s_ptr, offs, mask):
-        _encode(x, q_ptr, s_ptr, offs, mask, 2, 15, 0x47800000, 0x7C)
+    def triton_encode_e5m2(x, q_ptr, s_ptr, offs, mask, CLIP: tl.constexpr = 0.0):
+        _encode(x, q_ptr, s_ptr, offs, mask, 2, 15, 0x47800000, 0x7C, CLIP)
 
     @triton.jit
     def triton_decode_e5m2(q_ptr, s_ptr, offs, mask):
@@ -191,9 +199,10 @@ if triton is not None:
 class Fp8Norm(Codec):
     """fp8 codes (shape "param") of x / s, with s the per-tensor fp32 "scale" buffer (0-d, init 1.0).
 
-    The codec never writes the scale: a whole-tensor reduction before the encode must have stored the
-    new s (LAMB16: s = Nh(x) + eps). Any clamp of x / s (LAMB16 clamps m/s to ±15, v to 10) belongs to the
-    spec's math. Decode is fp32(code)·s.
+    The codec never writes the scale: the spec assigns it by name (``m_scale = ...``, LAMB16: s = Nh(x) + eps,
+    a whole-tensor reduction) and the generated code stores it before the encode. Option ``clip`` clamps
+    x / s to [-clip, clip] (LAMB16 clamps m / s_m to ±15); other clamps belong to the spec's math.
+    Decode is fp32(code)·s.
     """
 
     roles = frozenset({"state"})
@@ -207,14 +216,25 @@ class Fp8Norm(Codec):
     def torch_decode(self, out: str, refs: list[str]) -> list[str]:
         return [f"{out} = fp8.torch_decode({refs[0]}, {refs[1]}, {self.fmt!r})"]
 
+    def __init__(self, options: dict[str, Any], fail) -> None:
+        unknown = sorted(set(options) - {"clip"})
+        if unknown:
+            raise fail(f"storage '{self.name}' takes only the option 'clip', got: {', '.join(unknown)}")
+        clip = options.get("clip")
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+            raise fail(f"storage '{self.name}': clip must be a positive number, got {clip!r}")
+        self.clip = None if clip is None else float(clip)
+
     def torch_encode(self, value: str, refs: list[str]) -> list[str]:
-        return [f"fp8.torch_encode({value}, {refs[0]}, {refs[1]}, {self.fmt!r})"]
+        clip = "" if self.clip is None else f", clip={self.clip!r}"
+        return [f"fp8.torch_encode({value}, {refs[0]}, {refs[1]}, {self.fmt!r}{clip})"]
 
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
         return [f"{out} = fp8.triton_decode_{self.fmt}({ptrs[0]}, {ptrs[1]}, {offs}, {mask})"]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [f"fp8.triton_encode_{self.fmt}({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask})"]
+        clip = "" if self.clip is None else f", {self.clip!r}"
+        return [f"fp8.triton_encode_{self.fmt}({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}{clip})"]
 
 
 class Fp8E4M3Norm(Fp8Norm):

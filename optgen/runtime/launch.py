@@ -37,7 +37,7 @@ class MultiTensorLauncher:
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, rows: int,
                  cols: int, num_warps: int = 8,
                  constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None,
-                 reductions: tuple[str, ...] = (), passes: int = 0) -> None:
+                 slots: tuple[str, ...] = (), passes: int = 1) -> None:
         self.kernel = kernel
         self.fallback = fallback
         self.dtype_args = dtype_args  # constexpr name -> index of the list whose dtype it takes
@@ -45,9 +45,10 @@ class MultiTensorLauncher:
         self.cols = cols
         self.num_warps = num_warps
         self.constants = constants  # read-only tables (e.g. a quantization map) passed after the scalars
-        # Whole-tensor reductions: one accumulator per (tensor, reduction), filled by atomics in extra passes.
-        self.reductions = tuple(reductions)
-        self.passes = passes  # reduction passes before the final one
+        # Per-tensor slots (whole-tensor reductions filled by atomics in extra passes, staged scales) and
+        # the number of kernel passes (PASS = 1 .. passes) when there are slots.
+        self.slots = tuple(slots)
+        self.passes = passes
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
 
     @property
@@ -104,11 +105,11 @@ class MultiTensorLauncher:
         for tables, n_blocks, constexprs, device in plan.launches:
             args = [*tables, scalars, *(self.constants(device) if self.constants is not None else ())]
             passes = [{}]
-            if self.reductions:
+            if self.slots:
                 n = tables[-2].numel()
-                init = torch.tensor([0.0 if kind == "sum" else float("-inf") for kind in self.reductions])
+                init = torch.tensor([float("-inf") if kind == "max" else 0.0 for kind in self.slots])
                 args.append(init.to(device).repeat(n, 1))
-                passes = [{"PASS": k + 1, "NRED": len(self.reductions)} for k in range(self.passes + 1)]
+                passes = [{"PASS": k + 1, "NRED": len(self.slots)} for k in range(self.passes)]
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 for extra in passes:
                     # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.

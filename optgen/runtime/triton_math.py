@@ -43,3 +43,12 @@ if triton is not None:
             tl.store(ptr, rounded.to(tl.bfloat16), mask=mask)
         else:
             tl.store(ptr, value.to(ty), mask=mask)
+
+    @triton.jit
+    def pow(x, y):  # noqa: A001 - the name the printer uses for x**y
+        """x**y for a non-integer exponent, through float64 exp2/log2 and one rounding to fp32.
+
+        (libdevice.pow is missing from the Triton interpreter; float64 keeps the result within an ulp.)
+        """
+        r = tl.exp2(y.to(tl.float64) * tl.log2(x.to(tl.float64))).to(tl.float32)
+        return tl.where(y == 0, 1.0, r)
