@@ -9,7 +9,7 @@ Update, per element in fp32 math (t = step, from 1):
     p = where(finite, step*(1 - lr*weight_decay), p)
 
 Storage: parameter native, gradient native, m q8_dynamic, v q8_dynamic.
-Bytes per parameter (fp32 parameters and gradients where stored natively): 10.0312.
+Bytes per parameter (fp32 parameters and gradients where stored natively): 10.03125.
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
         "doc": spec.doc,
         "update_lines": [ln.rstrip() for ln in spec.update.strip().splitlines() if ln.strip()],
         "storage_summary": _storage_summary(ir),
-        "bytes_per_param": f"{ir.bytes_per_param():g}",
+        "bytes_per_param": f"{ir.bytes_per_param():.10g}",
         "hp_unpack": _hp_unpack(spec),
         "host": host_scalars,
         "checks": checks,

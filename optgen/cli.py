@@ -37,8 +37,8 @@ def _cmd_check(args: argparse.Namespace) -> None:
     for s in ir.scalars:
         if s.symbol != s.expr:
             print(f"  {s.symbol} = {s.expr}")
-    print(f"bytes per parameter: {ir.bytes_per_param():g} (fp32 params/grads where native), "
-          f"moved per step: {ir.bytes_moved_per_element():g}")
+    print(f"bytes per parameter: {ir.bytes_per_param():.10g} (fp32 params/grads where native), "
+          f"moved per step: {ir.bytes_moved_per_element():.10g}")
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -47,7 +47,7 @@ def _cmd_list(args: argparse.Namespace) -> None:
         spec = load_spec(path)
         ir = lower(spec)
         storage = ", ".join(f"{t.name}:{t.codec.name}" for t in ir.tensors)
-        rows.append((spec.name, spec.class_name, f"{ir.bytes_per_param():g}", storage))
+        rows.append((spec.name, spec.class_name, f"{ir.bytes_per_param():.10g}", storage))
     header = ("spec", "class", "bytes/param", "storage")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
     for row in [header] + rows:
