@@ -89,6 +89,8 @@ def _init_state_lines(ir: IR) -> list[str]:
     dtypes = {"param": "p.dtype"}
     shapes = {"param": "p.shape", "half": "((n + 1) // 2,)", "scalar": "()"}
     lines = ["n = p.numel()"]
+    if ir.needs_rng:
+        lines.append("rng, i = None, 0  # the initial values are rounded to nearest")
     keys = []
     for t in ir.tensors:
         if t.role == "grad":
@@ -134,7 +136,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     cols = max(TILE_COLS, kernel.group_size)
     return {
         "key": key, "sfx": sfx, "label": "with fp32 states" if key == "fp32" else "as specified",
-        "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}",
+        "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}", "rng": ir.needs_rng,
         "torch": torch_step, "triton": kernel, "buffers": _buffer_records(ir), "init_state": _init_state_lines(ir),
         "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
         "rows": TILE_ELEMENTS // cols, "cols": cols,
@@ -169,6 +171,7 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
         "codec_imports": list(dict.fromkeys(i for _, _, v_ir in layouts for t in v_ir.tensors for i in t.codec.imports)),
         "hyperparams": [_hyperparam_context(h) for h in spec.hyperparams],
         "param_dtypes": ir.param.codec.param_dtypes,
+        "needs_rng": ir.needs_rng,
     }
     return _environment().get_template("optimizer.py.j2").render(**context)
 

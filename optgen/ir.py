@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import sympy
 
 from optgen.codecs import Codec, get_codec
+from optgen.codecs.base import DTYPE_BYTES
 from optgen.expr import (REDUCTIONS, Statement, as_condition, is_condition, parse_condition, parse_update,
                          tensor_sum)
 from optgen.spec import Spec, Storage
@@ -102,6 +103,11 @@ class IR:
     reductions: list[Reduction]
 
     @property
+    def needs_rng(self) -> bool:
+        """Stochastic rounding somewhere: the op takes an ``rng`` tensor (seed, step)."""
+        return any(t.codec.needs_rng for t in self.tensors)
+
+    @property
     def passes(self) -> int:
         """Reduction passes before the final (writing) pass: 0 for a purely elementwise update."""
         return max((r.level for r in self.reductions), default=0)
@@ -114,9 +120,14 @@ class IR:
     def written(self) -> list[TensorIO]:
         return [t for t in self.tensors if t.output is not None]
 
+    def _grad_bytes(self, param_bytes: int) -> int:
+        """A native gradient has the dtype of the model's parameter (the param codec's main buffer)."""
+        main = self.param.codec.buffers()[0].dtype
+        return param_bytes if main == "param" else DTYPE_BYTES[main]
+
     def bytes_per_param(self, param_bytes: int = 4, grad_bytes: int | None = None) -> float:
         """Bytes held per parameter: parameter (+ its side buffers), gradient and states."""
-        grad_bytes = param_bytes if grad_bytes is None else grad_bytes
+        grad_bytes = self._grad_bytes(param_bytes) if grad_bytes is None else grad_bytes
         total = 0.0
         for t in self.tensors:
             total += grad_bytes if t.role == "grad" else t.codec.bytes_per_element(param_bytes)
@@ -124,7 +135,7 @@ class IR:
 
     def bytes_moved_per_element(self, param_bytes: int = 4, grad_bytes: int | None = None) -> float:
         """Bytes one step must move per element: every buffer read once, every written buffer written once."""
-        grad_bytes = param_bytes if grad_bytes is None else grad_bytes
+        grad_bytes = self._grad_bytes(param_bytes) if grad_bytes is None else grad_bytes
         moved = 0.0
         for t in self.tensors:
             size = grad_bytes if t.role == "grad" else t.codec.bytes_per_element(param_bytes)

@@ -708,11 +708,10 @@ def test_bytes_per_parameter(entry, capsys):
     held = (state_bytes + p.nbytes + p.grad.nbytes) / p.numel()
     claimed = cls.bytes_per_element(p.dtype, p.grad.dtype)
     assert held == claimed, f"{entry.cls}: holds {held} bytes per element, bytes_per_element says {claimed}"
-    # `optgen list` counts native parameters and gradients as fp32
-    grad_native = next(b for b in cls.buffers if b.arg == "grad").dtype == "param"
-    listed_expected = held - p.grad.element_size() + 4 if grad_native else held
+    # `optgen list` counts a native parameter as fp32, and a native gradient in the parameter's dtype
+    listed_expected = held
     if next(b for b in cls.buffers if b.arg == "param").dtype == "param":
-        listed_expected += 4 - p.element_size()
+        listed_expected += (4 - p.element_size()) + (4 - p.grad.element_size())
     listed = _listed_bytes(capsys)
     assert entry.cls in listed, f"`optgen list` has no row for {entry.cls}"
     assert float(listed[entry.cls]) == listed_expected, (

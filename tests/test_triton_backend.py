@@ -70,8 +70,9 @@ def test_kernel_matches_fallback_one_step(cls, count):
         scalars = torch.tensor(cls.host_scalars(hp, t), dtype=torch.float32, device=DEVICE)
         ref = _random_state(cls, shapes, seed=t)
         out = [[x.clone() for x in lst] for lst in ref]
-        cls.fallback(*ref, scalars)
-        cls.triton_step(*out, scalars)
+        rng = (torch.tensor([1234, t], dtype=torch.int64, device=DEVICE),) if cls.variants[""].needs_rng else ()
+        cls.fallback(*ref, scalars, *rng)
+        cls.triton_step(*out, scalars, *rng)
         reduces = bool(__import__(cls.__module__, fromlist=["_launcher"])._launcher.slots)
         for b, lr, lo in zip(cls.buffers, ref, out):
             for x, y in zip(lr, lo):
@@ -84,15 +85,17 @@ def test_kernel_matches_fallback_one_step(cls, count):
                     assert _ulps(x, y) <= 1, f"{cls.__name__} buffer {b.arg} t={t}"
 
 
-@pytest.mark.parametrize("cls", [optim.AdamW, optim.Lion], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [optim.AdamW, optim.Lion, optim.FlashAdamW, optim.StochasticAdamW],
+                         ids=lambda c: c.__name__)
 def test_kernel_matches_fallback_bf16_params(cls):
     shapes = [(300,), (33, 65)]
     hp = {**{r.name: r.default for r in cls.hyperparam_rules}, **_kwargs(cls)}
     scalars = torch.tensor(cls.host_scalars(hp, 3), dtype=torch.float32, device=DEVICE)
     ref = _random_state(cls, shapes, param_dtype=torch.bfloat16)
     out = [[x.clone() for x in lst] for lst in ref]
-    cls.fallback(*ref, scalars)
-    cls.triton_step(*out, scalars)
+    rng = (torch.tensor([99, 3], dtype=torch.int64, device=DEVICE),) if cls.variants[""].needs_rng else ()
+    cls.fallback(*ref, scalars, *rng)
+    cls.triton_step(*out, scalars, *rng)
     for lr, lo in zip(ref, out):
         for x, y in zip(lr, lo):
             assert _ulps(x, y) <= 1
@@ -133,7 +136,7 @@ def test_one_launch_per_dtype_combination(monkeypatch):
 def test_optimizer_triton_backend_matches_eager(cls):
     torch.manual_seed(0)
     shapes = [(7, 5), (3001,), ()]
-    base = [torch.randn(s, device=DEVICE) for s in shapes]
+    base = [torch.randn(s, device=DEVICE, dtype=getattr(torch, cls.param_dtypes[0])) for s in shapes]
     a = [torch.nn.Parameter(x.clone()) for x in base]
     b = [torch.nn.Parameter(x.clone()) for x in base]
     oa = cls(a, backend="eager", **_kwargs(cls))

@@ -89,7 +89,7 @@ class MultiTensorLauncher:
             launches.append((tables, n_blocks, constexprs, sub[0][0].device))
         return _Plan(launches, irregular)
 
-    def __call__(self, *lists: list[torch.Tensor], scalars: torch.Tensor) -> None:
+    def __call__(self, *lists: list[torch.Tensor], scalars: torch.Tensor, rng: torch.Tensor | None = None) -> None:
         # The plan depends on where every buffer lives, the parameters' shapes and the gradients' layout.
         key = (tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), tuple(map(torch.Tensor.size, lists[0])),
                tuple(map(torch.Tensor.is_contiguous, lists[1])))
@@ -101,9 +101,11 @@ class MultiTensorLauncher:
         else:
             self._plans.move_to_end(key)
         if plan.irregular:  # strided or unaligned views: the fallback handles them in place
-            self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists], scalars)
+            self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists], scalars,
+                          *(() if rng is None else (rng,)))
         for tables, n_blocks, constexprs, device in plan.launches:
-            args = [*tables, scalars, *(self.constants(device) if self.constants is not None else ())]
+            args = [*tables, scalars, *(() if rng is None else (rng,)),
+                    *(self.constants(device) if self.constants is not None else ())]
             passes = [{}]
             if self.slots:
                 n = tables[-2].numel()

@@ -103,6 +103,7 @@ class Variant:
     fallback: Callable[..., None]
     triton_step: Callable[..., None] | None = None
     triton_launcher: Callable[..., None] | None = None
+    needs_rng: bool = False  # stochastic rounding: the op takes an int64 (seed, step) tensor last
 
 
 FP32_STATE_ATTR = "optgen_fp32_state"  # set to True on a parameter to keep its optimizer state in fp32
@@ -135,13 +136,16 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return []
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: str | None = None,
-                 min_quantized_size: int = 4096) -> None:
+                 min_quantized_size: int = 4096, seed: int | None = None) -> None:
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"Invalid backend {backend!r}: expected one of {', '.join(BACKENDS)} or None")
         if isinstance(min_quantized_size, bool) or not isinstance(min_quantized_size, int) or min_quantized_size < 0:
             raise ValueError(f"Invalid min_quantized_size: {min_quantized_size!r} (a number of elements >= 0)")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+            raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**31))")
         self.backend = backend
         self.min_quantized_size = min_quantized_size
+        self.seed = int(torch.initial_seed() % 2**31) if seed is None else seed  # stochastic rounding
         self._release: Any = None  # the GradientRelease handle while gradient release is attached
         self._step_packs: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         for rule in self.hyperparam_rules:
@@ -206,8 +210,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
             def launch(*args: Any) -> None:
                 # Eager: call the launcher directly (the op's dispatch costs more than the kernel for small
                 # models), and bump the version counters as an in-place op would.
-                *lists, scalars = args
-                v.triton_launcher(*lists, scalars=scalars)
+                *lists, scalars, rng = args if v.needs_rng else (*args, None)
+                v.triton_launcher(*lists, scalars=scalars, rng=rng)
                 torch.autograd.graph.increment_version(
                     [t for b, lst in zip(v.buffers, lists) if b.written for t in lst])
             return launch
@@ -254,6 +258,12 @@ class OptgenOptimizer(torch.optim.Optimizer):
             return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values]).to(
                 device=device, dtype=torch.float32)
         return torch.tensor(values, dtype=torch.float32, device=device)
+
+    def _rng(self, t: Any, device: torch.device) -> torch.Tensor:
+        """(seed, step) as int64 on ``device``: the counter of the stochastic-rounding hash."""
+        if isinstance(t, torch.Tensor):
+            return torch.stack([torch.tensor(self.seed, dtype=torch.int64), t.cpu().to(torch.int64)]).to(device)
+        return torch.tensor([self.seed, t], dtype=torch.int64, device=device)
 
     def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> dict[tuple, list[int]]:
         """Advance each parameter's step; group indices of parameters sharing (device, step count, variant).
@@ -305,7 +315,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     lists.append([params[i] for i in idx])
                 else:
                     lists.append([params[i].grad for i in idx])
-            self._kernel(device, variant)(*lists, self._scalars(group, t, device))
+            extra = (self._rng(t, device),) if self.variants[variant].needs_rng else ()
+            self._kernel(device, variant)(*lists, self._scalars(group, t, device), *extra)
 
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
         """Step each parameter during backward, as soon as its gradient is accumulated, and free the gradient.
@@ -357,7 +368,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["optgen"] = {"spec": self.spec_name}
+        sd["optgen"] = {"spec": self.spec_name, "seed": self.seed}
         return sd
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -406,6 +417,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         """Load exactly: torch's loader casts states to the parameter dtype, so restore the saved dtypes."""
         self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        self.seed = state_dict.get("optgen", {}).get("seed", self.seed)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for index, p in zip(saved_ids, params):
