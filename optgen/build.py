@@ -153,7 +153,7 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
         host_scalars.append({"name": s.symbol.name, "code": f"hm.flag({code})" if s.is_condition else code})
     checks = [{"code": host.doprint(c.condition), "message": c.message} for c in ir.checks]
     layouts = [("", "", ir)]
-    if any(t.role == "state" and t.codec.name != "fp32" for t in ir.tensors):
+    if any(t.role == "state" and t.codec.quantized for t in ir.tensors):
         layouts.append(("fp32", "_fp32", lower(spec, fp32_states=True)))
     variants = [_variant_context(key, sfx, v_ir, spec.name, op_name or f"{spec.name}_step") for key, sfx, v_ir in layouts]
     context = {

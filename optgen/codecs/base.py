@@ -53,6 +53,11 @@ class Codec:
     def buffers(self) -> list[Buffer]:
         raise NotImplementedError
 
+    @property
+    def quantized(self) -> bool:
+        """Integer or fp8 codes: small tensors then keep fp32 states instead (see the "fp32" layout)."""
+        return any(b.dtype not in ("param", "float32", "bfloat16", "float16") for b in self.buffers())
+
     def bytes_per_element(self, param_bytes: int = 4) -> float:
         """Bytes this format holds per element (``param_bytes`` sizes buffers of dtype "param")."""
         total = 0.0

@@ -121,8 +121,6 @@ def torch_decode(codes: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Te
 # Triton
 # ----------------------------------------------------------------------------------------------------------
 if triton is not None:
-    _NAN = tl.constexpr(float("nan"))
-    _INF = tl.constexpr(float("inf"))
 
     @triton.jit
     def encode_bits(x, MANT: tl.constexpr, BIAS: tl.constexpr, SPECIAL: tl.constexpr, OVER: tl.constexpr):
@@ -155,9 +153,9 @@ if triton is not None:
         p2 = ((tl.maximum(e, 1) - BIAS - MANT + 127) << 23).to(tl.float32, bitcast=True)
         mag = frac * p2
         if MANT == 3:
-            mag = tl.where((b & 0x7F) == 0x7F, _NAN, mag)
+            mag = tl.where((b & 0x7F) == 0x7F, float("nan"), mag)
         else:
-            mag = tl.where(e == (1 << EBITS) - 1, tl.where(m == 0, _INF, _NAN), mag)
+            mag = tl.where(e == (1 << EBITS) - 1, tl.where(m == 0, float("inf"), float("nan")), mag)
         # the sign as a bit: Triton 3.6 computes -x as 0 - x, which loses the sign of -0.0
         return (mag.to(tl.int32, bitcast=True) | ((b >> 7) * -2147483648)).to(tl.float32, bitcast=True)
 

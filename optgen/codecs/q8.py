@@ -133,7 +133,6 @@ if triton is not None:
     _R127 = tl.constexpr(R127)
     _R255 = tl.constexpr(R255)
     _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
-    _NAN = tl.constexpr(float("nan"))
 
     @triton.jit
     def group_view(x, G: tl.constexpr):
@@ -151,7 +150,7 @@ if triton is not None:
         xg = group_view(x, G)
         a = tl.maximum(tl.max(tl.abs(xg), axis=1), _SCALE_FLOOR)
         has_nan = tl.max((xg != xg).to(tl.int32), axis=1) > 0  # noqa: PLR0124 (NaN test)
-        return tl.where(has_nan, _NAN, a)
+        return tl.where(has_nan, float("nan"), a)
 
     @triton.jit
     def store_group_values(ptr, s, offs, mask, G: tl.constexpr):

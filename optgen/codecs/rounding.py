@@ -71,17 +71,18 @@ if triton is not None:
         x = _mul32(x, 0x846CA68B)
         return x ^ (x >> 16)
 
+    # (the KEY_* constants are written out: a @jit function may only read constexpr globals)
     @triton.jit
     def tl_key(rng_ptr, tensor_index, salt: tl.constexpr):
         """Same as torch_key: rng_ptr points at the int64 pair (seed, step)."""
         seed = tl.load(rng_ptr).to(tl.uint32)
         step = tl.load(rng_ptr + 1).to(tl.uint32)
-        inner = _mul32(step, KEY_STEP) + _mul32(tensor_index.to(tl.uint32), KEY_TENSOR) + salt
+        inner = _mul32(step, 0x85EBCA77) + _mul32(tensor_index.to(tl.uint32), 0xC2B2AE3D) + salt
         return tl_mix32(seed ^ tl_mix32(inner.to(tl.uint32)))
 
     @triton.jit
     def tl_random16(key, offs):
-        return tl_mix32(_mul32(offs.to(tl.uint32), KEY_INDEX) ^ key) & 0xFFFF
+        return tl_mix32(_mul32(offs.to(tl.uint32), 0x9E3779B1) ^ key) & 0xFFFF
 
     @triton.jit
     def tl_round_bf16(x, noise, STOCHASTIC: tl.constexpr):
