@@ -149,7 +149,7 @@ if triton is not None:
         dynamic.triton_encode_q4(v_1, state_v, state_v_scale, offs, mask, False)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256)
+    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=32, cols=128)
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
     def adamw4bit_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:

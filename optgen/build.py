@@ -21,7 +21,7 @@ from optgen.spec import HyperParam, Spec, load_spec
 
 
 TILE_ELEMENTS = 4096  # elements per Triton program (a tile of rows x cols; measured best on an H100)
-TILE_COLS = 256  # row length: a multiple of every codec group size (32, 128, 256)
+TILE_COLS = 256  # row length of elementwise specs (grouped formats use their group size)
 
 
 def _docstring(text: str) -> str:
@@ -133,7 +133,8 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     """What the template needs for one storage layout (its init, fallback, op and kernel)."""
     torch_step = render_torch_step(ir)
     kernel = render_triton_kernel(ir)
-    cols = max(TILE_COLS, kernel.group_size)
+    # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
+    cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
     return {
         "key": key, "sfx": sfx, "label": "with fp32 states" if key == "fp32" else "as specified",
         "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}", "rng": ir.needs_rng,
