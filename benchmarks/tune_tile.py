@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.step_bench import copy_bandwidth, gpt2_shapes, large_shapes, make_params
 
-CONFIGS = [(8, 256, 4), (8, 256, 8), (16, 256, 8), (16, 256, 16), (32, 256, 16), (4, 256, 4), (8, 512, 8)]
+ELEMENTS_WARPS = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]  # tile sizes x num_warps
 
 
 def median_ms(fn, iters: int = 30, warmup: int = 5) -> float:
@@ -36,20 +36,23 @@ def median_ms(fn, iters: int = 30, warmup: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--spec", default="adamw")
+    parser.add_argument("--sets", default="large,gpt2")
     args = parser.parse_args()
     device = torch.device("cuda")
     module = importlib.import_module(f"optgen.generated.{args.spec}")
     cls = next(v for v in vars(module).values() if isinstance(v, type) and getattr(v, "spec_name", None) == args.spec)
     copy_gbps = copy_bandwidth(device, 2**31, 10)
     print(f"copy bandwidth {copy_gbps:.0f} GB/s")
-    for set_name, shapes in (("large", large_shapes()), ("gpt2", gpt2_shapes())):
-        params = make_params(shapes, torch.float32, device)
+    dtype = getattr(torch, cls.param_dtypes[0])
+    sets = {"large": large_shapes, "gpt2": gpt2_shapes}
+    for set_name in args.sets.split(","):
+        params = make_params(sets[set_name](), dtype, device)
         for p in params:
             p.grad = torch.randn_like(p)
-        opt = cls(params, lr=1e-3, backend="triton")
+        opt = cls(params, lr=1e-3, backend="triton", min_quantized_size=0)
         opt.step()
         numel = sum(p.numel() for p in params)
-        moved = cls.bytes_per_element(torch.float32, moved=True) * numel
+        moved = cls.bytes_per_element(dtype, moved=True) * numel
         group = opt.param_groups[0]
         lists = [params if b.key is None and b.arg == "param" else [p.grad for p in params] if b.key is None
                  else [opt.state[p][b.key] for p in params] for b in cls.buffers]
@@ -57,12 +60,15 @@ def main() -> None:
         launcher = module._launcher
         print(f"\n{set_name}: {numel / 1e6:.1f}M params, floor {moved / copy_gbps / 1e6:.3f} ms")
         print("| rows | cols | warps | kernel ms | frac copy BW |\n|---|---|---|---|---|")
-        for rows, cols, warps in CONFIGS:
-            launcher.rows, launcher.cols, launcher.num_warps = rows, cols, warps
+        default = (launcher.rows, launcher.cols, launcher.num_warps)
+        cols = launcher.cols  # fixed by the storage format's group size
+        for elements, warps in ELEMENTS_WARPS:
+            rows = elements // cols
+            launcher.rows, launcher.num_warps = rows, warps
             launcher._plans.clear()
             ms = median_ms(lambda: launcher(*lists, scalars=scalars))
             print(f"| {rows} | {cols} | {warps} | {ms:.3f} | {moved / (ms * 1e6) / copy_gbps:.2f} |")
-        launcher.rows, launcher.cols, launcher.num_warps = 8, 256, 8
+        launcher.rows, launcher.cols, launcher.num_warps = default
         launcher._plans.clear()
         print(f"opt.step() total: {median_ms(opt.step):.3f} ms")
         del opt, params, lists
