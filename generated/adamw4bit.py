@@ -149,7 +149,7 @@ if triton is not None:
         dynamic.triton_encode_q4(v_1, state_v, state_v_scale, offs, mask, False)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=32, cols=128)
+    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=128, num_warps=8)
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
     def adamw4bit_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -265,7 +265,7 @@ if triton is not None:
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher_fp32 = MultiTensorLauncher(adamw4bit_step_fp32_kernel, adamw4bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256)
+    _launcher_fp32 = MultiTensorLauncher(adamw4bit_step_fp32_kernel, adamw4bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8)
 
     @torch.library.custom_op("optgen::adamw4bit_step_fp32_triton", mutates_args=('param', 'state_m', 'state_v'))
     def adamw4bit_step_fp32_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:

@@ -154,7 +154,7 @@ if triton is not None:
         dynamic.triton_encode_q8(v_1, state_v, state_v_absmax, qmap_unsigned, offs, mask, False)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256,
+    _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4,
                                    constants=lambda device: (dynamic.qmap_table(True, device), dynamic.qmap_table(False, device), ))
 
     @torch.library.custom_op("optgen::adamw8bit_step_triton", mutates_args=('param', 'state_m', 'state_m_absmax', 'state_v', 'state_v_absmax'))
@@ -273,7 +273,7 @@ if triton is not None:
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher_fp32 = MultiTensorLauncher(adamw8bit_step_fp32_kernel, adamw8bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256)
+    _launcher_fp32 = MultiTensorLauncher(adamw8bit_step_fp32_kernel, adamw8bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8)
 
     @torch.library.custom_op("optgen::adamw8bit_step_fp32_triton", mutates_args=('param', 'state_m', 'state_v'))
     def adamw8bit_step_fp32_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:

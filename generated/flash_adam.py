@@ -152,7 +152,7 @@ if triton is not None:
         q8.triton_encode_sqrt(v_1, state_v, state_v_scale, offs, mask, 32)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher = MultiTensorLauncher(flash_adam_step_kernel, flash_adam_step_torch, {'GRAD_DTYPE': 2}, rows=128, cols=32)
+    _launcher = MultiTensorLauncher(flash_adam_step_kernel, flash_adam_step_torch, {'GRAD_DTYPE': 2}, rows=64, cols=32, num_warps=8)
 
     @torch.library.custom_op("optgen::flash_adam_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
     def flash_adam_step_triton(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -271,7 +271,7 @@ if triton is not None:
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_adam_step_fp32_kernel, flash_adam_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=16, cols=256)
+    _launcher_fp32 = MultiTensorLauncher(flash_adam_step_fp32_kernel, flash_adam_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=16, cols=256, num_warps=8)
 
     @torch.library.custom_op("optgen::flash_adam_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_v'))
     def flash_adam_step_fp32_triton(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:

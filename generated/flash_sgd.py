@@ -140,7 +140,7 @@ if triton is not None:
         q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, 32)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=128, cols=32)
+    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=64, cols=32, num_warps=8)
 
     @torch.library.custom_op("optgen::flash_sgd_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale'))
     def flash_sgd_step_triton(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -243,7 +243,7 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=16, cols=256)
+    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=16, cols=256, num_warps=8)
 
     @torch.library.custom_op("optgen::flash_sgd_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m'))
     def flash_sgd_step_fp32_triton(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:

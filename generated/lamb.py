@@ -184,7 +184,7 @@ if triton is not None:
             optgen_tl.store_rne(state_v + offs, v_1, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256,
+    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
                                    slots=['sum', 'sum'], passes=2)
 
     @torch.library.custom_op("optgen::lamb_step_triton", mutates_args=('param', 'state_m', 'state_v'))

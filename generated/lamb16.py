@@ -200,15 +200,17 @@ if triton is not None:
             p_1 = a*c3*trust + p
             v_2 = optgen_tl.minimum(tl.full((), 10, tl.float32), v_1)
             tl.store(red + tensor * NRED + 4, m_scale_1)
+            tl.debug_barrier()  # the whole program sees the staged value before encoding
             fp8.triton_encode_e4m3fn(m_1, state_m, (red + tensor * NRED + 4), offs, mask, 15.0)
             tl.store(red + tensor * NRED + 5, v_scale_1)
+            tl.debug_barrier()  # the whole program sees the staged value before encoding
             fp8.triton_encode_e5m2(v_2, state_v, (red + tensor * NRED + 5), offs, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
         elif start == 0:  # epilogue: the new per-tensor scales, once the update pass is done
             tl.store(state_m_scale, tl.load(red + tensor * NRED + 4))
             tl.store(state_v_scale, tl.load(red + tensor * NRED + 5))
 
-    _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256,
+    _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
                                    slots=['sum', 'sum', 'sum', 'sum', 'stage', 'stage'], passes=3)
 
     @torch.library.custom_op("optgen::lamb16_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
@@ -355,7 +357,7 @@ if triton is not None:
             optgen_tl.store_rne(state_v + offs, v_2, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256,
+    _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
                                    slots=['sum', 'sum'], passes=2)
 
     @torch.library.custom_op("optgen::lamb16_step_fp32_triton", mutates_args=('param', 'state_m', 'state_v'))

@@ -125,7 +125,7 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher = MultiTensorLauncher(lion_step_kernel, lion_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256)
+    _launcher = MultiTensorLauncher(lion_step_kernel, lion_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8)
 
     @torch.library.custom_op("optgen::lion_step_triton", mutates_args=('param', 'state_m'))
     def lion_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:

@@ -147,7 +147,7 @@ if triton is not None:
         bf16_sr.triton_encode(v_1, state_v, rng, tensor, offs, mask, 1510584176)
         bf16_sr.triton_encode(p_2, param, rng, tensor, offs, mask, 620395657)
 
-    _launcher = MultiTensorLauncher(sbf16_adamw_step_kernel, sbf16_adamw_step_torch, {'GRAD_DTYPE': 1}, rows=16, cols=256)
+    _launcher = MultiTensorLauncher(sbf16_adamw_step_kernel, sbf16_adamw_step_torch, {'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8)
 
     @torch.library.custom_op("optgen::sbf16_adamw_step_triton", mutates_args=('param', 'state_m', 'state_v'))
     def sbf16_adamw_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor, rng: torch.Tensor) -> None:

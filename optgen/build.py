@@ -22,6 +22,7 @@ from optgen.spec import HyperParam, Spec, load_spec
 
 TILE_ELEMENTS = 4096  # elements per Triton program (a tile of rows x cols; measured best on an H100)
 TILE_COLS = 256  # row length of elementwise specs (grouped formats use their group size)
+GROUPED_TILE = {False: (2048, 8), True: (1024, 4)}  # (elements, warps) for groups < 256 and >= 256
 
 
 def _docstring(text: str) -> str:
@@ -133,14 +134,17 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     """What the template needs for one storage layout (its init, fallback, op and kernel)."""
     torch_step = render_torch_step(ir)
     kernel = render_triton_kernel(ir)
-    # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
+    # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape), and
+    # smaller tiles (their kernels hold more live values per element; measured on an H100, see
+    # benchmarks/RESULTS.md).
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
+    elements, warps = (TILE_ELEMENTS, 8) if kernel.group_size == 1 else GROUPED_TILE[kernel.group_size >= 256]
     return {
         "key": key, "sfx": sfx, "label": "with fp32 states" if key == "fp32" else "as specified",
         "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}", "rng": ir.needs_rng,
         "torch": torch_step, "triton": kernel, "buffers": _buffer_records(ir), "init_state": _init_state_lines(ir),
         "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
-        "rows": TILE_ELEMENTS // cols, "cols": cols,
+        "rows": elements // cols, "cols": cols, "warps": warps,
     }
 
 

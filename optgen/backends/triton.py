@@ -153,6 +153,7 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
                 slot = f"red + tensor * NRED + {len(slots)}"
                 slots.append("stage")
                 stores.append(f"tl.store({slot}, {out.name})")
+                stores.append("tl.debug_barrier()  # the whole program sees the staged value before encoding")
                 epilogue.append(f"tl.store({t.arg_names[k]}, tl.load({slot}))")
                 ptrs[k] = f"({slot})"
         stores += t.codec.triton_encode(t.output.name, ptrs, "offs", "mask")
