@@ -261,7 +261,8 @@ def optgen_entries(skipped: list[str]) -> list[Entry]:
         dtypes = [as_dtype(d) for d in cls.param_dtypes]
         # fp32 where the spec allows it, and bf16 as well for native-dtype specs (beside torch fused bf16)
         for dtype in dtypes if name in OPTGEN_BF16_TOO else dtypes[:1]:
-            label = "optgen triton" + ("" if dtype == torch.float32 else " bf16")
+            short = {torch.float32: "", torch.bfloat16: " bf16", torch.float16: " fp16"}[dtype]
+            label = "optgen triton" + short
             entries.append(Entry(name, label, lambda ps, cls=cls: cls(ps, lr=1e-3, backend="triton"), dtype,
                                  float(cls.bytes_per_element(dtype, dtype, moved=True))))
     return entries
