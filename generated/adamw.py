@@ -166,6 +166,7 @@ MAIN_VARIANT = Variant(
     fallback=adamw_step_torch,
     triton_step=adamw_step_triton if triton is not None else None,
     triton_launcher=_launcher if triton is not None else None,
+    param_dtypes=('float32', 'bfloat16', 'float16'),
 )
 
 

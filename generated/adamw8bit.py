@@ -181,6 +181,7 @@ MAIN_VARIANT = Variant(
     fallback=adamw8bit_step_torch,
     triton_step=adamw8bit_step_triton if triton is not None else None,
     triton_launcher=_launcher if triton is not None else None,
+    param_dtypes=('float32', 'bfloat16', 'float16'),
 )
 
 
@@ -285,7 +286,7 @@ if triton is not None:
         return None
 
 
-_FP32VARIANT = Variant(
+FP32_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
@@ -297,6 +298,7 @@ _FP32VARIANT = Variant(
     fallback=adamw8bit_step_fp32_torch,
     triton_step=adamw8bit_step_fp32_triton if triton is not None else None,
     triton_launcher=_launcher_fp32 if triton is not None else None,
+    param_dtypes=('float32', 'bfloat16', 'float16'),
 )
 
 
@@ -322,7 +324,7 @@ class AdamW8bit(OptgenOptimizer):
         HyperParamRule('eps', 'float', 1e-08, low=0.0, high=math.inf, low_closed=True, high_closed=False),
         HyperParamRule('weight_decay', 'float', 0.01, low=0.0, high=math.inf, low_closed=True, high_closed=False),
     )
-    variants = {'': MAIN_VARIANT, 'fp32': _FP32VARIANT}
+    variants = {'': MAIN_VARIANT, 'fp32': FP32_VARIANT}
     buffers = MAIN_VARIANT.buffers
     op = staticmethod(MAIN_VARIANT.op)
     fallback = staticmethod(MAIN_VARIANT.fallback)

@@ -179,6 +179,7 @@ MAIN_VARIANT = Variant(
     fallback=flash_adamw_step_torch,
     triton_step=flash_adamw_step_triton if triton is not None else None,
     triton_launcher=_launcher if triton is not None else None,
+    param_dtypes=('bfloat16',),
 )
 
 
@@ -283,7 +284,7 @@ if triton is not None:
         return None
 
 
-_FP32VARIANT = Variant(
+FP32_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'bfloat16', written=True),
         Buffer('param_ecc', 'p_ecc', 'int8', written=True),
@@ -296,6 +297,122 @@ _FP32VARIANT = Variant(
     fallback=flash_adamw_step_fp32_torch,
     triton_step=flash_adamw_step_fp32_triton if triton is not None else None,
     triton_launcher=_launcher_fp32 if triton is not None else None,
+    param_dtypes=('bfloat16',),
+)
+
+
+# ---------------------------------------------------------------- layout fp32 states, parameter as it is
+def init_state_native(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fresh state buffers for parameter p (fp32 states, parameter as it is): each state at its initial value, encoded."""
+    n = p.numel()
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    v = torch.full((n,), 0.0, device=p.device)
+    state_v.copy_(v.view(state_v.shape))
+    return {'m': state_m, 'v': state_v}
+
+
+def flash_adamw_step_native_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
+    """The PyTorch fallback (fp32 states, parameter as it is): plain torch ops in fp32, any device; torch.compile fuses it."""
+    beta1, c0, beta2, c1, c2, c3, eps, c4 = scalars.unbind()
+    for i in range(len(param)):
+        p = param[i].reshape(-1).float()
+        g = grad[i].reshape(-1).float()
+        m = state_m[i].reshape(-1).float()
+        v = state_v[i].reshape(-1).float()
+        m_1 = beta1*m + c0*g
+        v_1 = beta2*v + c1*g**2
+        p_1 = c2*p
+        p_2 = c4*m_1/(eps + optgen_torch.sqrt_rn(c3*v_1)) + p_1
+        state_m[i].copy_(m_1.view(state_m[i].shape))
+        state_v[i].copy_(v_1.view(state_v[i].shape))
+        param[i].copy_(p_2.view(param[i].shape))
+
+
+@torch.library.custom_op("optgen::flash_adamw_step_native", mutates_args=('param', 'state_m', 'state_v'))
+def flash_adamw_step_native(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
+    flash_adamw_step_native_torch(param, grad, state_m, state_v, scalars)
+
+
+@flash_adamw_step_native.register_fake
+def _(param, grad, state_m, state_v, scalars) -> None:
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def flash_adamw_step_native_kernel(
+        param_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        state_v_ptrs,
+        numels,
+        blocks,
+        scalars,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
+        pid = tl.program_id(0)
+        tensor = tl.load(blocks + 2 * pid)
+        start = tl.load(blocks + 2 * pid + 1)
+        numel = tl.load(numels + tensor)
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        mask = offs < numel
+        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
+        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
+        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        beta1 = tl.load(scalars + 0)
+        c0 = tl.load(scalars + 1)
+        beta2 = tl.load(scalars + 2)
+        c1 = tl.load(scalars + 3)
+        c2 = tl.load(scalars + 4)
+        c3 = tl.load(scalars + 5)
+        eps = tl.load(scalars + 6)
+        c4 = tl.load(scalars + 7)
+        p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(state_v + offs, mask=mask, other=0.0).to(tl.float32)
+        m_1 = beta1*m + c0*g
+        v_1 = beta2*v + c1*(g*g)
+        p_1 = c2*p
+        p_2 = tl.div_rn(c4*m_1, eps + tl.sqrt_rn(c3*v_1)) + p_1
+        optgen_tl.store_rne(state_m + offs, m_1, mask)
+        optgen_tl.store_rne(state_v + offs, v_1, mask)
+        optgen_tl.store_rne(param + offs, p_2, mask)
+
+    _launcher_native = MultiTensorLauncher(flash_adamw_step_native_kernel, flash_adamw_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8)
+
+    @torch.library.custom_op("optgen::flash_adamw_step_native_triton", mutates_args=('param', 'state_m', 'state_v'))
+    def flash_adamw_step_native_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
+        """The fused Triton kernel: one launch per dtype combination (see optgen.runtime.launch)."""
+        _launcher_native(param, grad, state_m, state_v, scalars=scalars)
+
+    @flash_adamw_step_native_triton.register_fake
+    def _(param, grad, state_m, state_v, scalars) -> None:
+        return None
+
+
+NATIVE_VARIANT = Variant(
+    buffers=(
+        Buffer('param', None, 'param', written=True),
+        Buffer('grad', None, 'param'),
+        Buffer('state_m', 'm', 'float32', written=True),
+        Buffer('state_v', 'v', 'float32', written=True),
+    ),
+    init_state=init_state_native,
+    op=flash_adamw_step_native,
+    fallback=flash_adamw_step_native_torch,
+    triton_step=flash_adamw_step_native_triton if triton is not None else None,
+    triton_launcher=_launcher_native if triton is not None else None,
+    param_dtypes=('float32', 'bfloat16', 'float16'),
 )
 
 
@@ -321,7 +438,7 @@ class FlashAdamW(OptgenOptimizer):
         HyperParamRule('eps', 'float', 1e-08, low=0.0, high=math.inf, low_closed=True, high_closed=False),
         HyperParamRule('weight_decay', 'float', 0.01, low=0.0, high=math.inf, low_closed=True, high_closed=False),
     )
-    variants = {'': MAIN_VARIANT, 'fp32': _FP32VARIANT}
+    variants = {'': MAIN_VARIANT, 'fp32': FP32_VARIANT, 'native': NATIVE_VARIANT}
     buffers = MAIN_VARIANT.buffers
     op = staticmethod(MAIN_VARIANT.op)
     fallback = staticmethod(MAIN_VARIANT.fallback)

@@ -209,6 +209,7 @@ MAIN_VARIANT = Variant(
     fallback=lamb_step_torch,
     triton_step=lamb_step_triton if triton is not None else None,
     triton_launcher=_launcher if triton is not None else None,
+    param_dtypes=('float32', 'bfloat16', 'float16'),
 )
 
 

@@ -237,6 +237,7 @@ MAIN_VARIANT = Variant(
     fallback=lamb16_step_torch,
     triton_step=lamb16_step_triton if triton is not None else None,
     triton_launcher=_launcher if triton is not None else None,
+    param_dtypes=('float32', 'bfloat16', 'float16'),
 )
 
 
@@ -370,7 +371,7 @@ if triton is not None:
         return None
 
 
-_FP32VARIANT = Variant(
+FP32_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
@@ -382,6 +383,7 @@ _FP32VARIANT = Variant(
     fallback=lamb16_step_fp32_torch,
     triton_step=lamb16_step_fp32_triton if triton is not None else None,
     triton_launcher=_launcher_fp32 if triton is not None else None,
+    param_dtypes=('float32', 'bfloat16', 'float16'),
 )
 
 
@@ -409,7 +411,7 @@ class Lamb16(OptgenOptimizer):
         HyperParamRule('weight_decay', 'float', 0.0, low=0.0, high=math.inf, low_closed=True, high_closed=False),
         HyperParamRule('trust_scale', 'float', 0.382, low=0.0, high=math.inf, low_closed=True, high_closed=False),
     )
-    variants = {'': MAIN_VARIANT, 'fp32': _FP32VARIANT}
+    variants = {'': MAIN_VARIANT, 'fp32': FP32_VARIANT}
     buffers = MAIN_VARIANT.buffers
     op = staticmethod(MAIN_VARIANT.op)
     fallback = staticmethod(MAIN_VARIANT.fallback)

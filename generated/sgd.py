@@ -163,6 +163,7 @@ MAIN_VARIANT = Variant(
     fallback=sgd_step_torch,
     triton_step=sgd_step_triton if triton is not None else None,
     triton_launcher=_launcher if triton is not None else None,
+    param_dtypes=('float32', 'bfloat16', 'float16'),
 )
 
 

@@ -22,6 +22,7 @@ from optgen.spec import HyperParam, Spec, load_spec
 
 TILE_ELEMENTS = 4096  # elements per Triton program (a tile of rows x cols; measured best on an H100)
 TILE_COLS = 256  # row length of elementwise specs (grouped formats use their group size)
+LAYOUT_LABELS = {"": "as specified", "fp32": "with fp32 states", "native": "fp32 states, parameter as it is"}
 GROUPED_TILE = {False: (2048, 8), True: (1024, 4)}  # (elements, warps) for groups < 256 and >= 256
 
 
@@ -140,8 +141,9 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
     elements, warps = (TILE_ELEMENTS, 8) if kernel.group_size == 1 else GROUPED_TILE[kernel.group_size >= 256]
     return {
-        "key": key, "sfx": sfx, "label": "with fp32 states" if key == "fp32" else "as specified",
+        "key": key, "sfx": sfx, "const": f"{(key or 'main').upper()}_VARIANT", "label": LAYOUT_LABELS[key],
         "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}", "rng": ir.needs_rng,
+        "param_dtypes": ir.param.codec.param_dtypes,
         "torch": torch_step, "triton": kernel, "buffers": _buffer_records(ir), "init_state": _init_state_lines(ir),
         "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
         "rows": elements // cols, "cols": cols, "warps": warps,
@@ -160,6 +162,8 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
     layouts = [("", "", ir)]
     if any(t.role == "state" and t.codec.quantized for t in ir.tensors):
         layouts.append(("fp32", "_fp32", lower(spec, fp32_states=True)))
+    if "float32" not in ir.param.codec.param_dtypes:
+        layouts.append(("native", "_native", lower(spec, fp32_states=True, native_param=True)))
     variants = [_variant_context(key, sfx, v_ir, spec.name, op_name or f"{spec.name}_step") for key, sfx, v_ir in layouts]
     context = {
         "spec_path": spec_path,

@@ -240,10 +240,12 @@ def _prune(statements: list[Statement], outputs: set[sympy.Symbol]) -> list[Stat
     return kept[::-1]
 
 
-def lower(spec: Spec, fp32_states: bool = False) -> IR:
+def lower(spec: Spec, fp32_states: bool = False, native_param: bool = False) -> IR:
     """Spec → IR. Raises SpecError (file, line, field) for anything the dataclass check could not see.
 
-    ``fp32_states`` lowers the same update with every state stored as fp32 (the layout small tensors use).
+    ``fp32_states`` lowers the same update with every state stored as fp32 (the layout of small tensors and
+    of parameters marked to keep fp32 state); ``native_param`` also stores the parameter as it is (the
+    layout of fp32 parameters, such as norms kept in fp32, when the spec's format holds bf16 only).
     """
     defined = [(n, ("hyperparams", h.name)) for h in spec.hyperparams
                for n in dict.fromkeys((h.name, *h.names))] + [(s.name, ("state", s.name)) for s in spec.state]
@@ -252,6 +254,8 @@ def lower(spec: Spec, fp32_states: bool = False) -> IR:
             raise spec.error(f"'{name}' is reserved by the generated code; choose another name", path)
 
     param_codec = _codec(spec, spec.param, "param", ("param",))
+    if native_param:  # the parameter in its own dtype (an fp32 norm weight beside bf16+ecc8 weights)
+        param_codec = _codec(spec, Storage("native", {}, spec.param.line), "param", ("param",))
     grad_codec = _codec(spec, spec.grad, "grad", ("grad",))
     state_codecs = [_codec(spec, Storage("fp32", {}, s.storage.line) if fp32_states else s.storage, "state",
                            ("state", s.name)) for s in spec.state]

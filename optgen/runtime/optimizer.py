@@ -103,6 +103,7 @@ class Variant:
     fallback: Callable[..., None]
     triton_step: Callable[..., None] | None = None
     triton_launcher: Callable[..., None] | None = None
+    param_dtypes: tuple[str, ...] = ("float32",)  # parameter dtypes this layout stores
     needs_rng: bool = False  # stochastic rounding: the op takes an int64 (seed, step) tensor last
 
 
@@ -119,7 +120,9 @@ class OptgenOptimizer(torch.optim.Optimizer):
     spec_name: ClassVar[str]
     hyperparam_rules: ClassVar[tuple[HyperParamRule, ...]]
     param_dtypes: ClassVar[tuple[str, ...]]
-    variants: ClassVar[dict[str, Variant]]  # "" the spec's layout; "fp32" with fp32 states, if different
+    # "" the spec's layout; "fp32" with fp32 states (if the spec quantizes states); "native": fp32 states and
+    # the parameter in its own dtype (if the spec's parameter format cannot hold fp32)
+    variants: ClassVar[dict[str, Variant]]
     # The main variant's parts, for direct use (tests, benchmarks):
     buffers: ClassVar[tuple[Buffer, ...]]
     op: ClassVar[Callable[..., None]]  # the torch.library op, PyTorch fallback inside
@@ -167,10 +170,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if not p.is_leaf:
                 raise ValueError(f"{type(self).__name__} can't optimize a non-leaf Tensor")
             name = _dtype_name(p.dtype)
-            if name not in self.param_dtypes:
+            accepted = sorted({d for v in self.variants.values() for d in v.param_dtypes})
+            if name not in accepted:
                 raise ValueError(f"{type(self).__name__} ({self.spec_name}) stores parameters as "
-                                 f"{' or '.join(self.param_dtypes)}; got a {name} parameter of shape "
-                                 f"{tuple(p.shape)}")
+                                 f"{' or '.join(accepted)}; got a {name} parameter of shape {tuple(p.shape)}")
             if id(p) in seen:
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} is listed twice in one param group")
             seen.add(id(p))
@@ -191,7 +194,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def variant_of(self, p: torch.Tensor) -> str:
-        """Which storage layout parameter ``p`` uses: fp32 states for small or marked parameters."""
+        """Which storage layout parameter ``p`` uses: fp32 states for small or marked parameters, and for
+        parameters the spec's parameter format cannot hold (an fp32 norm weight beside bf16+ecc8 weights)."""
+        if _dtype_name(p.dtype) not in self.variants[""].param_dtypes and "native" in self.variants:
+            return "native"
         if "fp32" in self.variants and (p.numel() < self.min_quantized_size or getattr(p, FP32_STATE_ATTR, False)):
             return "fp32"
         return ""
