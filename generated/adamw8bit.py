@@ -72,6 +72,39 @@ def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     return {'m': state_m, 'm_absmax': state_m_absmax, 'v': state_v, 'v_absmax': state_v_absmax}
 
 
+def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = p.reshape(-1).float()
+    out['master'] = value.reshape(p.shape)
+    value = dynamic.torch_decode_q8(state['m'], state['m_absmax'], True)
+    out['exp_avg'] = value.reshape(p.shape)
+    value = dynamic.torch_decode_q8(state['v'], state['v_absmax'], False)
+    out['exp_avg_sq'] = value.reshape(p.shape)
+    return out
+
+
+def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    state_m = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
+    state_m_absmax = torch.empty(((n + 255) // 256,), dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    dynamic.torch_encode_q8(m, state_m, state_m_absmax, True)
+    state_v = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
+    state_v_absmax = torch.empty(((n + 255) // 256,), dtype=torch.float32, device=p.device)
+    v = torch.full((n,), 0.0, device=p.device)
+    dynamic.torch_encode_q8(v, state_v, state_v_absmax, False)
+    if 'exp_avg' in values:
+        m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        dynamic.torch_encode_q8(m, state_m, state_m_absmax, True)
+    if 'exp_avg_sq' in values:
+        v = values['exp_avg_sq'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        dynamic.torch_encode_q8(v, state_v, state_v_absmax, False)
+    return {'m': state_m, 'm_absmax': state_m_absmax, 'v': state_v, 'v_absmax': state_v_absmax}
+
+
 def adamw8bit_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_absmax: list[torch.Tensor], state_v: list[torch.Tensor], state_v_absmax: list[torch.Tensor], scalars: torch.Tensor) -> None:
     """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, eps, c3, c4 = scalars.unbind()
@@ -177,6 +210,8 @@ MAIN_VARIANT = Variant(
         Buffer('state_v_absmax', 'v_absmax', 'float32', written=True, shape='groups', group=256),
     ),
     init_state=init_state,
+    export_state=export_state,
+    import_state=import_state,
     op=adamw8bit_step,
     fallback=adamw8bit_step_torch,
     triton_step=adamw8bit_step_triton if triton is not None else None,
@@ -195,6 +230,37 @@ def init_state_fp32(p: torch.Tensor) -> dict[str, torch.Tensor]:
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     v = torch.full((n,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
+    return {'m': state_m, 'v': state_v}
+
+
+def export_state_fp32(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = p.reshape(-1).float()
+    out['master'] = value.reshape(p.shape)
+    value = state['m'].reshape(-1).float()
+    out['exp_avg'] = value.reshape(p.shape)
+    value = state['v'].reshape(-1).float()
+    out['exp_avg_sq'] = value.reshape(p.shape)
+    return out
+
+
+def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    v = torch.full((n,), 0.0, device=p.device)
+    state_v.copy_(v.view(state_v.shape))
+    if 'exp_avg' in values:
+        m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_m.copy_(m.view(state_m.shape))
+    if 'exp_avg_sq' in values:
+        v = values['exp_avg_sq'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_v.copy_(v.view(state_v.shape))
     return {'m': state_m, 'v': state_v}
 
 
@@ -294,6 +360,8 @@ FP32_VARIANT = Variant(
         Buffer('state_v', 'v', 'float32', written=True),
     ),
     init_state=init_state_fp32,
+    export_state=export_state_fp32,
+    import_state=import_state_fp32,
     op=adamw8bit_step_fp32,
     fallback=adamw8bit_step_fp32_torch,
     triton_step=adamw8bit_step_fp32_triton if triton is not None else None,

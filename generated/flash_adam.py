@@ -73,6 +73,40 @@ def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     return {'p_ecc': param_ecc, 'm': state_m, 'm_scale': state_m_scale, 'v': state_v, 'v_scale': state_v_scale}
 
 
+def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = ecc.torch_decode(p, state['p_ecc'], 'bf16', 127)
+    out['master'] = value.reshape(p.shape)
+    value = q8.torch_decode(state['m'], state['m_scale'], 32, 'softsign')
+    out['exp_avg'] = value.reshape(p.shape)
+    value = q8.torch_decode(state['v'], state['v_scale'], 32, 'sqrt')
+    out['exp_avg_sq'] = value.reshape(p.shape)
+    return out
+
+
+def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    state_m = torch.empty(p.shape, dtype=torch.int8, device=p.device)
+    state_m_scale = torch.empty(((n + 31) // 32,), dtype=torch.float16, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    q8.torch_encode(m, state_m, state_m_scale, 32, 'softsign')
+    state_v = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
+    state_v_scale = torch.empty(((n + 31) // 32,), dtype=torch.float16, device=p.device)
+    v = torch.full((n,), 0.0, device=p.device)
+    q8.torch_encode(v, state_v, state_v_scale, 32, 'sqrt')
+    if 'exp_avg' in values:
+        m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        q8.torch_encode(m, state_m, state_m_scale, 32, 'softsign')
+    if 'exp_avg_sq' in values:
+        v = values['exp_avg_sq'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        q8.torch_encode(v, state_v, state_v_scale, 32, 'sqrt')
+    return {'p_ecc': param_ecc, 'm': state_m, 'm_scale': state_m_scale, 'v': state_v, 'v_scale': state_v_scale}
+
+
 def flash_adam_step_torch(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
     """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     weight_decay, beta1, c0, beta2, c1, c2, eps, c3 = scalars.unbind()
@@ -175,6 +209,8 @@ MAIN_VARIANT = Variant(
         Buffer('state_v_scale', 'v_scale', 'float16', written=True, shape='groups', group=32),
     ),
     init_state=init_state,
+    export_state=export_state,
+    import_state=import_state,
     op=flash_adam_step,
     fallback=flash_adam_step_torch,
     triton_step=flash_adam_step_triton if triton is not None else None,
@@ -194,6 +230,38 @@ def init_state_fp32(p: torch.Tensor) -> dict[str, torch.Tensor]:
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     v = torch.full((n,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
+    return {'p_ecc': param_ecc, 'm': state_m, 'v': state_v}
+
+
+def export_state_fp32(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = ecc.torch_decode(p, state['p_ecc'], 'bf16', 127)
+    out['master'] = value.reshape(p.shape)
+    value = state['m'].reshape(-1).float()
+    out['exp_avg'] = value.reshape(p.shape)
+    value = state['v'].reshape(-1).float()
+    out['exp_avg_sq'] = value.reshape(p.shape)
+    return out
+
+
+def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    v = torch.full((n,), 0.0, device=p.device)
+    state_v.copy_(v.view(state_v.shape))
+    if 'exp_avg' in values:
+        m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_m.copy_(m.view(state_m.shape))
+    if 'exp_avg_sq' in values:
+        v = values['exp_avg_sq'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_v.copy_(v.view(state_v.shape))
     return {'p_ecc': param_ecc, 'm': state_m, 'v': state_v}
 
 
@@ -293,6 +361,8 @@ FP32_VARIANT = Variant(
         Buffer('state_v', 'v', 'float32', written=True),
     ),
     init_state=init_state_fp32,
+    export_state=export_state_fp32,
+    import_state=import_state_fp32,
     op=flash_adam_step_fp32,
     fallback=flash_adam_step_fp32_torch,
     triton_step=flash_adam_step_fp32_triton if triton is not None else None,
@@ -311,6 +381,37 @@ def init_state_native(p: torch.Tensor) -> dict[str, torch.Tensor]:
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     v = torch.full((n,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
+    return {'m': state_m, 'v': state_v}
+
+
+def export_state_native(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = p.reshape(-1).float()
+    out['master'] = value.reshape(p.shape)
+    value = state['m'].reshape(-1).float()
+    out['exp_avg'] = value.reshape(p.shape)
+    value = state['v'].reshape(-1).float()
+    out['exp_avg_sq'] = value.reshape(p.shape)
+    return out
+
+
+def import_state_native(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    v = torch.full((n,), 0.0, device=p.device)
+    state_v.copy_(v.view(state_v.shape))
+    if 'exp_avg' in values:
+        m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_m.copy_(m.view(state_m.shape))
+    if 'exp_avg_sq' in values:
+        v = values['exp_avg_sq'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_v.copy_(v.view(state_v.shape))
     return {'m': state_m, 'v': state_v}
 
 
@@ -408,6 +509,8 @@ NATIVE_VARIANT = Variant(
         Buffer('state_v', 'v', 'float32', written=True),
     ),
     init_state=init_state_native,
+    export_state=export_state_native,
+    import_state=import_state_native,
     op=flash_adam_step_native,
     fallback=flash_adam_step_native_torch,
     triton_step=flash_adam_step_native_triton if triton is not None else None,

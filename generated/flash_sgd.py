@@ -74,6 +74,31 @@ def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     return {'p_ecc': param_ecc, 'm': state_m, 'm_scale': state_m_scale}
 
 
+def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = ecc.torch_decode(p, state['p_ecc'], 'bf16', 127)
+    out['master'] = value.reshape(p.shape)
+    value = q8.torch_decode(state['m'], state['m_scale'], 32, 'softsign')
+    out['momentum_buffer'] = value.reshape(p.shape)
+    return out
+
+
+def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    state_m = torch.empty(p.shape, dtype=torch.int8, device=p.device)
+    state_m_scale = torch.empty(((n + 31) // 32,), dtype=torch.float16, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    q8.torch_encode(m, state_m, state_m_scale, 32, 'softsign')
+    if 'momentum_buffer' in values:
+        m = values['momentum_buffer'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        q8.torch_encode(m, state_m, state_m_scale, 32, 'softsign')
+    return {'p_ecc': param_ecc, 'm': state_m, 'm_scale': state_m_scale}
+
+
 def flash_sgd_step_torch(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
     """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     weight_decay, c0, momentum, c1, c2 = scalars.unbind()
@@ -161,6 +186,8 @@ MAIN_VARIANT = Variant(
         Buffer('state_m_scale', 'm_scale', 'float16', written=True, shape='groups', group=32),
     ),
     init_state=init_state,
+    export_state=export_state,
+    import_state=import_state,
     op=flash_sgd_step,
     fallback=flash_sgd_step_torch,
     triton_step=flash_sgd_step_triton if triton is not None else None,
@@ -177,6 +204,30 @@ def init_state_fp32(p: torch.Tensor) -> dict[str, torch.Tensor]:
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     m = torch.full((n,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
+    return {'p_ecc': param_ecc, 'm': state_m}
+
+
+def export_state_fp32(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = ecc.torch_decode(p, state['p_ecc'], 'bf16', 127)
+    out['master'] = value.reshape(p.shape)
+    value = state['m'].reshape(-1).float()
+    out['momentum_buffer'] = value.reshape(p.shape)
+    return out
+
+
+def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    if 'momentum_buffer' in values:
+        m = values['momentum_buffer'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_m.copy_(m.view(state_m.shape))
     return {'p_ecc': param_ecc, 'm': state_m}
 
 
@@ -264,6 +315,8 @@ FP32_VARIANT = Variant(
         Buffer('state_m', 'm', 'float32', written=True),
     ),
     init_state=init_state_fp32,
+    export_state=export_state_fp32,
+    import_state=import_state_fp32,
     op=flash_sgd_step_fp32,
     fallback=flash_sgd_step_fp32_torch,
     triton_step=flash_sgd_step_fp32_triton if triton is not None else None,
@@ -279,6 +332,29 @@ def init_state_native(p: torch.Tensor) -> dict[str, torch.Tensor]:
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     m = torch.full((n,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
+    return {'m': state_m}
+
+
+def export_state_native(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = p.reshape(-1).float()
+    out['master'] = value.reshape(p.shape)
+    value = state['m'].reshape(-1).float()
+    out['momentum_buffer'] = value.reshape(p.shape)
+    return out
+
+
+def import_state_native(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    if 'momentum_buffer' in values:
+        m = values['momentum_buffer'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_m.copy_(m.view(state_m.shape))
     return {'m': state_m}
 
 
@@ -364,6 +440,8 @@ NATIVE_VARIANT = Variant(
         Buffer('state_m', 'm', 'float32', written=True),
     ),
     init_state=init_state_native,
+    export_state=export_state_native,
+    import_state=import_state_native,
     op=flash_sgd_step_native,
     fallback=flash_sgd_step_native_torch,
     triton_step=flash_sgd_step_native_triton if triton is not None else None,

@@ -76,6 +76,37 @@ def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     return {'m': state_m, 'v': state_v}
 
 
+def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = p.reshape(-1).float()
+    out['master'] = value.reshape(p.shape)
+    value = state['m'].reshape(-1).float()
+    out['exp_avg'] = value.reshape(p.shape)
+    value = state['v'].reshape(-1).float()
+    out['exp_avg_sq'] = value.reshape(p.shape)
+    return out
+
+
+def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    v = torch.full((n,), 0.0, device=p.device)
+    state_v.copy_(v.view(state_v.shape))
+    if 'exp_avg' in values:
+        m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_m.copy_(m.view(state_m.shape))
+    if 'exp_avg_sq' in values:
+        v = values['exp_avg_sq'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_v.copy_(v.view(state_v.shape))
+    return {'m': state_m, 'v': state_v}
+
+
 def lamb_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
     """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, c3, c4, eps, weight_decay, c5 = scalars.unbind()
@@ -205,6 +236,8 @@ MAIN_VARIANT = Variant(
         Buffer('state_v', 'v', 'float32', written=True),
     ),
     init_state=init_state,
+    export_state=export_state,
+    import_state=import_state,
     op=lamb_step,
     fallback=lamb_step_torch,
     triton_step=lamb_step_triton if triton is not None else None,

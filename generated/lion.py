@@ -61,6 +61,29 @@ def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     return {'m': state_m}
 
 
+def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
+    """fp32 states under torch.optim's names, and the fp32 master weight ("master"), decoded."""
+    param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop
+    out = {}
+    value = p.reshape(-1).float()
+    out['master'] = value.reshape(p.shape)
+    value = state['m'].reshape(-1).float()
+    out['exp_avg'] = value.reshape(p.shape)
+    return out
+
+
+def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
+    """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
+    n = p.numel()
+    state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    m = torch.full((n,), 0.0, device=p.device)
+    state_m.copy_(m.view(state_m.shape))
+    if 'exp_avg' in values:
+        m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
+        state_m.copy_(m.view(state_m.shape))
+    return {'m': state_m}
+
+
 def lion_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
     """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, weight_decay, c1, beta2, c2 = scalars.unbind()
@@ -144,6 +167,8 @@ MAIN_VARIANT = Variant(
         Buffer('state_m', 'm', 'float32', written=True),
     ),
     init_state=init_state,
+    export_state=export_state,
+    import_state=import_state,
     op=lion_step,
     fallback=lion_step_torch,
     triton_step=lion_step_triton if triton is not None else None,

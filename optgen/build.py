@@ -131,6 +131,29 @@ def _buffer_records(ir: IR) -> list[str]:
     return records
 
 
+def _checkpoint_lines(ir: IR) -> tuple[list[str], list[str]]:
+    """Bodies of ``export_state(p, state)`` (fp32 values under torch.optim's names, and the fp32 master
+    weight) and ``import_state(p, values)`` (encode fp32 values into this layout's buffers)."""
+    names = {s.name: s.torch_name for s in ir.spec.state}
+    export = ["param, i = [p], 0  # codec snippets name the parameter as in the fallback's loop", "out = {}"]
+    for t in ir.tensors:
+        if t.role == "grad":
+            continue
+        refs = ["p" if key is None else f"state[{key!r}]" for key in t.state_keys]
+        export += t.codec.torch_decode("value", refs)
+        name = "master" if t.role == "param" else names[t.name]
+        export.append(f"out[{name!r}] = value.reshape(p.shape)")
+    export.append("return out")
+    imp = _init_state_lines(ir)[:-1]  # allocate and encode the initial values ...
+    for t in ir.tensors:  # ... then encode the given ones
+        if t.role == "state":
+            imp.append(f"if {names[t.name]!r} in values:")
+            imp.append(f"    {t.input.name} = values[{names[t.name]!r}].reshape(-1).to(device=p.device, dtype=torch.float32)")
+            imp += ["    " + line for line in t.codec.torch_encode(t.input.name, t.arg_names)]
+    imp.append(_init_state_lines(ir)[-1])
+    return export, imp
+
+
 def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dict:
     """What the template needs for one storage layout (its init, fallback, op and kernel)."""
     torch_step = render_torch_step(ir)
@@ -145,6 +168,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
         "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}", "rng": ir.needs_rng,
         "param_dtypes": ir.param.codec.param_dtypes,
         "torch": torch_step, "triton": kernel, "buffers": _buffer_records(ir), "init_state": _init_state_lines(ir),
+        "export_state": _checkpoint_lines(ir)[0], "import_state": _checkpoint_lines(ir)[1],
         "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
         "rows": elements // cols, "cols": cols, "warps": warps,
     }

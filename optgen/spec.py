@@ -26,7 +26,7 @@ RANGE = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s\])]+)\s*([\])])\s*$")
 TOP_FIELDS = {"name", "class", "doc", "hyperparams", "param", "grad", "state", "update", "checks"}
 HYPER_FIELDS = {"default", "range", "names", "doc"}
 STORAGE_FIELDS = {"storage"}  # codec-specific options are checked by the codec
-STATE_FIELDS = {"storage", "init"}
+STATE_FIELDS = {"storage", "init", "torch_name"}
 CHECK_FIELDS = {"require", "message"}
 RESERVED = {"p", "g", "t"}
 
@@ -85,6 +85,7 @@ class StateSpec:
     name: str
     storage: Storage
     init: float
+    torch_name: str = ""  # the key of this state in the matching torch.optim optimizer (checkpoint interop)
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,10 @@ def load_spec_text(text: str, file: str = "<spec>") -> Spec:
         _check_ident(name, lambda m, p=path: spec.error(m, p), "a state name")
         storage = _storage(spec, body, path, STATE_FIELDS)
         init = body.get("init", 0) if isinstance(body, dict) else 0
-        spec.state.append(StateSpec(name, storage, _number(init, lambda m, p=path: spec.error(m, p + ("init",)))))
+        torch_name = body.get("torch_name", name) if isinstance(body, dict) else name
+        _check_ident(torch_name, lambda m, p=path: spec.error(m, p + ("torch_name",)), "torch_name")
+        spec.state.append(StateSpec(name, storage, _number(init, lambda m, p=path: spec.error(m, p + ("init",))),
+                                    torch_name))
 
     checks = data.get("checks", []) or []
     if not isinstance(checks, list):

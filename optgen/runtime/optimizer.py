@@ -99,6 +99,8 @@ class Variant:
 
     buffers: tuple[Buffer, ...]
     init_state: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    export_state: Callable[[torch.Tensor, dict], dict[str, torch.Tensor]]
+    import_state: Callable[[torch.Tensor, dict], dict[str, torch.Tensor]]
     op: Callable[..., None]
     fallback: Callable[..., None]
     triton_step: Callable[..., None] | None = None
@@ -418,6 +420,63 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
                     raise ValueError(f"state '{b.key}' of parameter {index}: expected shape {shape} "
                                      f"and dtype {dtype}, got {got}")
+
+    def master_weights(self) -> list[torch.Tensor]:
+        """The fp32 master weight of every parameter (e.g. bf16 value + ECC correction), in group order."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                layout = self.variants[self.variant_of(p)]
+                state = self.state[p] if self.state[p] else {**layout.init_state(p.detach())}
+                out.append(layout.export_state(p.detach(), state)["master"])
+        return out
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """This optimizer's state in fp32, in the layout of the matching torch.optim optimizer (e.g. an
+        AdamW-like spec gives 'exp_avg' / 'exp_avg_sq' / 'step'), which that optimizer loads."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = {}
+        for index, p in enumerate(params):
+            if self.state[p]:
+                values = self.variants[self.variant_of(p)].export_state(p.detach(), self.state[p])
+                values.pop("master")
+                state[index] = {"step": self.state[p]["step"].clone(), **values}
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    def load_torch_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load fp32 states saved by the matching torch.optim optimizer (or by ``torch_state_dict``), encoding
+        them into this spec's storage. Hyper-parameters this spec has are taken from the saved groups.
+        Everything is checked before anything changes."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
+                                                          for a, b in zip(groups, self.param_groups)):
+            raise ValueError("the state_dict's param groups do not match this optimizer's")
+        new_groups = []
+        for saved, group in zip(groups, self.param_groups):
+            merged = dict(group)
+            for rule in self.hyperparam_rules:
+                if rule.name in saved:
+                    merged[rule.name] = rule.validate(saved[rule.name])
+            self._validate_group(merged)
+            new_groups.append(merged)
+        saved_ids = [i for g in groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        new_state = {}
+        for index, p in zip(saved_ids, params):
+            values = state_dict["state"].get(index)
+            if not values:
+                continue
+            for k, v in values.items():
+                if k != "step" and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
+                    raise ValueError(f"state '{k}' of parameter {index} must be a tensor of shape {tuple(p.shape)}")
+            state = {"step": torch.as_tensor(values.get("step", 0.0), dtype=torch.float32).clone().reshape(())}
+            state.update(self.variants[self.variant_of(p)].import_state(p.detach(), values))
+            new_state[p] = state
+        for group, merged in zip(self.param_groups, new_groups):
+            group.update(merged)
+        for p, state in new_state.items():
+            self.state[p] = state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load exactly: torch's loader casts states to the parameter dtype, so restore the saved dtypes."""
