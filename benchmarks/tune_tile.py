@@ -71,7 +71,7 @@ def main() -> None:
         launcher.rows, launcher.cols, launcher.num_warps = default
         launcher._plans.clear()
         print(f"opt.step() total: {median_ms(opt.step):.3f} ms")
-        del opt, params, lists
+        del opt, params
         torch.cuda.empty_cache()
 
 

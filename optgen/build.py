@@ -148,7 +148,8 @@ def _checkpoint_lines(ir: IR) -> tuple[list[str], list[str]]:
     for t in ir.tensors:  # ... then encode the given ones
         if t.role == "state":
             imp.append(f"if {names[t.name]!r} in values:")
-            imp.append(f"    {t.input.name} = values[{names[t.name]!r}].reshape(-1).to(device=p.device, dtype=torch.float32)")
+            value = f"values[{names[t.name]!r}].reshape(-1).to(device=p.device, dtype=torch.float32)"
+            imp.append(f"    {t.input.name} = {value}")
             imp += ["    " + line for line in t.codec.torch_encode(t.input.name, t.arg_names)]
     imp.append(_init_state_lines(ir)[-1])
     return export, imp
@@ -201,7 +202,8 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
         "host": host_scalars,
         "checks": checks,
         "variants": variants,
-        "codec_imports": list(dict.fromkeys(i for _, _, v_ir in layouts for t in v_ir.tensors for i in t.codec.imports)),
+        "codec_imports": list(dict.fromkeys(
+            i for _, _, v_ir in layouts for t in v_ir.tensors for i in t.codec.imports)),
         "hyperparams": [_hyperparam_context(h) for h in spec.hyperparams],
         "param_dtypes": ir.param.codec.param_dtypes,
         "needs_rng": ir.needs_rng,

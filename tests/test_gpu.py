@@ -1,7 +1,6 @@
-"""Checks that need a CUDA device (skipped without one): the Triton backend against torch.optim and under
-torch.compile. The kernel-vs-fallback comparisons of test_triton_backend.py also run on the GPU."""
-
-import math
+"""Checks that need a CUDA device (skipped without one): the Triton backend against torch.optim. The
+kernel-vs-fallback comparisons of test_triton_backend.py and the compiled step of test_compile.py also run
+on the GPU."""
 
 import pytest
 import torch
@@ -60,38 +59,3 @@ def test_lion_matches_float64_reference():
         opt.step()
     for p, r in zip(params, ref):
         assert _rel(p.detach().double(), r) < 1e-6
-
-
-def test_compiled_step_fullgraph_no_recompile_when_lr_changes():
-    """opt.step() inside torch.compile(fullgraph=True) with a tensor lr changed every step."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda()
-    ref_model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda()
-    ref_model.load_state_dict(model.state_dict())
-    opt = AdamW(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), backend="triton")
-    ref_opt = AdamW(ref_model.parameters(), lr=1e-2, backend="eager")
-
-    @torch.compile(fullgraph=True)
-    def opt_step():
-        opt.step()
-
-    x = torch.randn(32, 64, device="cuda")
-    for step in range(6):
-        lr = 1e-2 * math.cos(step / 10)
-        opt.param_groups[0]["lr"].fill_(lr)
-        ref_opt.param_groups[0]["lr"] = lr
-        for m in (model, ref_model):
-            m(x).square().mean().backward()
-        opt_step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
-    for p, q in zip(model.parameters(), ref_model.parameters()):
-        assert _rel(p.detach(), q.detach()) < 1e-6
-    # one graph for the first step (state created) and one for every later step: lr changes recompile nothing
-    assert counters["stats"]["unique_graphs"] <= 2

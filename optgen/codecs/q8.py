@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from optgen.codecs.base import Buffer, Codec
+from optgen.runtime.torch_math import sqrt_rn
 
 try:  # the module must import without Triton (then only the PyTorch path exists)
     import triton
@@ -78,11 +79,6 @@ def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
 def round_half_up(y: torch.Tensor, k: float) -> torch.Tensor:
     """floor(k·y + 0.5) in fp32 (the same with or without a fused multiply-add, see the module docstring)."""
     return torch.floor(y * k + 0.5)
-
-
-def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded fp32 square root (float64 sqrt rounded once more is exact for fp32 inputs)."""
-    return torch.sqrt(x.double()).float()
 
 
 def quantize(x: torch.Tensor, group: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

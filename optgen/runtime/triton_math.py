@@ -5,6 +5,8 @@ from __future__ import annotations
 try:
     import triton
     import triton.language as tl
+
+    from optgen.codecs.rounding import tl_round_bf16
 except ImportError:  # pragma: no cover - no Triton on this platform; the PyTorch fallback still works
     triton = None
 
@@ -37,10 +39,7 @@ if triton is not None:
         """
         ty = ptr.dtype.element_ty
         if ty == tl.bfloat16:
-            u = value.to(tl.uint32, bitcast=True)
-            r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-            rounded = tl.where(value != value, value, r.to(tl.float32, bitcast=True))
-            tl.store(ptr, rounded.to(tl.bfloat16), mask=mask)
+            tl.store(ptr, tl_round_bf16(value, 0, False), mask=mask)
         else:
             tl.store(ptr, value.to(ty), mask=mask)
 
