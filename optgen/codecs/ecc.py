@@ -8,7 +8,18 @@ Encode an fp32 master x (M mantissa bits of the narrow format, N = 127 or 32767)
 Decode: x = p + (rho / N) * 2^l. Error <= ULP(p) / (4N) plus half an fp32 ulp of x (the decode rounds to
 fp32, which dominates for bf16+int16): about 1.5e-5 relative for bf16+int8, 1.2e-7 for
 bf16+int16, 1.9e-6 for fp16+int8. Powers of two are built from exponent bits and applied in two factors
-(2^-l alone can overflow fp32). A non-finite p keeps rho = 0. Both backends run the same fp32 operations.
+(2^-l alone can overflow fp32). A non-finite p keeps rho = 0. Both backends run the same fp32 operations
+(the Triton launcher disables FMA contraction, which would change z*N + 0.5 near ties); bf16 moves as bits
+(optgen.codecs.rounding: the interpreter's bf16 casts mangle subnormals); the interpreter's fp16 casts
+match torch (checked on every fp16 pattern and on ties/subnormals in tests/test_codecs_bf16_exact.py).
+
+The codes equal the float64 encode (``reference_encode``) except where the exact z*N lies within the fp32
+rounding of z*N (and of z*N + 0.5) of a half-integer: there a code may be one step off (counted in tests).
+
+Public API: torch_decode(p, ecc, fmt, n) -> flat fp32; torch_encode(x, p, ecc, fmt, n) -> None (in place);
+triton_decode(p_ptr, e_ptr, offs, mask, MANT, EMIN, N) -> fp32 tile and triton_encode(x, p_ptr, e_ptr, offs,
+mask, MANT, EMIN, N) (@triton.jit); reference_encode(x, fmt, n) -> (p, rho) and reference_decode(p, ecc, fmt,
+n) in float64 for tests.
 """
 
 from __future__ import annotations
@@ -16,17 +27,18 @@ from __future__ import annotations
 import torch
 
 from optgen.codecs.base import Buffer, Codec
-from optgen.codecs.rounding import torch_round_bf16
+from optgen.codecs.rounding import torch_round_bf16, torch_to_bf16
 
 try:
     import triton
     import triton.language as tl
 
-    from optgen.codecs.rounding import tl_round_bf16
+    from optgen.codecs.rounding import tl_load_bf16, tl_round_bf16_f32, tl_to_bf16
 except ImportError:  # pragma: no cover - without Triton only the PyTorch functions exist
     triton = None
 
 FORMATS = {"bf16": (7, -126), "fp16": (10, -14)}  # mantissa bits, exponent of the smallest normal
+MAX_EXP = {"bf16": 127, "fp16": 15}  # exponent of the largest finite value
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch
@@ -42,6 +54,7 @@ def _half_ulp_exponent(p32: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def _round_narrow(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """RNE to the narrow format, as an fp32 tensor (torch's fp16 cast is RNE with subnormals)."""
     return torch_round_bf16(x) if fmt == "bf16" else x.to(torch.float16).float()
 
 
@@ -62,7 +75,7 @@ def torch_encode(x: torch.Tensor, p: torch.Tensor, ecc: torch.Tensor, fmt: str, 
     z = torch.clamp((x - p32) * _pow2(a) * _pow2(neg_l - a), -1.0, 1.0) * float(n)
     rho = torch.sign(z) * torch.floor(torch.abs(z) + 0.5)
     rho = torch.where(torch.isfinite(p32) & torch.isfinite(x), rho, 0.0)
-    p.copy_(p32.view(p.shape))
+    p.copy_((torch_to_bf16(p32) if fmt == "bf16" else p32.to(torch.float16)).view(p.shape))
     ecc.copy_(rho.to(ecc.dtype).view(ecc.shape))
 
 
@@ -80,7 +93,10 @@ if triton is not None:
 
     @triton.jit
     def triton_decode(p_ptr, e_ptr, offs, mask, MANT: tl.constexpr, EMIN: tl.constexpr, N: tl.constexpr):
-        p32 = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if MANT == 7:
+            p32 = tl_load_bf16(p_ptr + offs, mask)
+        else:
+            p32 = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         rho = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.float32)
         neg_l = -_half_ulp_exponent_tl(p32, MANT, EMIN)
         a = neg_l >> 1
@@ -89,10 +105,11 @@ if triton is not None:
     @triton.jit
     def triton_encode(x, p_ptr, e_ptr, offs, mask, MANT: tl.constexpr, EMIN: tl.constexpr, N: tl.constexpr):
         if MANT == 7:
-            narrow = tl_round_bf16(x, 0, False)
+            p32 = tl_round_bf16_f32(x, 0, False)
+            narrow = tl_to_bf16(p32)
         else:
             narrow = x.to(tl.float16)
-        p32 = narrow.to(tl.float32)
+            p32 = narrow.to(tl.float32)
         neg_l = -_half_ulp_exponent_tl(p32, MANT, EMIN)
         a = neg_l >> 1
         z = (x - p32) * _pow2_tl(a) * _pow2_tl(neg_l - a)
@@ -150,6 +167,34 @@ class Fp16Ecc8(EccCodec):
     param_dtypes = ("float16",)
 
 
+def _reference_rne(x64: torch.Tensor, fmt: str) -> torch.Tensor:
+    """float64 round to nearest even into the narrow format, from frexp (not bits); overflow gives inf."""
+    mant, emin = FORMATS[fmt]
+    a = x64.abs()
+    _, e = torch.frexp(a)
+    q = torch.exp2((torch.clamp(e - 1, min=emin) - mant).double())  # the ULP at |x|
+    steps = torch.floor(a / q)
+    f = a / q - steps  # exact (power-of-two scaling of a value with at most 53 bits)
+    up = (f > 0.5) | ((f == 0.5) & (torch.remainder(steps, 2) == 1))
+    mag = (steps + up.double()) * q
+    mag = torch.where(mag >= 2.0 ** (MAX_EXP[fmt] + 1), torch.inf, mag)
+    return torch.where(torch.isfinite(x64), torch.where(x64 < 0, -mag, mag), x64)
+
+
+def reference_encode(x: torch.Tensor, fmt: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 encode for tests, from the definition: (p, rho) as float64 tensors (flat)."""
+    mant, emin = FORMATS[fmt]
+    x64 = x.double().reshape(-1)
+    p = _reference_rne(x64, fmt)
+    _, e = torch.frexp(p)
+    exp = torch.where(p == 0, emin, torch.clamp(e - 1, min=emin))
+    half_ulp = torch.exp2((exp - mant - 1).double())
+    zn = torch.clamp((x64 - p) / half_ulp, -1.0, 1.0) * n
+    rho = torch.sign(zn) * torch.floor(zn.abs() + 0.5)
+    rho = torch.where(torch.isfinite(p) & torch.isfinite(x64), rho, 0.0)
+    return p, rho
+
+
 def reference_decode(p: torch.Tensor, ecc: torch.Tensor, fmt: str, n: int) -> torch.Tensor:
     """float64 decode for tests, written from the definition (frexp, not bit tricks)."""
     mant, emin = FORMATS[fmt]
@@ -159,4 +204,5 @@ def reference_decode(p: torch.Tensor, ecc: torch.Tensor, fmt: str, n: int) -> to
     return p64 + ecc.double().reshape(-1) / n * torch.pow(2.0, (exp - mant - 1).double())
 
 
-__all__ = ["Bf16Ecc8", "Bf16Ecc16", "Fp16Ecc8", "torch_decode", "torch_encode", "reference_decode"]
+__all__ = ["Bf16Ecc8", "Bf16Ecc16", "Fp16Ecc8", "reference_decode", "reference_encode", "torch_decode",
+           "torch_encode"]

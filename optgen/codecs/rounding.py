@@ -1,96 +1,95 @@
-"""Bit-exact rounding of fp32 to bf16 and a counter-based hash, identical in PyTorch and Triton.
+"""Bit-exact rounding of fp32 to bf16, identical in PyTorch and Triton (and the counter-based hash re-exported
+from optgen.codecs.rng for the callers that import it from here).
 
-The Triton interpreter truncates on ``.to(tl.bfloat16)``, so both backends round with integer arithmetic
-on the fp32 bit pattern: round to nearest even, or stochastically (add 16 random bits, then truncate:
-rounds away from zero with probability low16 / 2^16, so the result is unbiased). NaN stays NaN.
+Round to nearest even or stochastically, with integer arithmetic on the fp32 bit pattern u:
+  nearest even:  (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+  stochastic:    (u + r) & 0xFFFF0000, r uniform in [0, 2^16): rounds away from zero with probability
+                 low16(u) / 2^16, i.e. unbiased (torchastic's rounding)
+A NaN stays a NaN of the same sign: its quiet bit is set and the low 16 bits cleared (a NaN whose payload
+is only in the low bits would otherwise become inf). ±inf stays; finite values above the largest bf16
+round to inf as in torch.
 
-The hash (``lowbias32``, Chris Wellons' integer mixer) uses uint32 arithmetic; PyTorch emulates it in int64
-and masks to 32 bits after every multiply (the low 32 bits of a wrapped int64 product are exact).
+Why no casts: under ``TRITON_INTERPRET=1`` Triton 3.9 converts fp32 -> bf16 by truncation and mangles fp32/bf16
+subnormals and low-payload NaNs in both directions (``interpreter._convert_float``). So bf16 values move
+between fp32 and bf16 as bits in Triton too: ``tl_to_bf16`` packs the high 16 bits of a rounded fp32,
+``tl_from_bf16`` / ``tl_load_bf16`` shift bf16 bits up (exact; on the GPU these compile to the same few
+integer instructions as a cast). PyTorch's own bf16 -> fp32 cast is exact; its fp32 -> bf16 cast of a NaN
+returns a canonical NaN that depends on the device (0xFFFF on CPU), so ``torch_to_bf16`` packs bits as well.
 """
 
 from __future__ import annotations
 
 import torch
 
+from optgen.codecs.rng import KEY_INDEX, KEY_STEP, KEY_TENSOR, MASK32, make_key, mix32, torch_key, torch_random16
+
 try:
     import triton
     import triton.language as tl
+
+    from optgen.codecs.rng import tl_key, tl_make_key, tl_mix32, tl_random16
 except ImportError:  # pragma: no cover - without Triton only the PyTorch functions exist
     triton = None
 
-MASK32 = 0xFFFFFFFF
-KEY_STEP = 0x85EBCA77  # odd constants that decorrelate step, tensor index and element index
-KEY_TENSOR = 0xC2B2AE3D
-KEY_INDEX = 0x9E3779B1
-
 
 # ----------------------------------------------------------------------------------------------- PyTorch
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int64 tensors holding uint32 values."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
-
-
-def torch_key(rng: torch.Tensor, tensor_index: int, salt: int) -> torch.Tensor:
-    """The per-(seed, step, tensor, buffer) key: ``rng`` is the int64 pair (seed, step)."""
-    seed, step = rng[0], rng[1]
-    return mix32((seed ^ mix32((step * KEY_STEP + tensor_index * KEY_TENSOR + salt) & MASK32)) & MASK32)
-
-
-def torch_random16(key: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    """16 random bits per element 0..n-1 (int64), from the key and the element index."""
-    idx = torch.arange(n, device=device, dtype=torch.int64)
-    return mix32(((idx * KEY_INDEX) & MASK32) ^ key) & 0xFFFF
-
-
 def torch_round_bf16(x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 -> the bf16 value (as fp32 with the low 16 bits clear): nearest even, or stochastic with noise."""
-    u = x.view(torch.int32).to(torch.int64)
+    """fp32 -> the bf16 value as fp32 (low 16 bits clear): nearest even, or stochastic with ``noise``
+    (int64 in [0, 2^16), one per element). NaN -> quiet NaN of the same sign."""
+    u = x.view(torch.int32).to(torch.int64) & MASK32
     r = ((u >> 16) & 1) + 0x7FFF if noise is None else noise
-    rounded = ((u + r) & 0xFFFF0000).to(torch.int64)
-    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32).view(torch.float32)
-    return torch.where(torch.isnan(x), x, rounded)
+    bits = torch.where(torch.isnan(x), u | 0x00400000, u + r) & 0xFFFF0000
+    bits = bits - ((bits >> 31) << 32)  # [0, 2^32) -> the int32 with the same bits
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def torch_to_bf16(r: torch.Tensor) -> torch.Tensor:
+    """An fp32 tensor whose low 16 bits are clear (a ``torch_round_bf16`` result) -> bf16 with its bits."""
+    return (r.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+
+
+def torch_rne_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, round to nearest even (as torch's cast, but NaN keeps its sign)."""
+    return torch_to_bf16(torch_round_bf16(x))
 
 
 # ----------------------------------------------------------------------------------------------- Triton
 if triton is not None:
 
     @triton.jit
-    def _mul32(x, c: tl.constexpr):
-        """x * c mod 2^32 (whatever width Triton gives the literal, the low 32 bits are kept)."""
-        return (x.to(tl.uint64) * c).to(tl.uint32)
-
-    @triton.jit
-    def tl_mix32(x):
-        x = x ^ (x >> 16)
-        x = _mul32(x, 0x7FEB352D)
-        x = x ^ (x >> 15)
-        x = _mul32(x, 0x846CA68B)
-        return x ^ (x >> 16)
-
-    # (the KEY_* constants are written out: a @jit function may only read constexpr globals)
-    @triton.jit
-    def tl_key(rng_ptr, tensor_index, salt: tl.constexpr):
-        """Same as torch_key: rng_ptr points at the int64 pair (seed, step)."""
-        seed = tl.load(rng_ptr).to(tl.uint32)
-        step = tl.load(rng_ptr + 1).to(tl.uint32)
-        inner = _mul32(step, 0x85EBCA77) + _mul32(tensor_index.to(tl.uint32), 0xC2B2AE3D) + salt
-        return tl_mix32(seed ^ tl_mix32(inner.to(tl.uint32)))
-
-    @triton.jit
-    def tl_random16(key, offs):
-        return tl_mix32(_mul32(offs.to(tl.uint32), 0x9E3779B1) ^ key) & 0xFFFF
-
-    @triton.jit
-    def tl_round_bf16(x, noise, STOCHASTIC: tl.constexpr):
-        """fp32 tile -> bf16 tile (exact conversion of the rounded fp32 value)."""
+    def tl_round_bf16_f32(x, noise, STOCHASTIC: tl.constexpr):
+        """fp32 tile -> the rounded bf16 values as an fp32 tile (low 16 bits clear), as torch_round_bf16."""
         u = x.to(tl.uint32, bitcast=True)
         if STOCHASTIC:
             r = noise
         else:
             r = ((u >> 16) & 1) + 0x7FFF
-        rounded = ((u + r) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return tl.where(x != x, x, rounded).to(tl.bfloat16)
+        bits = tl.where((u & 0x7FFFFFFF) > 0x7F800000, u | 0x00400000, u + r) & 0xFFFF0000  # NaN: quiet it
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def tl_to_bf16(r):
+        """fp32 tile with the low 16 bits clear -> bf16 tile with exactly its high 16 bits."""
+        return (r.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def tl_round_bf16(x, noise, STOCHASTIC: tl.constexpr):
+        """fp32 tile -> bf16 tile, nearest even or stochastic (``noise``: uint32 in [0, 2^16))."""
+        return tl_to_bf16(tl_round_bf16_f32(x, noise, STOCHASTIC))
+
+    @triton.jit
+    def tl_from_bf16(b):
+        """bf16 tile -> fp32 tile, exactly (subnormals and NaN payloads included)."""
+        return (b.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def tl_load_bf16(ptrs, mask):
+        """Load a bf16 tile as fp32 (0 where masked)."""
+        return tl_from_bf16(tl.load(ptrs, mask=mask, other=0.0))
+
+
+__all__ = ["KEY_INDEX", "KEY_STEP", "KEY_TENSOR", "MASK32", "make_key", "mix32", "torch_key", "torch_random16",
+           "torch_rne_bf16", "torch_round_bf16", "torch_to_bf16"]
+if triton is not None:
+    __all__ += ["tl_from_bf16", "tl_key", "tl_load_bf16", "tl_make_key", "tl_mix32", "tl_random16", "tl_round_bf16",
+                "tl_round_bf16_f32", "tl_to_bf16"]
