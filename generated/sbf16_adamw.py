@@ -166,10 +166,10 @@ if triton is not None:
         c3 = tl.load(scalars + 5)
         c4 = tl.load(scalars + 6)
         eps = tl.load(scalars + 7)
-        p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
+        p = bf16_sr.triton_decode(param + offs, mask)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(state_v + offs, mask=mask, other=0.0).to(tl.float32)
+        m = bf16_sr.triton_decode(state_m + offs, mask)
+        v = bf16_sr.triton_decode(state_v + offs, mask)
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*(g*g)
         step = tl.full(offs.shape, c2, tl.float32)

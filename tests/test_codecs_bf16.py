@@ -23,15 +23,9 @@ What is checked, and against what:
   ``tl_round_bf16`` / ``store_rne``, the ``bf16_sr`` and ECC renderings pasted into small kernels
   (tiles of several shapes, numel not a multiple of the tile) give the PyTorch path's bits exactly.
 
-Bugs documented here (each test xfails while its bug holds and passes once it is fixed):
-- ``ecc.reference_decode`` decodes p == 0 with a nonzero correction wrongly (test_reference_decode_at_zero).
-- Under the interpreter (test_triton_bf16_subnormals_and_nan_payloads): Triton 3.9's interpreter converts
-  between fp32 and bf16 with ``interpreter._convert_float``, which mangles fp32/bf16 subnormals (both
-  directions) and turns a NaN whose payload sits in the low 16 bits into inf. ``tl_round_bf16`` ends in
-  ``.to(tl.bfloat16)`` and the bf16 loads (``ecc.triton_decode``, the bf16_sr decode, every bf16 parameter
-  load) use ``.to(tl.float32)``, so those values differ from PyTorch under the interpreter. Fix: move bf16
-  as bits (``(bits >> 16).to(tl.uint16)`` bitcast to bf16 on store, ``u16.to(tl.uint32) << 16`` bitcast to
-  fp32 on load, with an explicit quiet-NaN pattern), as the fp8 codec already does.
+Under the interpreter, Triton's own fp32<->bf16 conversion (``interpreter._convert_float``) mangles subnormals
+and low-payload NaNs; the codecs move bf16 as bits, so they give torch's bits there too
+(test_triton_bf16_subnormals_and_nan_payloads).
 """
 
 from __future__ import annotations
@@ -249,7 +243,8 @@ def test_sr_reproducible_and_keyed():
 
     def enc(r, tensor=0, s=salt):
         out = torch.empty(n, dtype=torch.bfloat16)
-        bf16_sr.torch_encode(x, out, r, tensor, s)
+        # the codec reads the tensor's id from rng = [seed, step, id]
+        bf16_sr.torch_encode(x, out, None if r is None else torch.cat([r, torch.tensor([tensor])]), 0, s)
         return out
 
     a, b = enc(rng), enc(rng.clone())
@@ -404,17 +399,15 @@ def test_ecc_reference_decode_matches_torch_decode(name, fmt, n):
 
 
 def test_reference_decode_at_zero():
-    """ecc.reference_decode takes frexp's exponent of 0 (which is 0) as E = -1, so p == 0 with a nonzero
-    correction (|x| below half the smallest subnormal) decodes to ~rho/N·2^-9 instead of rho/N·2^l_min."""
+    """p == 0 with a nonzero correction (|x| below half the smallest subnormal): the reference decodes it with
+    the smallest exponent, rho/N·2^l_min (frexp's exponent of 0 must not be taken as E = -1)."""
     x = torch.tensor([2.0**-140, -3 * 2.0**-141, 2.0**-136])
     p, e = _encode(x, "bf16", 127)
     assert (p.double() == 0).all() and (e != 0).all()
     ours = ecc.torch_decode(p, e, "bf16", 127).double()
     assert ((ours - x.double()).abs() <= 2.0**-133 / 508 + 2.0**-150).all()  # torch_decode is right
     ref = ecc.reference_decode(p, e, "bf16", 127)
-    if not torch.allclose(ref, ours, rtol=2.0**-20, atol=2.0**-149):
-        pytest.xfail(f"BUG ecc.reference_decode at p == 0: {ref.tolist()} instead of {ours.tolist()} "
-                     "(fix: exp = where(p64 == 0, emin, clamp(e - 1, min=emin)))")
+    assert torch.allclose(ref, ours, rtol=2.0**-20, atol=2.0**-149), (ref.tolist(), ours.tolist())
 
 
 @pytest.mark.parametrize("name,fmt,n", ECC_FORMATS, ids=[f[0] for f in ECC_FORMATS])
@@ -516,7 +509,8 @@ def triton_cases() -> dict:
         x = torch.randn(numel, generator=gen) * torch.exp2(torch.randint(-30, 30, (numel,), generator=gen).float())
         (seed, step), tensor = keys[j % len(keys)]
         buf = ["param", "state_m", "state_v"][j % 3]
-        sr.append({"x": x, "rng": torch.tensor([seed, step], dtype=torch.int64), "tensor": tensor, "buf": buf,
+        # rng = [seed, step, id of tensor 0 of the call]: the codec reads the id from rng[2 + index]
+        sr.append({"x": x, "rng": torch.tensor([seed, step, tensor], dtype=torch.int64), "tensor": tensor, "buf": buf,
                    "tile": [(16, 256), (2, 64), (4, 128)][j % 3]})
     eccs = []
     for name, fmt, n in ECC_FORMATS:
@@ -553,7 +547,8 @@ def run_triton_cases(cases: dict, workdir: Path, device: str) -> dict:
         out = torch.full((n,), 7.0, dtype=torch.bfloat16, device=device)
         rng = case["rng"].to(device)
         tensor = torch.tensor([case["tensor"]], dtype=torch.int64, device=device)
-        mod.encode_kernel[(triton.cdiv(n, rows * cols),)](x, out, rng, tensor, n, ROWS=rows, COLS=cols)
+        index = torch.zeros(1, dtype=torch.int64, device=device)  # tensor 0 of the call
+        mod.encode_kernel[(triton.cdiv(n, rows * cols),)](x, out, rng, index, n, ROWS=rows, COLS=cols)
         dec = torch.full((n,), 12345.0, device=device)
         mod.decode_kernel[(triton.cdiv(n, rows * cols),)](dec, out, n, ROWS=rows, COLS=cols)
         noise = torch.empty(n, dtype=torch.int32, device=device)
@@ -617,7 +612,7 @@ def test_triton_sr_bit_identical(triton_results):
         want_noise = rounding.torch_random16(rounding.torch_key(case["rng"], case["tensor"], salt), case["x"].numel(), "cpu")
         assert torch.equal(noise.long(), want_noise), f"{what}: noise differs"
         out = torch.full((case["x"].numel(),), 7.0, dtype=torch.bfloat16)
-        bf16_sr.torch_encode(case["x"], out, case["rng"], case["tensor"], salt)
+        bf16_sr.torch_encode(case["x"], out, case["rng"], 0, salt)
         assert torch.equal(_bits(got["out"]), _bits(out)), f"{what}: {int((_bits(got['out']) != _bits(out)).sum())} differ"
         assert torch.equal(got["dec"], out.float()), f"{what}: decode"
         if case["x"].numel() > 1000:  # it really was stochastic: not all equal to nearest
@@ -643,9 +638,8 @@ def test_triton_ecc_bit_identical(triton_results):
 
 
 def test_triton_bf16_subnormals_and_nan_payloads(triton_results):
-    """The interpreter's fp32<->bf16 conversion (Triton 3.9 ``interpreter._convert_float``) on the inputs left
-    out above: fp32 subnormals and NaNs with a low-16-bit payload. Expected to fail under the interpreter
-    until tl_round_bf16 / the bf16 loads move bf16 as bits (module docstring)."""
+    """The inputs left out above: fp32 subnormals and NaNs with a low-16-bit payload, which the interpreter's
+    own conversion mangles. ``tl_round_bf16`` and the bf16 loads move bf16 as bits, so they match torch."""
     cases, res = triton_results
     x = cases["rne"]
     rest = ~_interpreter_safe(x)
@@ -659,11 +653,8 @@ def test_triton_bf16_subnormals_and_nan_payloads(triton_results):
         sub = ~_interpreter_safe(case["x"])
         p, e = _encode(case["x"], case["fmt"], case["n"])
         bad_ecc += int((_bits(r["p"]) != _bits(p))[sub].sum()) + int((r["e"] != e)[sub].sum())
-    if INTERPRETED and not (ok and bad_ecc == 0):
-        n_bad = int((~((_bits(got) == _bits(want)) | (torch.isnan(got.float()) & torch.isnan(want.float())))).sum())
-        pytest.xfail(f"BUG (interpreter bf16 conversion): {n_bad} of {int(rest.sum())} subnormal/NaN-payload values "
-                     f"round differently from torch in tl_round_bf16, {bad_ecc} ECC buffers differ on subnormals")
-    assert ok and bad_ecc == 0
+    n_bad = int((~((_bits(got) == _bits(want)) | (torch.isnan(got.float()) & torch.isnan(want.float())))).sum())
+    assert ok and bad_ecc == 0, f"{n_bad} of {int(rest.sum())} values differ from torch, {bad_ecc} ECC codes differ"
 
 
 if __name__ == "__main__" and "--triton-worker" in sys.argv:

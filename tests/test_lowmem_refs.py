@@ -29,10 +29,9 @@ the fp32 scale (in float64), the 3-phase step is transcribed in float64, and com
 - small tensors (< 4096 elements) keep fp32 states (the "fp32" layout): m and v within fp32 rounding.
 Two hyper-parameter sets: one with τ inside (0, 2) and one where τ is clamped at 2 (checked to be so).
 
-Documented bugs (the tests xfail while they hold; see each test): the stochastic-rounding key uses the
-tensor's index within one launch, so (1) the first tensor of every param group, and every parameter under
-gradient release, draw the same random bits; (2) eager and Triton number tensors differently when a
-parameter is empty or not contiguous, so their bits differ.
+Stochastic rounding keys on a stable id per parameter (its position over all param groups): identical
+parameters draw independent bits across param groups and under gradient release, a parameter's bits do not
+depend on which others have gradients, and eager and Triton agree after empty or non-contiguous parameters.
 """
 
 from __future__ import annotations
@@ -227,12 +226,9 @@ def test_sbf16_adamw_eager_triton_bit_identical_and_seeded():
 
 
 def test_sbf16_adamw_noise_distinct_across_param_groups_and_release():
-    """Identical parameters with identical gradients must still draw independent rounding noise. BUG while
-    this xfails: the key is (seed, step, index of the tensor within one launch, salt), and the index restarts
-    at 0 in every param group and for every parameter stepped alone under gradient release, so the first
-    tensor of each group (every tensor, under release) gets the same bits. Fix: key on a stable per-parameter
-    id (e.g. its position over all param groups, assigned at state init and passed to the op as an int64
-    table that the kernel reads with ``tl.load(ids + tensor)`` and the fallback with ``ids[i]``)."""
+    """Identical parameters with identical gradients must still draw independent rounding noise: in one launch,
+    in two param groups and under gradient release (each parameter stepped alone). And the noise of a parameter
+    is its own: the same whether or not the parameters before it have gradients."""
     gen = torch.Generator().manual_seed(13)
     w = (0.1 * torch.randn(5000, generator=gen)).bfloat16()
     g = fresh_grad(gen, (5000,), torch.bfloat16)
@@ -257,16 +253,20 @@ def test_sbf16_adamw_noise_distinct_across_param_groups_and_release():
     assert (a != w).float().mean() > 0.5  # it did step
     results["gradient release"] = torch.equal(a, b)
     shared = [k for k, v in results.items() if v]
-    if shared:
-        pytest.xfail(f"BUG: identical parameters get bit-identical stochastic rounding under: {', '.join(shared)}")
+    assert not shared, f"identical parameters got bit-identical stochastic rounding under: {', '.join(shared)}"
+    after = {}
+    for a_has_grad in (True, False):
+        a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+        opt = optim.StochasticAdamW([a, b], lr=1e-2, backend="eager", seed=5)
+        a.grad, b.grad = (g.clone() if a_has_grad else None), g.clone()
+        opt.step()
+        after[a_has_grad] = b.detach().clone()
+    assert torch.equal(after[True].view(torch.int16), after[False].view(torch.int16))
 
 
 def test_sbf16_adamw_eager_triton_identical_with_irregular_params():
-    """Eager and Triton must give the same bits whatever the parameter list holds. BUG while this xfails:
-    Triton numbers tensors within each launch (empty tensors skipped, non-contiguous ones handed to the
-    fallback with their own 0-based numbering), eager numbers the whole bucket, so a parameter after an
-    empty or a transposed one gets another key on each backend (and the fallback's tensor 0 shares the
-    kernel's tensor 0 key). Fix as above: pass each tensor's id through the launcher and the fallback."""
+    """Eager and Triton give the same bits whatever the parameter list holds: the launcher skips empty tensors
+    and hands non-contiguous ones to the fallback, and each part still draws under its parameters' ids."""
     need_interpreter("triton")
     gen = torch.Generator().manual_seed(14)
     w = (0.1 * torch.randn(40, 50, generator=gen)).bfloat16()
@@ -283,9 +283,7 @@ def test_sbf16_adamw_eager_triton_identical_with_irregular_params():
         opt.step()
         out[backend] = (a.detach().clone(), b.detach().clone())
     same = [torch.equal(x.view(torch.int16), y.view(torch.int16)) for x, y in zip(out["eager"], out["triton"])]
-    if not all(same):
-        pytest.xfail(f"BUG: eager and triton differ after an empty/non-contiguous parameter "
-                     f"(non-contiguous tensor equal: {same[0]}, the tensor after it equal: {same[1]})")
+    assert all(same), f"non-contiguous tensor equal: {same[0]}, the tensor after it equal: {same[1]}"
 
 
 # ------------------------------------------------------------------ regression: SR vs fp32 vs round-to-nearest

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from optgen.codecs.rng import make_rng
 import optgen.optim as optim
 from optgen.runtime.optimizer import OptgenOptimizer
 
@@ -70,7 +71,8 @@ def test_kernel_matches_fallback_one_step(cls, count):
         scalars = torch.tensor(cls.host_scalars(hp, t), dtype=torch.float32, device=DEVICE)
         ref = _random_state(cls, shapes, seed=t)
         out = [[x.clone() for x in lst] for lst in ref]
-        rng = (torch.tensor([1234, t], dtype=torch.int64, device=DEVICE),) if cls.variants[""].needs_rng else ()
+        ids = [5 * k + 3 for k in range(count)]  # stable parameter ids, not the positions in the call
+        rng = (make_rng(1234, t, ids, DEVICE),) if cls.variants[""].needs_rng else ()
         cls.fallback(*ref, scalars, *rng)
         cls.triton_step(*out, scalars, *rng)
         reduces = bool(__import__(cls.__module__, fromlist=["_launcher"])._launcher.slots)
@@ -93,7 +95,7 @@ def test_kernel_matches_fallback_bf16_params(cls):
     scalars = torch.tensor(cls.host_scalars(hp, 3), dtype=torch.float32, device=DEVICE)
     ref = _random_state(cls, shapes, param_dtype=torch.bfloat16)
     out = [[x.clone() for x in lst] for lst in ref]
-    rng = (torch.tensor([99, 3], dtype=torch.int64, device=DEVICE),) if cls.variants[""].needs_rng else ()
+    rng = (make_rng(99, 3, [4, 1], DEVICE),) if cls.variants[""].needs_rng else ()
     cls.fallback(*ref, scalars, *rng)
     cls.triton_step(*out, scalars, *rng)
     for lr, lo in zip(ref, out):

@@ -69,8 +69,9 @@ class MultiTensorLauncher:
         return (*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 1) * n],
                 packed[(len(lists) + 1) * n:])
 
-    def _plan(self, lists: tuple[list[torch.Tensor], ...]) -> _Plan:
-        """Split the tensors into kernel launches (one per dtype combination) and fallback cases."""
+    def _plan(self, lists: tuple[list[torch.Tensor], ...], with_rng: bool) -> _Plan:
+        """Split the tensors into kernel launches (one per dtype combination) and fallback cases. With an
+        ``rng`` tensor [seed, step, id_0, ...], each part gets the positions of its own ids in it."""
         n = len(lists[0])
         irregular = [i for i in range(n) if not all(t.is_contiguous() and t.data_ptr() % 16 == 0
                                                       for t in (lst[i] for lst in lists))]
@@ -86,8 +87,8 @@ class MultiTensorLauncher:
             tables = self._build_tables(sub, sub[0][0].device)
             n_blocks = tables[-1].numel() // 2
             constexprs = {name: getattr(tl, str(d).removeprefix("torch.")) for name, d in zip(self.dtype_args, dtypes)}
-            launches.append((tables, n_blocks, constexprs, sub[0][0].device))
-        return _Plan(launches, irregular)
+            launches.append((tables, n_blocks, constexprs, sub[0][0].device, _rng_rows(idx, with_rng, sub[0][0].device)))
+        return _Plan(launches, irregular, _rng_rows(irregular, with_rng and bool(irregular), lists[0][0].device))
 
     def __call__(self, *lists: list[torch.Tensor], scalars: torch.Tensor, rng: torch.Tensor | None = None) -> None:
         # The plan depends on where every buffer lives, the parameters' shapes and the gradients' layout.
@@ -95,16 +96,16 @@ class MultiTensorLauncher:
                tuple(map(torch.Tensor.is_contiguous, lists[1])))
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._plan(lists)
+            plan = self._plans[key] = self._plan(lists, rng is not None)
             if len(self._plans) > self.cache_size:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
         if plan.irregular:  # strided or unaligned views: the fallback handles them in place
             self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists], scalars,
-                          *(() if rng is None else (rng,)))
-        for tables, n_blocks, constexprs, device in plan.launches:
-            args = [*tables, scalars, *(() if rng is None else (rng,)),
+                          *(() if rng is None else (rng[plan.irregular_rng],)))
+        for tables, n_blocks, constexprs, device, rng_rows in plan.launches:
+            args = [*tables, scalars, *(() if rng is None else (rng[rng_rows],)),
                     *(self.constants(device) if self.constants is not None else ())]
             passes = [{}]
             if self.slots:
@@ -119,7 +120,14 @@ class MultiTensorLauncher:
                                              num_warps=self.num_warps, enable_fp_fusion=False)
 
 
+def _rng_rows(idx: list[int], with_rng: bool, device: torch.device) -> torch.Tensor | None:
+    """Rows of ``rng`` = [seed, step, id_0, ...] for the tensors ``idx``: [0, 1, 2 + idx...] on ``device``."""
+    return torch.tensor([0, 1, *(2 + i for i in idx)], device=device) if with_rng else None
+
+
 @dataclass(frozen=True)
 class _Plan:
-    launches: list[tuple[tuple[torch.Tensor, ...], int, dict[str, Any], torch.device]]
+    # per launch: tables, number of programs, dtype constexprs, device, rows of rng (None without rng)
+    launches: list[tuple[tuple[torch.Tensor, ...], int, dict[str, Any], torch.device, torch.Tensor | None]]
     irregular: list[int]  # tensors the fallback steps
+    irregular_rng: torch.Tensor | None

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from optgen.codecs.rng import make_rng
+
 BACKENDS = ("triton", "inductor", "eager")
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -106,7 +108,7 @@ class Variant:
     triton_step: Callable[..., None] | None = None
     triton_launcher: Callable[..., None] | None = None
     param_dtypes: tuple[str, ...] = ("float32",)  # parameter dtypes this layout stores
-    needs_rng: bool = False  # stochastic rounding: the op takes an int64 (seed, step) tensor last
+    needs_rng: bool = False  # stochastic rounding: the op takes an int64 [seed, step, *ids] tensor last
 
 
 FP32_STATE_ATTR = "optgen_fp32_state"  # set to True on a parameter to keep its optimizer state in fp32
@@ -230,16 +232,18 @@ class OptgenOptimizer(torch.optim.Optimizer):
             return OptgenOptimizer._compiled[key]
         return v.op
 
-    def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
-        """Parameters that have a gradient (torch's grad setter already checks shape, device and dtype)."""
-        out = []
-        for p in group["params"]:
+    def _params_with_grad(self, group: dict[str, Any], first_id: int = 0) -> tuple[list[torch.Tensor], list[int]]:
+        """Parameters that have a gradient (torch's grad setter already checks shape, device and dtype) and
+        their stable ids: ``first_id`` + position in the group (the stochastic-rounding stream of each)."""
+        params, ids = [], []
+        for k, p in enumerate(group["params"]):
             g = p.grad
             if g is not None:
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                out.append(p)
-        return out
+                params.append(p)
+                ids.append(first_id + k)
+        return params, ids
 
     def _init_group(self, params: list[torch.Tensor]) -> None:
         """Create missing state lazily. Dynamo runs a method of this name eagerly, from the real objects:
@@ -266,12 +270,6 @@ class OptgenOptimizer(torch.optim.Optimizer):
             return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values]).to(
                 device=device, dtype=torch.float32)
         return torch.tensor(values, dtype=torch.float32, device=device)
-
-    def _rng(self, t: Any, device: torch.device) -> torch.Tensor:
-        """(seed, step) as int64 on ``device``: the counter of the stochastic-rounding hash."""
-        if isinstance(t, torch.Tensor):
-            return torch.stack([torch.tensor(self.seed, dtype=torch.int64), t.cpu().to(torch.int64)]).to(device)
-        return torch.tensor([self.seed, t], dtype=torch.int64, device=device)
 
     def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> dict[tuple, list[int]]:
         """Advance each parameter's step; group indices of parameters sharing (device, step count, variant).
@@ -311,7 +309,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
         entry[0].add_(1)
         return entry[0].tolist()
 
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int]) -> None:
+        """One launch per (device, step count, variant); ``ids`` are the parameters' stable ids."""
         self._init_group(params)
         states = [self.state[p] for p in params]
         for (device, t, variant), idx in self._buckets(params, states).items():
@@ -323,7 +322,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     lists.append([params[i] for i in idx])
                 else:
                     lists.append([params[i].grad for i in idx])
-            extra = (self._rng(t, device),) if self.variants[variant].needs_rng else ()
+            extra = (make_rng(self.seed, t, [ids[i] for i in idx], device),) if self.variants[variant].needs_rng else ()
             self._kernel(device, variant)(*lists, self._scalars(group, t, device), *extra)
 
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
@@ -355,10 +354,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(group, self._params_with_grad(group)) for group in self.param_groups]  # check all first
-        for group, params in work:
+        work, first_id = [], 0
+        for group in self.param_groups:  # check every group before stepping any
+            work.append((group, *self._params_with_grad(group, first_id)))
+            first_id += len(group["params"])
+        for group, params, ids in work:
             if params:
-                self._step_group(group, params)
+                self._step_group(group, params, ids)
         return loss
 
     # ------------------------------------------------------------------ sizes

@@ -22,15 +22,18 @@ class GradientRelease:
     def __init__(self, optimizer: OptgenOptimizer) -> None:
         self.optimizer = optimizer
         self._handles: list[Any] = []
+        first_id = 0
         for group in optimizer.param_groups:
-            for p in group["params"]:
+            for k, p in enumerate(group["params"]):
                 if p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(group)))
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(group, first_id + k)))
+            first_id += len(group["params"])
 
-    def _hook(self, group: dict[str, Any]):
+    def _hook(self, group: dict[str, Any], param_id: int):
+        """The hook of one parameter; ``param_id`` is its stable id, as in a plain ``step()``."""
         def step_and_free(p: torch.Tensor) -> None:
             with torch.no_grad():
-                self.optimizer._step_group(group, self.optimizer._params_with_grad({"params": [p]}))
+                self.optimizer._step_group(group, *self.optimizer._params_with_grad({"params": [p]}, param_id))
             p.grad = None
         return step_and_free
 
