@@ -6,6 +6,7 @@ optimizers are in ``optgen.optim``.
 
 from optgen.build import load
 from optgen.errors import SpecError
+from optgen.runtime.offload import offloaded
 
-__all__ = ["SpecError", "load"]
+__all__ = ["SpecError", "load", "offloaded"]
 __version__ = "0.1.0"

@@ -1,0 +1,458 @@
+"""Optimizer state off the GPU: CPU offload and paged states, for every optgen optimizer.
+
+``offloaded(FlashAdamW)`` is FlashAdamW whose states (ECC terms of bf16+ecc8 parameters included: they are
+state entries) live in *chunks*: flat byte buffers, each holding the states of whole tensors of one param
+group, and every state tensor in ``optimizer.state`` is a view into its chunk. A chunk lives either in
+pinned CPU memory or on the GPU ("resident").
+
+A step streams each CPU chunk through a GPU staging slot: copy in on one side stream, run the same fused
+kernel as the plain optimizer on the staging views (the kernel takes lists of tensors, so a chunk is just
+another list), copy out on another side stream. Two slots double-buffer it: chunk k+1 comes in and chunk
+k-1 goes out while chunk k is stepped. Parameters and gradients never move, so GPU memory for offloaded
+states is the staging slots, whatever the model size. Results are bit-identical to the plain step: the
+same kernel sees the same bytes, and the stochastic-rounding stream of a tensor depends only on its id.
+
+Paged states (``gpu_budget_mib``): chunks stay resident while all states fit the budget; beyond it, chunks
+are paged out to pinned CPU memory (and back in when the budget allows, e.g. after ``set_gpu_budget``),
+with explicit copies, never CUDA managed memory.
+
+Why chunks of whole tensors: quantized codecs are group-wise and some specs have whole-tensor reductions
+(LAMB's trust ratio) or per-tensor scales (Lamb16), so a tensor is never split; a tensor whose state is
+larger than one chunk is refused at construction (raise ``chunk_mib``).
+
+Why this design and not stepping on the CPU (torchao's CPUOffloadOptimizer): see benchmarks/offload_bench.py,
+which measures both. A quantized state crosses the bus in fewer bytes than the gradient + parameter that a
+CPU step moves for fp32 parameters, the GPU kernel is bandwidth-bound and far faster than the CPU fallback,
+and the result is the GPU step bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from optgen.codecs.rng import make_rng
+from optgen.runtime.optimizer import OptgenOptimizer
+
+ALIGN = 256  # bytes: every state view starts on this boundary (the kernels need 16 for vector loads)
+MiB = 2**20
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One state tensor of one parameter inside a chunk."""
+
+    param: torch.Tensor
+    key: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """States of whole tensors in one flat buffer: on the host (``host``) or resident (``gpu``)."""
+
+    entries: list[_Entry]
+    nbytes: int
+    host: torch.Tensor | None = None
+    gpu: torch.Tensor | None = None
+    d2h_done: Any = None  # CUDA event of the last copy back to ``host``
+    staged: dict[int, dict[torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=dict)  # slot -> views
+
+    def views(self, flat: torch.Tensor) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        out: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for e in self.entries:
+            out.setdefault(e.param, {})[e.key] = e.view(flat)
+        return out
+
+
+class OffloadedOptimizer(OptgenOptimizer):
+    """Base of ``offloaded(cls)``: the optimizer ``cls`` with its states in chunks (see the module doc)."""
+
+    def __init__(self, params: Iterable[Any], *args: Any, chunk_mib: float = 64, gpu_budget_mib: float | None = None,
+                 staging_device: str | torch.device | None = None, **kwargs: Any) -> None:
+        if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, (int, float)) or not chunk_mib > 0 or \
+                not math.isfinite(chunk_mib):
+            raise ValueError(f"Invalid chunk_mib: {chunk_mib!r} (a positive number of MiB)")
+        if gpu_budget_mib is not None:
+            if isinstance(gpu_budget_mib, bool) or not isinstance(gpu_budget_mib, (int, float)) or \
+                    not math.isfinite(gpu_budget_mib):
+                raise ValueError(f"Invalid gpu_budget_mib: {gpu_budget_mib!r} (a number of MiB, or None)")
+            if gpu_budget_mib < chunk_mib:
+                raise ValueError(f"gpu_budget_mib={gpu_budget_mib} is smaller than one chunk (chunk_mib={chunk_mib}): "
+                                 f"paged states need at least one chunk of GPU memory to step in")
+        if staging_device is None:
+            if not torch.cuda.is_available():
+                raise RuntimeError("optimizer state offload needs a CUDA GPU and none is available "
+                                   "(staging_device='cpu' runs the same chunking CPU-to-CPU, for tests)")
+        elif torch.device(staging_device).type != "cpu":
+            raise ValueError(f"Invalid staging_device: {staging_device!r} (None for the parameters' GPU, or 'cpu' "
+                             f"for CPU-to-CPU tests)")
+        self._testing_cpu = staging_device is not None
+        self.chunk_bytes = int(chunk_mib * MiB)
+        self.gpu_budget_bytes = None if gpu_budget_mib is None else int(gpu_budget_mib * MiB)
+        self._device: torch.device | None = None
+        self._chunks: list[_Chunk] = []
+        self._chunk_of: dict[torch.Tensor, _Chunk] = {}
+        self._slots: list[torch.Tensor] = []
+        self._slot_free: list[Any] = []  # CUDA event per slot: its last copy out
+        self._streams: tuple[Any, Any] | None = None  # (copy in, copy out) side streams
+        super().__init__(params, *args, **kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def _state_layout(self, p: torch.Tensor) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(key, dtype, shape) of every state tensor of ``p`` except the step count."""
+        return [(b.key, b.torch_dtype(p.dtype), b.shape_for(p)) for b in self.variants[self.variant_of(p)].buffers
+                if b.key is not None]
+
+    def _state_bytes(self, p: torch.Tensor) -> int:
+        return sum(_align(math.prod(s) * torch.empty((), dtype=d).element_size()) for _, d, s in self._state_layout(p))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Also check, before anything is stored, that every parameter is on the one offload device and that
+        its states fit one chunk."""
+        if isinstance(param_group, dict):
+            params = param_group["params"]
+            param_group = {**param_group, "params": [params] if isinstance(params, torch.Tensor) else list(params)}
+            self._validate_params(param_group["params"])
+            device = self._device
+            for p in param_group["params"]:
+                if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+                    raise ValueError(f"{type(self).__name__}: sharded (DTensor) parameters cannot have offloaded "
+                                     f"states")
+                if p.device.type != ("cpu" if self._testing_cpu else "cuda"):
+                    need = "CPU parameters (staging_device='cpu')" if self._testing_cpu else "parameters on a CUDA GPU"
+                    raise ValueError(f"{type(self).__name__}: a parameter of shape {tuple(p.shape)} is on {p.device}; "
+                                     f"offloaded states need {need}")
+                if device is not None and p.device != device:
+                    raise ValueError(f"{type(self).__name__}: parameters on {device} and {p.device}; "
+                                     f"offload works with one device")
+                device = p.device
+                need_bytes = self._state_bytes(p)
+                if need_bytes > self.chunk_bytes:
+                    raise ValueError(f"{type(self).__name__}: the states of a parameter of shape {tuple(p.shape)} "
+                                     f"take {need_bytes / MiB:.2f} MiB, more than one chunk ({self.chunk_bytes / MiB:.2f}"
+                                     f" MiB); tensors are never split, so raise chunk_mib to at least "
+                                     f"{math.ceil(need_bytes / MiB)}")
+            super().add_param_group(param_group)
+            self._device = device
+        else:
+            super().add_param_group(param_group)  # the base class refuses it
+
+    def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
+        raise RuntimeError("gradient release is not supported with offloaded states: each parameter's step would "
+                           "move its whole chunk across the bus")
+
+    # ------------------------------------------------------------------ placement
+    def _alloc_host(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=not self._testing_cpu)
+
+    def _point(self, chunk: _Chunk, flat: torch.Tensor) -> None:
+        """Make every state tensor of the chunk a view into ``flat``."""
+        for e in chunk.entries:
+            self.state[e.param][e.key] = e.view(flat)
+
+    def _place(self, values: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        """Pack the given parameters' states (key -> tensor, any device) into new host chunks, in order, then
+        rebalance. Each chunk holds whole tensors of at most ``chunk_bytes``."""
+        pending: list[tuple[torch.Tensor, list[tuple[str, torch.dtype, tuple[int, ...]]]]] = []
+        size = 0
+
+        def close() -> None:
+            nonlocal size
+            if not pending:
+                return
+            entries, offset = [], 0
+            for p, layout in pending:
+                for key, dtype, shape in layout:
+                    entries.append(_Entry(p, key, offset, dtype, shape))
+                    offset += _align(entries[-1].nbytes)
+            chunk = _Chunk(entries, offset, host=self._alloc_host(offset))
+            for e in entries:
+                value = values[e.param][e.key]
+                if value.dtype != e.dtype or tuple(value.shape) != e.shape:
+                    raise RuntimeError(f"state '{e.key}' has dtype {value.dtype} and shape {tuple(value.shape)}, "
+                                       f"the spec's layout says {e.dtype} and {e.shape}")
+                e.view(chunk.host).copy_(value)
+                self._chunk_of[e.param] = chunk
+            self._point(chunk, chunk.host)
+            self._chunks.append(chunk)
+            pending.clear()
+            size = 0
+
+        for p in values:
+            need = self._state_bytes(p)
+            if size + need > self.chunk_bytes:
+                close()
+            pending.append((p, self._state_layout(p)))
+            size += need
+        close()
+        self._rebalance()
+
+    def _drop_chunks(self) -> None:
+        self.synchronize()
+        self._chunks.clear()
+        self._chunk_of.clear()
+
+    def _slot_count(self) -> int:
+        """Two staging slots (double buffering) unless the budget only leaves room for one."""
+        if self.gpu_budget_bytes is not None and self.gpu_budget_bytes < 2 * self.chunk_bytes:
+            return 1
+        return 2
+
+    def _rebalance(self) -> None:
+        """Page chunks in or out so that resident states + staging slots fit the budget."""
+        self.synchronize()
+        total = sum(c.nbytes for c in self._chunks)
+        resident: set[int] = set()
+        if self.gpu_budget_bytes is not None:
+            room = self.gpu_budget_bytes if total <= self.gpu_budget_bytes else \
+                self.gpu_budget_bytes - self._slot_count() * self.chunk_bytes
+            for k, c in enumerate(self._chunks):
+                if c.nbytes > room:
+                    break
+                resident.add(k)
+                room -= c.nbytes
+        device = self._staging_device()
+        for k, c in enumerate(self._chunks):  # out first: it frees GPU memory for what comes in
+            if k not in resident and c.gpu is not None:
+                c.host = self._alloc_host(c.nbytes)
+                c.host.copy_(c.gpu)
+                self._point(c, c.host)
+                c.gpu = None
+        for k, c in enumerate(self._chunks):
+            if k in resident and c.gpu is None:
+                c.gpu = torch.empty(c.nbytes, dtype=torch.uint8, device=device)
+                c.gpu.copy_(c.host)
+                self._point(c, c.gpu)
+                c.host, c.d2h_done = None, None
+        if len(resident) == len(self._chunks):
+            self._slots = []
+            for c in self._chunks:
+                c.staged.clear()
+
+    def _staging_device(self) -> torch.device:
+        return torch.device("cpu") if self._testing_cpu else self._device
+
+    def set_gpu_budget(self, gpu_budget_mib: float | None) -> None:
+        """Change the GPU memory budget for states (None: every state in pinned CPU memory); chunks page in or
+        out now. A budget below one chunk is refused and changes nothing."""
+        if gpu_budget_mib is not None and (isinstance(gpu_budget_mib, bool) or
+                                           not isinstance(gpu_budget_mib, (int, float)) or
+                                           not gpu_budget_mib * MiB >= self.chunk_bytes):
+            raise ValueError(f"Invalid gpu_budget_mib: {gpu_budget_mib!r} (None, or at least one chunk: "
+                             f"{self.chunk_bytes / MiB} MiB)")
+        self.gpu_budget_bytes = None if gpu_budget_mib is None else int(gpu_budget_mib * MiB)
+        if self._chunks:
+            self._rebalance()
+
+    def gpu_state_bytes(self) -> int:
+        """GPU bytes held for optimizer states now: resident chunks and staging slots."""
+        return sum(c.nbytes for c in self._chunks if c.gpu is not None) + sum(s.numel() for s in self._slots)
+
+    def synchronize(self) -> None:
+        """Wait for the copies of states back to pinned memory (before the CPU reads or writes them)."""
+        if self._streams is not None:
+            self._streams[1].synchronize()
+
+    # ------------------------------------------------------------------ step
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int]) -> None:
+        """The base class's step of one group, with each state list made of chunk views."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError("an offloaded optimizer's step cannot be compiled: it schedules copies on side "
+                               "streams (call step() outside torch.compile)")
+        new = [p for p in params if not self.state[p]]
+        if new:
+            init = {}
+            for p in new:  # fresh states built on the CPU, one parameter at a time: no GPU spike
+                init[p] = self.variants[self.variant_of(p)].init_state(p.detach().to("cpu", copy=True))
+                self.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+            self._place(init)
+        states = [self.state[p] for p in params]
+        device = params[0].device
+        calls: dict[_Chunk, list[tuple[str, list[int], torch.Tensor, tuple[torch.Tensor, ...]]]] = {}
+        scalars: dict[Any, torch.Tensor] = {}
+        # Host work first (step counts, scalars, rng tensors: small host-to-device copies that synchronize),
+        # so that the pipeline below only enqueues copies and kernels.
+        for key, idx in self._buckets(params, states).items():
+            t, variant = key[1], key[2]  # (device, step count, variant, ...)
+            if t not in scalars:
+                scalars[t] = self._scalars(group, t, device)
+            by_chunk: dict[_Chunk, list[int]] = {}
+            for i in idx:
+                by_chunk.setdefault(self._chunk_of[params[i]], []).append(i)
+            for chunk, sub in by_chunk.items():
+                rng = (make_rng(self.seed, t, [ids[i] for i in sub], device),) \
+                    if self.variants[variant].needs_rng else ()
+                calls.setdefault(chunk, []).append((variant, sub, scalars[t], rng))
+
+        def compute(chunk: _Chunk, views: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+            for variant, sub, sc, rng in calls[chunk]:
+                lists = []
+                for b in self.variants[variant].buffers:
+                    if b.key is not None:
+                        lists.append([views[params[i]][b.key] for i in sub])
+                    elif b.arg == "param":
+                        lists.append([params[i] for i in sub])
+                    else:
+                        lists.append([params[i].grad for i in sub])
+                self._kernel(device, variant)(*lists, sc, *rng)
+
+        order = sorted(calls, key=self._chunks.index)
+        self._run([c for c in order if c.gpu is not None], [c for c in order if c.gpu is None], compute)
+
+    def _run(self, resident: list[_Chunk], paged: list[_Chunk],
+             compute: Callable[[_Chunk, dict[torch.Tensor, dict[str, torch.Tensor]]], None]) -> None:
+        """Step resident chunks in place and stream the paged ones through the staging slots.
+
+        Copies in go on one side stream, copies out on another, kernels on the current stream; events order
+        them: a slot is refilled only after its last copy out, a chunk is copied in only after its previous
+        copy out, a chunk is stepped only after its copy in and copied out only after its step.
+        """
+        n_slots = self._slot_count()
+        if paged and len(self._slots) != n_slots:
+            self.synchronize()
+            self._slots = [torch.empty(self.chunk_bytes, dtype=torch.uint8, device=self._staging_device())
+                           for _ in range(n_slots)]
+            self._slot_free = [None] * n_slots
+            for c in self._chunks:
+                c.staged.clear()
+        cuda = not self._testing_cpu
+        if cuda and paged and self._streams is None:
+            self._streams = (torch.cuda.Stream(self._device), torch.cuda.Stream(self._device))
+        main = torch.cuda.current_stream(self._device) if cuda else None
+        loaded: list[Any] = [None] * len(paged)
+        slot_free = self._slot_free
+
+        def load(k: int) -> None:
+            chunk, slot = paged[k], self._slots[k % n_slots]
+            if not cuda:
+                slot[:chunk.nbytes].copy_(chunk.host)
+                return
+            stream = self._streams[0]
+            for event in (slot_free[k % n_slots], chunk.d2h_done):
+                if event is not None:
+                    stream.wait_event(event)
+            with torch.cuda.stream(stream):
+                slot[:chunk.nbytes].copy_(chunk.host, non_blocking=True)
+                loaded[k] = torch.cuda.Event()
+                loaded[k].record(stream)
+
+        for k in range(min(n_slots, len(paged))):
+            load(k)
+        for chunk in resident:
+            compute(chunk, {p: self.state[p] for p in {e.param for e in chunk.entries}})
+        for k, chunk in enumerate(paged):
+            s = k % n_slots
+            if s not in chunk.staged:
+                chunk.staged[s] = chunk.views(self._slots[s])
+            if cuda:
+                main.wait_event(loaded[k])
+            compute(chunk, chunk.staged[s])
+            if cuda:
+                stepped = torch.cuda.Event()
+                stepped.record(main)
+                stream = self._streams[1]
+                stream.wait_event(stepped)
+                with torch.cuda.stream(stream):
+                    chunk.host.copy_(self._slots[s][:chunk.nbytes], non_blocking=True)
+                    chunk.d2h_done = slot_free[s] = torch.cuda.Event()
+                    chunk.d2h_done.record(stream)
+            else:
+                chunk.host.copy_(self._slots[s][:chunk.nbytes])
+            if k + n_slots < len(paged):
+                load(k + n_slots)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """As the base class, but each state tensor is a copy (on the device its chunk is on now): the live
+        states are views of different dtypes into one buffer, which ``torch.save`` refuses."""
+        self.synchronize()
+        sd = super().state_dict()
+        sd["state"] = {index: {k: v if k == "step" else v.clone() for k, v in state.items()}
+                       for index, state in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check everything, load groups and seed, then copy the saved states straight into new chunks (the
+        base loader would first rebuild every state on the GPU)."""
+        self._check_state_dict(state_dict)
+        self._drop_chunks()
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        values = {}
+        for index, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(index)
+            if saved:
+                step = saved["step"]
+                self.state[p]["step"] = step.detach().to(device="cpu", dtype=step.dtype, copy=True).reshape(step.shape)
+                values[p] = {k: v for k, v in saved.items() if k != "step"}
+        self._place(values)
+
+    def load_torch_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As the base class (which builds the imported states on the parameters' device), then into chunks."""
+        self.synchronize()
+        super().load_torch_state_dict(state_dict)
+        values = {p: {k: v for k, v in s.items() if k != "step"} for p, s in self.state.items() if s}
+        self._drop_chunks()
+        self._place(values)
+
+    def _export(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """export_state of one parameter, its states brought to the parameter's device one tensor at a time."""
+        layout = self.variants[self.variant_of(p)]
+        state = self.state[p] if self.state[p] else layout.init_state(p.detach())
+        local = {k: v if k == "step" else v.to(p.device) for k, v in state.items()}
+        return layout.export_state(p.detach(), local)
+
+    def master_weights(self) -> list[torch.Tensor]:
+        self.synchronize()
+        return [self._export(p)["master"] for g in self.param_groups for p in g["params"]]
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """As the base class, with the fp32 states on the CPU (the full fp32 state need not fit the GPU)."""
+        self.synchronize()
+        sd = torch.optim.Optimizer.state_dict(self)
+        state = {}
+        for index, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            if self.state[p]:
+                values = self._export(p)
+                values.pop("master")
+                state[index] = {"step": self.state[p]["step"].clone(), **{k: v.cpu() for k, v in values.items()}}
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def offloaded(cls: type[OptgenOptimizer]) -> type[OptgenOptimizer]:
+    """The optimizer class ``cls`` with its states offloaded: ``offloaded(FlashAdamW)(params, lr=1e-3,
+    chunk_mib=64, gpu_budget_mib=None)``.
+
+    ``chunk_mib``: size of one chunk (and of each of the two GPU staging slots). ``gpu_budget_mib``: None keeps
+    every state in pinned CPU memory; a number keeps states on the GPU while they fit it (staging slots
+    included) and pages chunks out beyond it. ``staging_device='cpu'`` (tests only) runs everything CPU-to-CPU.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, OptgenOptimizer) or issubclass(cls, OffloadedOptimizer):
+        raise TypeError(f"offloaded() takes an optgen optimizer class, got {cls!r}")
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Offloaded{cls.__name__}", (OffloadedOptimizer, cls),
+                             {"__module__": __name__, "__doc__": f"{cls.__name__} with offloaded states. "
+                                                                 f"{offloaded.__doc__}"})
+    return _CLASSES[cls]
