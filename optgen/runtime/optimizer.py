@@ -245,9 +245,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 ids.append(first_id + k)
         return params, ids
 
-    def _init_group(self, params: list[torch.Tensor]) -> None:
-        """Create missing state lazily. Dynamo runs a method of this name eagerly, from the real objects:
-        it must take only the parameters (a list of state dicts would be copied)."""
+    def _create_states(self, params: list[torch.Tensor]) -> None:
+        """Create missing state lazily. Not named ``_init_group``: Dynamo runs a method of that name eagerly and
+        refuses to when backward ran in the same graph (a pending ``.grad`` mutation), so a compiled training
+        step (forward, backward, step) could not be one graph. Traced, it creates the states in the graph."""
         for p in params:
             state = self.state[p]
             if not state:
@@ -311,7 +312,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int]) -> None:
         """One launch per (device, step count, variant); ``ids`` are the parameters' stable ids."""
-        self._init_group(params)
+        self._create_states(params)
         states = [self.state[p] for p in params]
         for (device, t, variant), idx in self._buckets(params, states).items():
             lists = []
@@ -340,8 +341,22 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return attach(self, model)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._release is None:
-            super().zero_grad(set_to_none)
+        """As torch.optim's, but traceable: torch's is excluded from Dynamo, which would split a compiled
+        training step in two. Nothing to do with gradient release attached (no gradient outlives backward)."""
+        if self._release is not None:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
