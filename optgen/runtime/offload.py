@@ -267,7 +267,9 @@ class OffloadedOptimizer(OptgenOptimizer):
         return sum(c.nbytes for c in self._chunks if c.gpu is not None) + sum(s.numel() for s in self._slots)
 
     def synchronize(self) -> None:
-        """Wait for the copies of states back to pinned memory (before the CPU reads or writes them)."""
+        """Wait for the copies of states back to pinned memory. ``step()`` returns without waiting (the last
+        copies overlap what follows); ``state_dict()`` and the other checkpoint methods call this first, and
+        code that reads ``optimizer.state`` on the CPU right after a step should too."""
         if self._streams is not None:
             self._streams[1].synchronize()
 
