@@ -14,7 +14,7 @@ from optgen.optim import AdamW, AdamW8bit, FlashAdamW, Lamb, Lamb16, StochasticA
 from optgen.runtime.offload import MiB, OffloadedOptimizer
 
 # quantized tensors (>= 4096 elements), small ones (fp32-state variant), an odd size, a 0-d-like vector
-SHAPES = [(64, 96), (33,), (80, 70), (4099,), (7, 5), (128, 40), (96, 64), (50, 100), (4100,)]
+SHAPES = [(64, 96), (33,), (80, 70), (4099,), (7, 5), (128, 40), (0, 3), (96, 64), (50, 100), (4100,)]
 SPECS = [(AdamW, torch.float32), (FlashAdamW, torch.bfloat16), (AdamW8bit, torch.float32),
          (StochasticAdamW, torch.bfloat16), (Lamb, torch.float32), (Lamb16, torch.float32)]
 
@@ -261,3 +261,22 @@ def test_misuse_is_refused():
     with pytest.raises(RuntimeError, match="gradient release"):
         opt.attach_gradient_release()
     assert offloaded(AdamW) is type(opt) and isinstance(opt, AdamW)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU file runs the real kernel")
+@pytest.mark.parametrize("cls,dtype", [(FlashAdamW, torch.bfloat16), (Lamb, torch.float32)], ids=["FlashAdamW", "Lamb"])
+def test_triton_kernel_on_staging_views(cls, dtype):
+    """The Triton launcher (interpreted on the CPU) on staging views: its launch plans are cached by buffer
+    address, and every chunk passes through the same two slots."""
+    shapes = [(64, 80), (4100,), (40,), (96, 48), (0, 3), (70, 64)]
+    g = torch.Generator().manual_seed(6)
+    base = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    pa, pb = clone(base), clone(base)
+    plain = cls(pa, backend="triton")
+    opt = offloaded(cls)(pb, backend="triton", chunk_mib=chunk_mib(cls, base), staging_device="cpu")
+    for step in range(3):
+        set_grads([pa, pb], step)
+        plain.step()
+        opt.step()
+        assert_same(plain, pa, opt, pb)
+    assert len(opt._chunks) > 2 and all(c.gpu is None for c in opt._chunks)
