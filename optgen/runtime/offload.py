@@ -7,23 +7,26 @@ pinned CPU memory or on the GPU ("resident").
 
 A step streams each CPU chunk through a GPU staging slot: copy in on one side stream, run the same fused
 kernel as the plain optimizer on the staging views (the kernel takes lists of tensors, so a chunk is just
-another list), copy out on another side stream. Two slots double-buffer it: chunk k+1 comes in and chunk
-k-1 goes out while chunk k is stepped. Parameters and gradients never move, so GPU memory for offloaded
-states is the staging slots, whatever the model size. Results are bit-identical to the plain step: the
-same kernel sees the same bytes, and the stochastic-rounding stream of a tensor depends only on its id.
+another list), copy out on another side stream. Slots rotate (three by default): chunk k+1 comes in and
+chunk k-1 goes out while chunk k is stepped; the third slot keeps the next copy in from waiting for the
+kernel. Parameters and gradients never move, so GPU memory for offloaded states is the staging slots,
+whatever the model size. Results are bit-identical to the plain step: the same kernel sees the same bytes,
+and the stochastic-rounding stream of a tensor depends only on its id.
 
 Paged states (``gpu_budget_mib``): chunks stay resident while all states fit the budget; beyond it, chunks
 are paged out to pinned CPU memory (and back in when the budget allows, e.g. after ``set_gpu_budget``),
 with explicit copies, never CUDA managed memory.
 
-Why chunks of whole tensors: quantized codecs are group-wise and some specs have whole-tensor reductions
-(LAMB's trust ratio) or per-tensor scales (Lamb16), so a tensor is never split; a tensor whose state is
-larger than one chunk is refused at construction (raise ``chunk_mib``).
+Chunks hold whole tensors. A tensor whose states exceed one chunk gets a chunk of its own that is streamed
+in pieces: flat views of the parameter, gradient and states at offsets aligned to every quantization group,
+which is exact only for element- or group-wise updates. Specs with whole-tensor values (LAMB's trust ratio,
+Lamb16's per-tensor scales) or stochastic rounding (random bits by element index) refuse such a tensor at
+construction, naming the ``chunk_mib`` that fits.
 
 Why this design and not stepping on the CPU (torchao's CPUOffloadOptimizer): see benchmarks/offload_bench.py,
 which measures both. A quantized state crosses the bus in fewer bytes than the gradient + parameter that a
-CPU step moves for fp32 parameters, the GPU kernel is bandwidth-bound and far faster than the CPU fallback,
-and the result is the GPU step bit for bit.
+CPU step moves, the GPU kernel is bandwidth-bound and far faster than the CPU fallback, and the result is
+the GPU step bit for bit.
 """
 
 from __future__ import annotations
@@ -48,20 +51,31 @@ def _align(n: int) -> int:
 
 @dataclass(frozen=True)
 class _Entry:
-    """One state tensor of one parameter inside a chunk."""
+    """One state tensor of one parameter inside a chunk (``kind`` and ``group`` as in ``Buffer.shape``)."""
 
     param: torch.Tensor
     key: str
     offset: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    kind: str
+    group: int
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.itemsize
 
     def view(self, flat: torch.Tensor) -> torch.Tensor:
         return flat[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+    def byte_range(self, a: int, b: int) -> tuple[int, int]:
+        """The bytes of this state that hold the parameter's elements [a, b) (a is group-aligned)."""
+        per = {"param": 1, "groups": self.group, "half": 2}[self.kind]
+        return a // per * self.itemsize, -(-b // per) * self.itemsize
 
 
 @dataclass(eq=False)
@@ -70,10 +84,12 @@ class _Chunk:
 
     entries: list[_Entry]
     nbytes: int
+    pieces: list[tuple[int, int]] | None = None  # element ranges of a one-tensor chunk larger than a slot
     host: torch.Tensor | None = None
     gpu: torch.Tensor | None = None
     d2h_done: Any = None  # CUDA event of the last copy back to ``host``
-    staged: dict[int, dict[torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=dict)  # slot -> views
+    staged: dict[tuple[int, int | None], tuple[list[tuple[int, int, int]], dict[torch.Tensor, dict[str, torch.Tensor]]]] = \
+        field(default_factory=dict)  # (slot, piece) -> (copies, views)
 
     def views(self, flat: torch.Tensor) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
         out: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
@@ -81,12 +97,29 @@ class _Chunk:
             out.setdefault(e.param, {})[e.key] = e.view(flat)
         return out
 
+    def staging(self, slot: torch.Tensor, piece: int | None
+                ) -> tuple[list[tuple[int, int, int]], dict[torch.Tensor, dict[str, torch.Tensor]]]:
+        """What one unit (the whole chunk, or piece ``piece``) copies between host and ``slot`` as (slot offset,
+        host offset, bytes), and the state views the kernel gets in the slot (1-d for a piece)."""
+        if piece is None:
+            return [(0, 0, self.nbytes)], self.views(slot)
+        a, b = self.pieces[piece]
+        copies, views, offset = [], {}, 0
+        for e in self.entries:
+            lo, hi = e.byte_range(a, b)
+            copies.append((offset, e.offset + lo, hi - lo))
+            views.setdefault(e.param, {})[e.key] = slot[offset:offset + hi - lo].view(e.dtype)
+            offset += _align(hi - lo)
+        return copies, views
+
 
 class OffloadedOptimizer(OptgenOptimizer):
     """Base of ``offloaded(cls)``: the optimizer ``cls`` with its states in chunks (see the module doc)."""
 
     def __init__(self, params: Iterable[Any], *args: Any, chunk_mib: float = 64, gpu_budget_mib: float | None = None,
-                 staging_device: str | torch.device | None = None, **kwargs: Any) -> None:
+                 staging_buffers: int = 3, staging_device: str | torch.device | None = None, **kwargs: Any) -> None:
+        if isinstance(staging_buffers, bool) or not isinstance(staging_buffers, int) or staging_buffers < 1:
+            raise ValueError(f"Invalid staging_buffers: {staging_buffers!r} (an int >= 1)")
         if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, (int, float)) or not chunk_mib > 0 or \
                 not math.isfinite(chunk_mib):
             raise ValueError(f"Invalid chunk_mib: {chunk_mib!r} (a positive number of MiB)")
@@ -106,6 +139,7 @@ class OffloadedOptimizer(OptgenOptimizer):
                              f"for CPU-to-CPU tests)")
         self._testing_cpu = staging_device is not None
         self.chunk_bytes = int(chunk_mib * MiB)
+        self.staging_buffers = staging_buffers
         self.gpu_budget_bytes = None if gpu_budget_mib is None else int(gpu_budget_mib * MiB)
         self._device: torch.device | None = None
         self._chunks: list[_Chunk] = []
@@ -116,13 +150,39 @@ class OffloadedOptimizer(OptgenOptimizer):
         super().__init__(params, *args, **kwargs)
 
     # ------------------------------------------------------------------ validation
-    def _state_layout(self, p: torch.Tensor) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """(key, dtype, shape) of every state tensor of ``p`` except the step count."""
-        return [(b.key, b.torch_dtype(p.dtype), b.shape_for(p)) for b in self.variants[self.variant_of(p)].buffers
-                if b.key is not None]
+    def _state_layout(self, p: torch.Tensor) -> list[tuple[str, torch.dtype, tuple[int, ...], str, int]]:
+        """(key, dtype, shape, shape kind, group) of every state tensor of ``p`` except the step count."""
+        return [(b.key, b.torch_dtype(p.dtype), b.shape_for(p), b.shape, b.group)
+                for b in self.variants[self.variant_of(p)].buffers if b.key is not None]
 
     def _state_bytes(self, p: torch.Tensor) -> int:
-        return sum(_align(math.prod(s) * torch.empty((), dtype=d).element_size()) for _, d, s in self._state_layout(p))
+        return sum(_align(math.prod(s) * torch.empty((), dtype=d).element_size()) for _, d, s, _, _ in self._state_layout(p))
+
+    def _unsplittable(self, p: torch.Tensor) -> str | None:
+        """Why ``p``'s states cannot be stepped in pieces (None if they can): pieces are views of the flattened
+        tensor at group-aligned offsets, which is exact only for an update that is element- (or group-) wise."""
+        v = self.variants[self.variant_of(p)]
+        if v.needs_rng:
+            return "its stochastic rounding draws random bits by element index within the tensor"
+        if getattr(v, "global_values", True) or any(b.shape == "scalar" for b in v.buffers):
+            return "the update needs whole-tensor values (a reduction, a per-tensor scale or the element count)"
+        if not p.is_contiguous():
+            return "the parameter is not contiguous"
+        return None
+
+    def _pieces(self, p: torch.Tensor) -> list[tuple[int, int]] | None:
+        """Element ranges of ``p`` whose states fit one staging slot each, starting on multiples of every
+        quantization group (and of 16 elements, so every view stays 16-byte aligned); None if none fits."""
+        layout = self._state_layout(p)
+        quantum = math.lcm(16, *(16 * g if kind == "groups" else 32 if kind == "half" else 16
+                                 for _, _, _, kind, g in layout))
+        per_quantum = sum(quantum // {"param": 1, "groups": g, "half": 2}[kind] *
+                          torch.empty((), dtype=d).element_size() for _, d, _, kind, g in layout)
+        quanta = (self.chunk_bytes - ALIGN * len(layout)) // per_quantum
+        if quanta < 1:
+            return None
+        step, n = quanta * quantum, p.numel()
+        return [(a, min(a + step, n)) for a in range(0, n, step)]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Also check, before anything is stored, that every parameter is on the one offload device and that
@@ -146,10 +206,13 @@ class OffloadedOptimizer(OptgenOptimizer):
                 device = p.device
                 need_bytes = self._state_bytes(p)
                 if need_bytes > self.chunk_bytes:
-                    raise ValueError(f"{type(self).__name__}: the states of a parameter of shape {tuple(p.shape)} "
-                                     f"take {need_bytes / MiB:.2f} MiB, more than one chunk ({self.chunk_bytes / MiB:.2f}"
-                                     f" MiB); tensors are never split, so raise chunk_mib to at least "
-                                     f"{math.ceil(need_bytes / MiB)}")
+                    why = self._unsplittable(p) or (None if self._pieces(p) else "one quantization group's "
+                                                    "states do not fit a chunk")
+                    if why is not None:
+                        raise ValueError(f"{type(self).__name__}: the states of a parameter of shape {tuple(p.shape)} "
+                                         f"take {need_bytes / MiB:.2f} MiB, more than one chunk "
+                                         f"({self.chunk_bytes / MiB:.2f} MiB), and cannot be stepped in pieces: {why}; "
+                                         f"raise chunk_mib to at least {math.ceil(need_bytes / MiB)}")
             super().add_param_group(param_group)
             self._device = device
         else:
@@ -170,20 +233,21 @@ class OffloadedOptimizer(OptgenOptimizer):
 
     def _place(self, values: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
         """Pack the given parameters' states (key -> tensor, any device) into new host chunks, in order, then
-        rebalance. Each chunk holds whole tensors of at most ``chunk_bytes``."""
-        pending: list[tuple[torch.Tensor, list[tuple[str, torch.dtype, tuple[int, ...]]]]] = []
+        rebalance. A chunk holds whole tensors of at most ``chunk_bytes``, or the states of one larger tensor,
+        which is then streamed in pieces."""
+        pending: list[torch.Tensor] = []
         size = 0
 
-        def close() -> None:
+        def close(pieces: list[tuple[int, int]] | None = None) -> None:
             nonlocal size
             if not pending:
                 return
             entries, offset = [], 0
-            for p, layout in pending:
-                for key, dtype, shape in layout:
-                    entries.append(_Entry(p, key, offset, dtype, shape))
+            for p in pending:
+                for key, dtype, shape, kind, group in self._state_layout(p):
+                    entries.append(_Entry(p, key, offset, dtype, shape, kind, group))
                     offset += _align(entries[-1].nbytes)
-            chunk = _Chunk(entries, offset, host=self._alloc_host(offset))
+            chunk = _Chunk(entries, offset, pieces, host=self._alloc_host(offset))
             for e in entries:
                 value = values[e.param][e.key]
                 if value.dtype != e.dtype or tuple(value.shape) != e.shape:
@@ -200,8 +264,10 @@ class OffloadedOptimizer(OptgenOptimizer):
             need = self._state_bytes(p)
             if size + need > self.chunk_bytes:
                 close()
-            pending.append((p, self._state_layout(p)))
+            pending.append(p)
             size += need
+            if need > self.chunk_bytes:
+                close(self._pieces(p))
         close()
         self._rebalance()
 
@@ -211,10 +277,10 @@ class OffloadedOptimizer(OptgenOptimizer):
         self._chunk_of.clear()
 
     def _slot_count(self) -> int:
-        """Two staging slots (double buffering) unless the budget only leaves room for one."""
-        if self.gpu_budget_bytes is not None and self.gpu_budget_bytes < 2 * self.chunk_bytes:
-            return 1
-        return 2
+        """``staging_buffers`` slots, or as many as the budget has room for."""
+        if self.gpu_budget_bytes is None:
+            return self.staging_buffers
+        return max(1, min(self.staging_buffers, self.gpu_budget_bytes // self.chunk_bytes))
 
     def _rebalance(self) -> None:
         """Page chunks in or out so that resident states + staging slots fit the budget."""
@@ -304,28 +370,35 @@ class OffloadedOptimizer(OptgenOptimizer):
                     if self.variants[variant].needs_rng else ()
                 calls.setdefault(chunk, []).append((variant, sub, scalars[t], rng))
 
-        def compute(chunk: _Chunk, views: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        def compute(chunk: _Chunk, views: dict[torch.Tensor, dict[str, torch.Tensor]], piece: int | None) -> None:
+            span = None if piece is None else chunk.pieces[piece]
+
+            def part(t: torch.Tensor) -> torch.Tensor:
+                """A whole tensor, or (one tensor streamed in pieces) the flat view of this piece's elements."""
+                return t if span is None else t.reshape(-1)[span[0]:span[1]]
+
             for variant, sub, sc, rng in calls[chunk]:
                 lists = []
-                for b in self.variants[variant].buffers:
-                    if b.key is not None:
-                        lists.append([views[params[i]][b.key] for i in sub])
-                    elif b.arg == "param":
-                        lists.append([params[i] for i in sub])
+                for buf in self.variants[variant].buffers:
+                    if buf.key is not None:
+                        lists.append([views[params[i]][buf.key] for i in sub])
                     else:
-                        lists.append([params[i].grad for i in sub])
+                        lists.append([part(params[i] if buf.arg == "param" else params[i].grad) for i in sub])
                 self._kernel(device, variant)(*lists, sc, *rng)
 
         order = sorted(calls, key=self._chunks.index)
         self._run([c for c in order if c.gpu is not None], [c for c in order if c.gpu is None], compute)
 
     def _run(self, resident: list[_Chunk], paged: list[_Chunk],
-             compute: Callable[[_Chunk, dict[torch.Tensor, dict[str, torch.Tensor]]], None]) -> None:
-        """Step resident chunks in place and stream the paged ones through the staging slots.
+             compute: Callable[[_Chunk, dict[torch.Tensor, dict[str, torch.Tensor]], int | None], None]) -> None:
+        """Step resident chunks in place and stream the paged ones (whole, or piece by piece) through the
+        staging slots, unit k in slot k mod n.
 
         Copies in go on one side stream, copies out on another, kernels on the current stream; events order
         them: a slot is refilled only after its last copy out, a chunk is copied in only after its previous
-        copy out, a chunk is stepped only after its copy in and copied out only after its step.
+        copy out, a unit is stepped only after its copy in and copied out only after its step. With three
+        slots, a unit comes in while the one before it is stepped and the one before that goes out, with no
+        wait on the kernel in between.
         """
         n_slots = self._slot_count()
         if paged and len(self._slots) != n_slots:
@@ -339,46 +412,58 @@ class OffloadedOptimizer(OptgenOptimizer):
         if cuda and paged and self._streams is None:
             self._streams = (torch.cuda.Stream(self._device), torch.cuda.Stream(self._device))
         main = torch.cuda.current_stream(self._device) if cuda else None
-        loaded: list[Any] = [None] * len(paged)
+        units = [(c, j) for c in paged for j in ([None] if c.pieces is None else range(len(c.pieces)))]
+        loaded: list[Any] = [None] * len(units)
         slot_free = self._slot_free
 
+        def staging(k: int) -> tuple[list[tuple[int, int, int]], dict[torch.Tensor, dict[str, torch.Tensor]]]:
+            chunk, piece = units[k]
+            key = (k % n_slots, piece)
+            if key not in chunk.staged:
+                chunk.staged[key] = chunk.staging(self._slots[k % n_slots], piece)
+            return chunk.staged[key]
+
         def load(k: int) -> None:
-            chunk, slot = paged[k], self._slots[k % n_slots]
+            chunk, slot = units[k][0], self._slots[k % n_slots]
+            copies = staging(k)[0]
             if not cuda:
-                slot[:chunk.nbytes].copy_(chunk.host)
+                for at, src, n in copies:
+                    slot[at:at + n].copy_(chunk.host[src:src + n])
                 return
             stream = self._streams[0]
             for event in (slot_free[k % n_slots], chunk.d2h_done):
                 if event is not None:
                     stream.wait_event(event)
             with torch.cuda.stream(stream):
-                slot[:chunk.nbytes].copy_(chunk.host, non_blocking=True)
+                for at, src, n in copies:
+                    slot[at:at + n].copy_(chunk.host[src:src + n], non_blocking=True)
                 loaded[k] = torch.cuda.Event()
                 loaded[k].record(stream)
 
-        for k in range(min(n_slots, len(paged))):
+        for k in range(min(n_slots, len(units))):
             load(k)
         for chunk in resident:
-            compute(chunk, {p: self.state[p] for p in {e.param for e in chunk.entries}})
-        for k, chunk in enumerate(paged):
+            compute(chunk, {p: self.state[p] for p in {e.param for e in chunk.entries}}, None)
+        for k, (chunk, piece) in enumerate(units):
             s = k % n_slots
-            if s not in chunk.staged:
-                chunk.staged[s] = chunk.views(self._slots[s])
+            copies, views = staging(k)
             if cuda:
                 main.wait_event(loaded[k])
-            compute(chunk, chunk.staged[s])
+            compute(chunk, views, piece)
             if cuda:
                 stepped = torch.cuda.Event()
                 stepped.record(main)
                 stream = self._streams[1]
                 stream.wait_event(stepped)
                 with torch.cuda.stream(stream):
-                    chunk.host.copy_(self._slots[s][:chunk.nbytes], non_blocking=True)
+                    for at, dst, n in copies:
+                        chunk.host[dst:dst + n].copy_(self._slots[s][at:at + n], non_blocking=True)
                     chunk.d2h_done = slot_free[s] = torch.cuda.Event()
                     chunk.d2h_done.record(stream)
             else:
-                chunk.host.copy_(self._slots[s][:chunk.nbytes])
-            if k + n_slots < len(paged):
+                for at, dst, n in copies:
+                    chunk.host[dst:dst + n].copy_(self._slots[s][at:at + n])
+            if k + n_slots < len(units):
                 load(k + n_slots)
 
     # ------------------------------------------------------------------ checkpoints
@@ -395,8 +480,9 @@ class OffloadedOptimizer(OptgenOptimizer):
         """Check everything, load groups and seed, then copy the saved states straight into new chunks (the
         base loader would first rebuild every state on the GPU)."""
         self._check_state_dict(state_dict)
-        self._drop_chunks()
+        self.synchronize()
         super().load_state_dict({**state_dict, "state": {}})
+        self._drop_chunks()
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         values = {}
@@ -445,11 +531,12 @@ _CLASSES: dict[type, type] = {}
 
 def offloaded(cls: type[OptgenOptimizer]) -> type[OptgenOptimizer]:
     """The optimizer class ``cls`` with its states offloaded: ``offloaded(FlashAdamW)(params, lr=1e-3,
-    chunk_mib=64, gpu_budget_mib=None)``.
+    chunk_mib=64, gpu_budget_mib=None, staging_buffers=3)``.
 
-    ``chunk_mib``: size of one chunk (and of each of the two GPU staging slots). ``gpu_budget_mib``: None keeps
-    every state in pinned CPU memory; a number keeps states on the GPU while they fit it (staging slots
-    included) and pages chunks out beyond it. ``staging_device='cpu'`` (tests only) runs everything CPU-to-CPU.
+    ``chunk_mib``: size of one chunk and of each GPU staging slot. ``gpu_budget_mib``: None keeps every state
+    in pinned CPU memory; a number keeps states on the GPU while they fit it (staging slots included) and
+    pages chunks out beyond it. ``staging_buffers``: number of staging slots (fewer if the budget is smaller).
+    ``staging_device='cpu'`` (tests only) runs everything CPU-to-CPU.
     """
     if not isinstance(cls, type) or not issubclass(cls, OptgenOptimizer) or issubclass(cls, OffloadedOptimizer):
         raise TypeError(f"offloaded() takes an optgen optimizer class, got {cls!r}")
