@@ -4,11 +4,12 @@ One run measures, on one GPU:
 
 * host<->device copy bandwidth with pinned memory: host-to-device alone, device-to-host alone, and both at
   once on two streams (the aggregate is what design (a) can use, since it copies both ways concurrently);
-* for FlashAdamW (bf16 parameters) and AdamW8bit (fp32 parameters): the plain on-GPU step, design (a)
-  (``optgen.offloaded``: states in pinned CPU memory streamed through two GPU staging chunks, the same fused
-  kernel), paged states with a GPU budget of half the state, and design (b) (step on the CPU with the
-  PyTorch fallback, gradients down and parameters up: torchao's CPUOffloadOptimizer idea, with optgen's
-  states; run on a subset of the parameters, see ``--cpu-step-mparams``, as the CPU step is slow);
+* for FlashAdamW (bf16 parameters) and AdamW8bit (fp32 parameters): the plain on-GPU step; design (a)
+  (``optgen.offloaded``: states in pinned CPU memory streamed through GPU staging chunks into the same fused
+  kernel, with 3 and with 2 staging buffers); paged states with a GPU budget of half the state; and design
+  (b) (step on the CPU with the PyTorch fallback, gradients down and parameters up: torchao's
+  CPUOffloadOptimizer idea with optgen's states; on a subset of the parameters, ``--cpu-step-mparams``, one
+  warm-up step and at most 3 timed, as the CPU step is slow);
 * torchao's ``CPUOffloadOptimizer`` (torch AdamW, fused, on the CPU) and bitsandbytes' ``PagedAdamW8bit``
   (CUDA managed memory) where they import.
 
@@ -274,8 +275,11 @@ def main() -> None:
         half_budget = max(state_bpe * n_all * 1e6 / 2 / MiB, 3 * chunk_mib)
         entries: list[tuple[Row, Callable, list, Any]] = [
             (Row(name, "optgen on GPU (reference)", n_all), lambda ps, c=cls: c(ps, **plain_kw), shapes, None),
-            (Row(name, "optgen offloaded (a): chunks streamed", n_all),
+            (Row(name, "optgen offloaded (a), 3 staging buffers", n_all),
              lambda ps, c=cls: offloaded(c)(ps, chunk_mib=chunk_mib, **staging), shapes, offload_bus),
+            (Row(name, "optgen offloaded (a), 2 staging buffers", n_all),
+             lambda ps, c=cls: offloaded(c)(ps, chunk_mib=chunk_mib, staging_buffers=2, **staging), shapes,
+             offload_bus),
             (Row(name, f"optgen paged, budget {half_budget:.0f} MiB", n_all),
              lambda ps, c=cls, b=half_budget: offloaded(c)(ps, chunk_mib=chunk_mib, gpu_budget_mib=b, **staging),
              shapes, offload_bus),
@@ -284,11 +288,22 @@ def main() -> None:
         ]
         for row, make, set_shapes, bus in entries:
             log(f"{row.optimizer} / {row.impl} ...")
+            cpu_step = set_shapes is cpu_shapes  # slow: one warm-up step (compiles) and at most 3 timed
+            warmup, iters = (1, min(3, args.iters)) if cpu_step else (args.warmup, args.iters)
             try:
-                rows.append(run_row(row, make, set_shapes, dtype, device, args.warmup, args.iters, bus))
+                rows.append(run_row(row, make, set_shapes, dtype, device, warmup, iters, bus))
             except Exception as exc:  # noqa: BLE001 - a failing row is reported, the others still run
                 row.note = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
                 rows.append(row)
+                if cpu_step and args.cpu_backend == "inductor":  # no C++ toolchain, say: measure eager
+                    log(f"inductor CPU step failed ({exc}); eager instead")
+                    retry = Row(name, "optgen CPU step (b), eager", n_cpu)
+                    try:
+                        rows.append(run_row(retry, lambda ps, c=cls: CpuStep(c, ps, "eager"), set_shapes, dtype,
+                                            device, warmup, iters, bus))
+                    except Exception as exc2:  # noqa: BLE001 - reported like any failing row
+                        retry.note = f"failed: {type(exc2).__name__}: {str(exc2)[:120]}"
+                        rows.append(retry)
             gc.collect()
 
     peers = []
