@@ -181,6 +181,24 @@ def test_state_dict_round_trip(cls, dtype):
         assert_same(plain, p_plain, opt2, p_fromplain)
 
 
+def test_bad_state_dict_changes_nothing():
+    base = make_params(torch.float32, 9)
+    pa, pb = clone(base), clone(base)
+    plain, opt = AdamW8bit(pa), off(AdamW8bit, pb, 4.0)
+    set_grads([pa, pb], 0)
+    plain.step()
+    opt.step()
+    bad = opt.state_dict()
+    bad["state"][0]["m"] = bad["state"][0]["m"].float()  # uint8 codes saved as float: refused
+    with pytest.raises(ValueError, match="state 'm' of parameter 0"):
+        opt.load_state_dict(bad)
+    assert_in_chunks(opt)
+    set_grads([pa, pb], 1)
+    plain.step()
+    opt.step()
+    assert_same(plain, pa, opt, pb)
+
+
 def test_torch_layout_export_and_import():
     base = make_params(torch.bfloat16, 4)
     pa, pb = clone(base), clone(base)
