@@ -24,9 +24,10 @@ Lamb16's per-tensor scales) or stochastic rounding (random bits by element index
 construction, naming the ``chunk_mib`` that fits.
 
 Why this design and not stepping on the CPU (torchao's CPUOffloadOptimizer): see benchmarks/offload_bench.py,
-which measures both. A quantized state crosses the bus in fewer bytes than the gradient + parameter that a
-CPU step moves, the GPU kernel is bandwidth-bound and far faster than the CPU fallback, and the result is
-the GPU step bit for bit.
+which measures both. Streaming moves the compressed states both ways at once; a CPU step moves the gradient
+down and then the parameter up, one after the other, with a CPU step in between that for a quantized spec
+is orders of magnitude slower than the bandwidth-bound GPU kernel; and streaming keeps the GPU step's result
+bit for bit.
 """
 
 from __future__ import annotations
