@@ -340,3 +340,18 @@ def test_triton_kernel_on_staging_views(cls, dtype):
         opt.step()
         assert_same(plain, pa, opt, pb)
     assert len(opt._chunks) > 2 and all(c.gpu is None for c in opt._chunks)
+
+
+def test_sharded_parameters_are_refused():
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="sharded"):
+            offloaded(AdamW)([p], staging_device="cpu")
+    finally:
+        dist.destroy_process_group()

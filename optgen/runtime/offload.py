@@ -50,6 +50,14 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 @dataclass(frozen=True)
 class _Entry:
     """One state tensor of one parameter inside a chunk (``kind`` and ``group`` as in ``Buffer.shape``)."""
@@ -194,7 +202,7 @@ class OffloadedOptimizer(OptgenOptimizer):
             self._validate_params(param_group["params"])
             device = self._device
             for p in param_group["params"]:
-                if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+                if _is_dtensor(p):
                     raise ValueError(f"{type(self).__name__}: sharded (DTensor) parameters cannot have offloaded "
                                      f"states")
                 if p.device.type != ("cpu" if self._testing_cpu else "cuda"):
