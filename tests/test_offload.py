@@ -355,3 +355,34 @@ def test_sharded_parameters_are_refused():
             offloaded(AdamW)([p], staging_device="cpu")
     finally:
         dist.destroy_process_group()
+
+
+def test_training_loop_is_unchanged():
+    """A real loop (forward, backward, step, zero_grad, LR schedule) gives the same losses and weights, with
+    one chunk resident, one streamed whole and one tensor streamed in pieces."""
+    def model(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 128),
+                                   torch.nn.GELU(), torch.nn.Linear(128, 10))
+
+    ma, mb = model(0), model(0)
+    plain = AdamW8bit(ma.parameters(), lr=1e-2)
+    opt = offloaded(AdamW8bit)(mb.parameters(), lr=1e-2, chunk_mib=0.05, staging_buffers=1, staging_device="cpu")
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6) for o in (plain, opt)]
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+        losses = []
+        for m, o, s in zip((ma, mb), (plain, opt), scheds):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            o.step()
+            o.zero_grad()
+            s.step()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1])
+        if step == 0:  # room for the first chunk beside the one staging slot
+            opt.set_gpu_budget((opt.chunk_bytes + opt._chunks[0].nbytes) / MiB)
+    assert_same(plain, list(ma.parameters()), opt, list(mb.parameters()))
+    assert [c.gpu is not None for c in opt._chunks] == [True, False, False]
+    assert [c.pieces is not None for c in opt._chunks] == [False, True, False]
