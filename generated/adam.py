@@ -100,7 +100,8 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def adam_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
+    """
     weight_decay, beta1, c0, beta2, c1, c2, eps, c3 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -146,9 +147,9 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
@@ -173,7 +174,8 @@ if triton is not None:
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher = MultiTensorLauncher(adam_step_kernel, adam_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8)
+    _launcher = MultiTensorLauncher(adam_step_kernel, adam_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
+                                   written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::adam_step_triton", mutates_args=('param', 'state_m', 'state_v'))
     def adam_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -189,8 +191,8 @@ MAIN_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
-        Buffer('state_v', 'v', 'float32', written=True),
+        Buffer('state_m', 'm', 'float32', written=True, state='exp_avg'),
+        Buffer('state_v', 'v', 'float32', written=True, state='exp_avg_sq'),
     ),
     init_state=init_state,
     export_state=export_state,

@@ -105,7 +105,8 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def adamw4bit_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
+    """
     c0, beta1, c1, beta2, c2, c3, eps, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -153,9 +154,9 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.uint8)), 16)
@@ -182,7 +183,8 @@ if triton is not None:
         dynamic.triton_encode_q4(v_1, state_v, state_v_scale, offs, mask, False)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=128, num_warps=8)
+    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=128, num_warps=8,
+                                   written=(0, 2, 3, 4, 5))
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
     def adamw4bit_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -198,10 +200,10 @@ MAIN_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'uint8', written=True, shape='half'),
-        Buffer('state_m_scale', 'm_scale', 'float32', written=True, shape='groups', group=128),
-        Buffer('state_v', 'v', 'uint8', written=True, shape='half'),
-        Buffer('state_v_scale', 'v_scale', 'float32', written=True, shape='groups', group=128),
+        Buffer('state_m', 'm', 'uint8', written=True, shape='half', state='exp_avg'),
+        Buffer('state_m_scale', 'm_scale', 'float32', written=True, shape='groups', group=128, state='exp_avg'),
+        Buffer('state_v', 'v', 'uint8', written=True, shape='half', state='exp_avg_sq'),
+        Buffer('state_v_scale', 'v_scale', 'float32', written=True, shape='groups', group=128, state='exp_avg_sq'),
     ),
     init_state=init_state,
     export_state=export_state,
@@ -259,7 +261,8 @@ def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def adamw4bit_step_fp32_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it.
+    """
     c0, beta1, c1, beta2, c2, c3, eps, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -305,9 +308,9 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
@@ -332,7 +335,8 @@ if triton is not None:
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher_fp32 = MultiTensorLauncher(adamw4bit_step_fp32_kernel, adamw4bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8)
+    _launcher_fp32 = MultiTensorLauncher(adamw4bit_step_fp32_kernel, adamw4bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
+                                   written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::adamw4bit_step_fp32_triton", mutates_args=('param', 'state_m', 'state_v'))
     def adamw4bit_step_fp32_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -348,8 +352,8 @@ FP32_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
-        Buffer('state_v', 'v', 'float32', written=True),
+        Buffer('state_m', 'm', 'float32', written=True, state='exp_avg'),
+        Buffer('state_v', 'v', 'float32', written=True, state='exp_avg_sq'),
     ),
     init_state=init_state_fp32,
     export_state=export_state_fp32,

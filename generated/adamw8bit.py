@@ -106,7 +106,8 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def adamw8bit_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_absmax: list[torch.Tensor], state_v: list[torch.Tensor], state_v_absmax: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
+    """
     beta1, c0, beta2, c1, c2, eps, c3, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -157,9 +158,9 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.uint8)), 16)
@@ -188,6 +189,7 @@ if triton is not None:
         optgen_tl.store_rne(param + offs, p_1, mask)
 
     _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4,
+                                   written=(0, 2, 3, 4, 5),
                                    constants=lambda device: (dynamic.qmap_table(True, device), dynamic.qmap_table(False, device), ))
 
     @torch.library.custom_op("optgen::adamw8bit_step_triton", mutates_args=('param', 'state_m', 'state_m_absmax', 'state_v', 'state_v_absmax'))
@@ -204,10 +206,10 @@ MAIN_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'uint8', written=True),
-        Buffer('state_m_absmax', 'm_absmax', 'float32', written=True, shape='groups', group=256),
-        Buffer('state_v', 'v', 'uint8', written=True),
-        Buffer('state_v_absmax', 'v_absmax', 'float32', written=True, shape='groups', group=256),
+        Buffer('state_m', 'm', 'uint8', written=True, state='exp_avg'),
+        Buffer('state_m_absmax', 'm_absmax', 'float32', written=True, shape='groups', group=256, state='exp_avg'),
+        Buffer('state_v', 'v', 'uint8', written=True, state='exp_avg_sq'),
+        Buffer('state_v_absmax', 'v_absmax', 'float32', written=True, shape='groups', group=256, state='exp_avg_sq'),
     ),
     init_state=init_state,
     export_state=export_state,
@@ -265,7 +267,8 @@ def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def adamw8bit_step_fp32_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it.
+    """
     beta1, c0, beta2, c1, c2, eps, c3, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -312,9 +315,9 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
@@ -340,7 +343,8 @@ if triton is not None:
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher_fp32 = MultiTensorLauncher(adamw8bit_step_fp32_kernel, adamw8bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8)
+    _launcher_fp32 = MultiTensorLauncher(adamw8bit_step_fp32_kernel, adamw8bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
+                                   written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::adamw8bit_step_fp32_triton", mutates_args=('param', 'state_m', 'state_v'))
     def adamw8bit_step_fp32_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -356,8 +360,8 @@ FP32_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
-        Buffer('state_v', 'v', 'float32', written=True),
+        Buffer('state_m', 'm', 'float32', written=True, state='exp_avg'),
+        Buffer('state_v', 'v', 'float32', written=True, state='exp_avg_sq'),
     ),
     init_state=init_state_fp32,
     export_state=export_state_fp32,

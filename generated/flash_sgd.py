@@ -100,7 +100,8 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def flash_sgd_step_torch(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
+    """
     weight_decay, c0, momentum, c1, c2 = scalars.unbind()
     for i in range(len(param)):
         p = ecc.torch_decode(param[i], param_ecc[i], 'bf16', 127)
@@ -143,9 +144,9 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
@@ -165,7 +166,8 @@ if triton is not None:
         q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, 32)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=64, cols=32, num_warps=8)
+    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=64, cols=32, num_warps=8,
+                                   written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_sgd_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale'))
     def flash_sgd_step_triton(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -182,8 +184,8 @@ MAIN_VARIANT = Variant(
         Buffer('param', None, 'bfloat16', written=True),
         Buffer('param_ecc', 'p_ecc', 'int8', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'int8', written=True),
-        Buffer('state_m_scale', 'm_scale', 'float16', written=True, shape='groups', group=32),
+        Buffer('state_m', 'm', 'int8', written=True, state='momentum_buffer'),
+        Buffer('state_m_scale', 'm_scale', 'float16', written=True, shape='groups', group=32, state='momentum_buffer'),
     ),
     init_state=init_state,
     export_state=export_state,
@@ -232,7 +234,8 @@ def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def flash_sgd_step_fp32_torch(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it.
+    """
     weight_decay, c0, momentum, c1, c2 = scalars.unbind()
     for i in range(len(param)):
         p = ecc.torch_decode(param[i], param_ecc[i], 'bf16', 127)
@@ -274,9 +277,9 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
@@ -295,7 +298,8 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=16, cols=256, num_warps=8)
+    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=16, cols=256, num_warps=8,
+                                   written=(0, 1, 3))
 
     @torch.library.custom_op("optgen::flash_sgd_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m'))
     def flash_sgd_step_fp32_triton(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -312,7 +316,7 @@ FP32_VARIANT = Variant(
         Buffer('param', None, 'bfloat16', written=True),
         Buffer('param_ecc', 'p_ecc', 'int8', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
+        Buffer('state_m', 'm', 'float32', written=True, state='momentum_buffer'),
     ),
     init_state=init_state_fp32,
     export_state=export_state_fp32,
@@ -359,7 +363,8 @@ def import_state_native(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor
 
 
 def flash_sgd_step_native_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (fp32 states, parameter as it is): plain torch ops in fp32, any device; torch.compile fuses it."""
+    """The PyTorch fallback (fp32 states, parameter as it is): plain torch ops in fp32, any device; torch.compile fuses it.
+    """
     weight_decay, c0, momentum, c1, c2 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -401,9 +406,9 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
@@ -421,7 +426,8 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8)
+    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
+                                   written=(0, 2))
 
     @torch.library.custom_op("optgen::flash_sgd_step_native_triton", mutates_args=('param', 'state_m'))
     def flash_sgd_step_native_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -437,7 +443,7 @@ NATIVE_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
+        Buffer('state_m', 'm', 'float32', written=True, state='momentum_buffer'),
     ),
     init_state=init_state_native,
     export_state=export_state_native,

@@ -25,6 +25,7 @@ import torch
 from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer, Variant
 from optgen.runtime import hostmath as hm
 from optgen.runtime import torch_math as optgen_torch
+from optgen.runtime.distributed import Sharding
 
 try:
     import triton
@@ -107,12 +108,34 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     return {'m': state_m, 'v': state_v}
 
 
-def lamb_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
+def lamb_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor,
+        shard: Sharding | None = None) -> None:
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
+
+    ``shard``: the tensors are shards of bigger ones (FSDP2); whole-tensor values are over the whole tensors.
+    """
     beta1, c0, beta2, c1, c2, c3, c4, eps, weight_decay, c5 = scalars.unbind()
+    red = None
+    if shard is not None:  # local partial reductions of every tensor, then one all-reduce per pass
+        red = shard.partials(len(param), ['sum', 'sum'], scalars.device)
+        for i in range(len(param)):
+            if param[i].numel() == 0:  # an empty shard adds nothing
+                continue
+            p = param[i].reshape(-1).float()
+            g = grad[i].reshape(-1).float()
+            m = state_m[i].reshape(-1).float()
+            v = state_v[i].reshape(-1).float()
+            m_1 = beta1*m + c0*g
+            v_1 = beta2*v + c1*g**2
+            mh = torch.where((c3 != 0), c2*m_1, m_1)
+            vh = torch.where((c3 != 0), c4*v_1, v_1)
+            a = mh/(eps + optgen_torch.sqrt_rn(vh)) + p*weight_decay
+            red[i, 0] = torch.sum(p**2)
+            red[i, 1] = torch.sum(a**2)
+        shard.all_reduce(red, ['sum', 'sum'], [0, 1])
     for i in range(len(param)):
-        if param[i].numel() == 0:  # per-tensor values (norms, scales) of nothing: leave it as is
-            continue
+        if (param[i].numel() if shard is None else shard.numels[i]) == 0:  # per-tensor values of nothing
+            continue  # (an empty shard of a tensor still stores them: every rank holds the same scales)
         p = param[i].reshape(-1).float()
         g = grad[i].reshape(-1).float()
         m = state_m[i].reshape(-1).float()
@@ -121,10 +144,10 @@ def lamb_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m
         v_1 = beta2*v + c1*g**2
         mh = torch.where((c3 != 0), c2*m_1, m_1)
         vh = torch.where((c3 != 0), c4*v_1, v_1)
-        r0 = torch.sum(p**2)
+        r0 = torch.sum(p**2) if red is None else red[i, 0]
         w = torch.clamp(optgen_torch.sqrt_rn(r0), max=10)
         a = mh/(eps + optgen_torch.sqrt_rn(vh)) + p*weight_decay
-        r1 = torch.sum(a**2)
+        r1 = torch.sum(a**2) if red is None else red[i, 1]
         r = optgen_torch.sqrt_rn(r1)
         trust = torch.where(((r > 0)) & ((w > 0)), w/r, 1)
         p_1 = a*c5*trust + p
@@ -166,9 +189,9 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
@@ -216,7 +239,9 @@ if triton is not None:
             optgen_tl.store_rne(param + offs, p_1, mask)
 
     _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
-                                   slots=['sum', 'sum'], passes=2)
+                                   written=(0, 2, 3),
+                                   slots=['sum', 'sum'], passes=2,
+                                   levels=[1, 1])
 
     @torch.library.custom_op("optgen::lamb_step_triton", mutates_args=('param', 'state_m', 'state_v'))
     def lamb_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -232,8 +257,8 @@ MAIN_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
-        Buffer('state_v', 'v', 'float32', written=True),
+        Buffer('state_m', 'm', 'float32', written=True, state='exp_avg'),
+        Buffer('state_v', 'v', 'float32', written=True, state='exp_avg_sq'),
     ),
     init_state=init_state,
     export_state=export_state,
@@ -243,6 +268,7 @@ MAIN_VARIANT = Variant(
     triton_step=lamb_step_triton if triton is not None else None,
     triton_launcher=_launcher if triton is not None else None,
     param_dtypes=('float32', 'bfloat16', 'float16'),
+    global_values=True,
 )
 
 

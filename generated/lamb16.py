@@ -27,6 +27,7 @@ from optgen.runtime import Buffer, HyperParamRule, OptgenOptimizer, Variant
 from optgen.runtime import hostmath as hm
 from optgen.runtime import torch_math as optgen_torch
 from optgen.codecs import fp8
+from optgen.runtime.distributed import Sharding
 
 try:
     import triton
@@ -112,29 +113,50 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     return {'m': state_m, 'm_scale': state_m_scale, 'v': state_v, 'v_scale': state_v_scale}
 
 
-def lamb16_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
+def lamb16_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor,
+        shard: Sharding | None = None) -> None:
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
+
+    ``shard``: the tensors are shards of bigger ones (FSDP2); whole-tensor values are over the whole tensors.
+    """
     beta1, c0, beta2, c1, eps, weight_decay, c2, trust_scale, c3 = scalars.unbind()
+    red = None
+    if shard is not None:  # local partial reductions of every tensor, then one all-reduce per pass
+        red = shard.partials(len(param), ['sum', 'sum', 'sum', 'sum'], scalars.device)
+        for i in range(len(param)):
+            if param[i].numel() == 0:  # an empty shard adds nothing
+                continue
+            numel = torch.full((), param[i].numel() if shard is None else shard.numels[i], dtype=torch.float32, device=param[i].device)
+            p = param[i].reshape(-1).float()
+            g = grad[i].reshape(-1).float()
+            m = fp8.torch_decode(state_m[i], state_m_scale[i], 'e4m3fn')
+            v = fp8.torch_decode(state_v[i], state_v_scale[i], 'e5m2')
+            m_1 = beta1*m + c0*g
+            v_1 = beta2*v + c1*g**2
+            a = m_1/(eps + optgen_torch.sqrt_rn(v_1)) + p*weight_decay
+            red[i, 0] = torch.sum(torch.clamp(m_1**2, max=10))
+            red[i, 1] = torch.sum(torch.clamp(v_1**2, max=10))
+            red[i, 2] = torch.sum(torch.clamp(torch.maximum(eps, p**2), max=1))
+            red[i, 3] = torch.sum(torch.clamp(torch.maximum(eps, a**2), max=1))
+        shard.all_reduce(red, ['sum', 'sum', 'sum', 'sum'], [0, 1, 2, 3])
     for i in range(len(param)):
-        if param[i].numel() == 0:  # per-tensor values (norms, scales) of nothing: leave it as is
-            continue
+        if (param[i].numel() if shard is None else shard.numels[i]) == 0:  # per-tensor values of nothing
+            continue  # (an empty shard of a tensor still stores them: every rank holds the same scales)
         p = param[i].reshape(-1).float()
         g = grad[i].reshape(-1).float()
         m = fp8.torch_decode(state_m[i], state_m_scale[i], 'e4m3fn')
         v = fp8.torch_decode(state_v[i], state_v_scale[i], 'e5m2')
-        m_scale = state_m_scale[i]
-        v_scale = state_v_scale[i]
-        numel = torch.full((), param[i].numel(), dtype=torch.float32, device=p.device)
+        numel = torch.full((), param[i].numel() if shard is None else shard.numels[i], dtype=torch.float32, device=param[i].device)
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*g**2
-        r0 = torch.sum(torch.clamp(m_1**2, max=10))
+        r0 = torch.sum(torch.clamp(m_1**2, max=10)) if red is None else red[i, 0]
         m_scale_1 = eps + optgen_torch.sqrt_rn(r0)/numel
-        r1 = torch.sum(torch.clamp(v_1**2, max=10))
+        r1 = torch.sum(torch.clamp(v_1**2, max=10)) if red is None else red[i, 1]
         v_scale_1 = eps + optgen_torch.sqrt_rn(r1)/numel
-        r2 = torch.sum(torch.clamp(torch.maximum(eps, p**2), max=1))
+        r2 = torch.sum(torch.clamp(torch.maximum(eps, p**2), max=1)) if red is None else red[i, 2]
         w = optgen_torch.sqrt_rn(r2)/numel
         a = m_1/(eps + optgen_torch.sqrt_rn(v_1)) + p*weight_decay
-        r3 = torch.sum(torch.clamp(torch.maximum(eps, a**2), max=1))
+        r3 = torch.sum(torch.clamp(torch.maximum(eps, a**2), max=1)) if red is None else red[i, 3]
         big_a = optgen_torch.sqrt_rn(r3)/numel
         trust = torch.clamp(torch.clamp((c2*w/big_a)**trust_scale, min=0), max=2)
         p_1 = a*c3*trust + p
@@ -181,9 +203,10 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel = tl.load(numels + 2 * tensor + 1)  # elements of the whole tensor
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float8e4nv)), 16)
@@ -244,7 +267,9 @@ if triton is not None:
             tl.store(state_v_scale, tl.load(red + tensor * NRED + 5))
 
     _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
-                                   slots=['sum', 'sum', 'sum', 'sum', 'stage', 'stage'], passes=3)
+                                   written=(0, 2, 3, 4, 5),
+                                   slots=['sum', 'sum', 'sum', 'sum', 'stage', 'stage'], passes=3,
+                                   levels=[1, 1, 1, 1])
 
     @torch.library.custom_op("optgen::lamb16_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
     def lamb16_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -260,10 +285,10 @@ MAIN_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float8_e4m3fn', written=True),
-        Buffer('state_m_scale', 'm_scale', 'float32', written=True, shape='scalar'),
-        Buffer('state_v', 'v', 'float8_e5m2', written=True),
-        Buffer('state_v_scale', 'v_scale', 'float32', written=True, shape='scalar'),
+        Buffer('state_m', 'm', 'float8_e4m3fn', written=True, state='exp_avg'),
+        Buffer('state_m_scale', 'm_scale', 'float32', written=True, shape='scalar', state='exp_avg'),
+        Buffer('state_v', 'v', 'float8_e5m2', written=True, state='exp_avg_sq'),
+        Buffer('state_v_scale', 'v_scale', 'float32', written=True, shape='scalar', state='exp_avg_sq'),
     ),
     init_state=init_state,
     export_state=export_state,
@@ -273,6 +298,7 @@ MAIN_VARIANT = Variant(
     triton_step=lamb16_step_triton if triton is not None else None,
     triton_launcher=_launcher if triton is not None else None,
     param_dtypes=('float32', 'bfloat16', 'float16'),
+    global_values=True,
 )
 
 
@@ -320,23 +346,44 @@ def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     return {'m': state_m, 'v': state_v}
 
 
-def lamb16_step_fp32_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it."""
+def lamb16_step_fp32_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor,
+        shard: Sharding | None = None) -> None:
+    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it.
+
+    ``shard``: the tensors are shards of bigger ones (FSDP2); whole-tensor values are over the whole tensors.
+    """
     beta1, c0, beta2, c1, eps, weight_decay, c2, trust_scale, c3 = scalars.unbind()
+    red = None
+    if shard is not None:  # local partial reductions of every tensor, then one all-reduce per pass
+        red = shard.partials(len(param), ['sum', 'sum'], scalars.device)
+        for i in range(len(param)):
+            if param[i].numel() == 0:  # an empty shard adds nothing
+                continue
+            numel = torch.full((), param[i].numel() if shard is None else shard.numels[i], dtype=torch.float32, device=param[i].device)
+            p = param[i].reshape(-1).float()
+            g = grad[i].reshape(-1).float()
+            m = state_m[i].reshape(-1).float()
+            v = state_v[i].reshape(-1).float()
+            m_1 = beta1*m + c0*g
+            v_1 = beta2*v + c1*g**2
+            a = m_1/(eps + optgen_torch.sqrt_rn(v_1)) + p*weight_decay
+            red[i, 0] = torch.sum(torch.clamp(torch.maximum(eps, p**2), max=1))
+            red[i, 1] = torch.sum(torch.clamp(torch.maximum(eps, a**2), max=1))
+        shard.all_reduce(red, ['sum', 'sum'], [0, 1])
     for i in range(len(param)):
-        if param[i].numel() == 0:  # per-tensor values (norms, scales) of nothing: leave it as is
-            continue
+        if (param[i].numel() if shard is None else shard.numels[i]) == 0:  # per-tensor values of nothing
+            continue  # (an empty shard of a tensor still stores them: every rank holds the same scales)
         p = param[i].reshape(-1).float()
         g = grad[i].reshape(-1).float()
         m = state_m[i].reshape(-1).float()
         v = state_v[i].reshape(-1).float()
-        numel = torch.full((), param[i].numel(), dtype=torch.float32, device=p.device)
+        numel = torch.full((), param[i].numel() if shard is None else shard.numels[i], dtype=torch.float32, device=param[i].device)
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*g**2
-        r0 = torch.sum(torch.clamp(torch.maximum(eps, p**2), max=1))
+        r0 = torch.sum(torch.clamp(torch.maximum(eps, p**2), max=1)) if red is None else red[i, 0]
         w = optgen_torch.sqrt_rn(r0)/numel
         a = m_1/(eps + optgen_torch.sqrt_rn(v_1)) + p*weight_decay
-        r1 = torch.sum(torch.clamp(torch.maximum(eps, a**2), max=1))
+        r1 = torch.sum(torch.clamp(torch.maximum(eps, a**2), max=1)) if red is None else red[i, 1]
         big_a = optgen_torch.sqrt_rn(r1)/numel
         trust = torch.clamp(torch.clamp((c2*w/big_a)**trust_scale, min=0), max=2)
         p_1 = a*c3*trust + p
@@ -379,9 +426,10 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
-        numel = tl.load(numels + tensor)
+        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel = tl.load(numels + 2 * tensor + 1)  # elements of the whole tensor
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel
+        mask = offs < count
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
@@ -425,7 +473,9 @@ if triton is not None:
             optgen_tl.store_rne(param + offs, p_1, mask)
 
     _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
-                                   slots=['sum', 'sum'], passes=2)
+                                   written=(0, 2, 3),
+                                   slots=['sum', 'sum'], passes=2,
+                                   levels=[1, 1])
 
     @torch.library.custom_op("optgen::lamb16_step_fp32_triton", mutates_args=('param', 'state_m', 'state_v'))
     def lamb16_step_fp32_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
@@ -441,8 +491,8 @@ FP32_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True),
-        Buffer('state_v', 'v', 'float32', written=True),
+        Buffer('state_m', 'm', 'float32', written=True, state='exp_avg'),
+        Buffer('state_v', 'v', 'float32', written=True, state='exp_avg_sq'),
     ),
     init_state=init_state_fp32,
     export_state=export_state_fp32,
@@ -452,6 +502,7 @@ FP32_VARIANT = Variant(
     triton_step=lamb16_step_fp32_triton if triton is not None else None,
     triton_launcher=_launcher_fp32 if triton is not None else None,
     param_dtypes=('float32', 'bfloat16', 'float16'),
+    global_values=True,
 )
 
 

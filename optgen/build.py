@@ -12,13 +12,13 @@ from pathlib import Path
 from types import ModuleType
 
 import jinja2
+import sympy
 
 from optgen.backends.printing import HostPrinter
 from optgen.backends.torch import render_torch_step
 from optgen.backends.triton import render_triton_kernel
 from optgen.ir import IR, lower
 from optgen.spec import HyperParam, Spec, load_spec
-
 
 TILE_ELEMENTS = 4096  # elements per Triton program (a tile of rows x cols; measured best on an H100)
 TILE_COLS = 256  # row length of elementwise specs (grouped formats use their group size)
@@ -118,6 +118,7 @@ def _init_state_lines(ir: IR) -> list[str]:
 def _buffer_records(ir: IR) -> list[str]:
     """``Buffer(...)`` constructor calls, one per op argument, for the generated class."""
     records = []
+    names = {s.name: s.torch_name for s in ir.spec.state}
     for t in ir.tensors:
         for arg, key, b in zip(t.arg_names, t.state_keys, t.codec.buffers()):
             fields = [repr(arg), repr(key), repr(b.dtype)]
@@ -127,6 +128,8 @@ def _buffer_records(ir: IR) -> list[str]:
                 fields.append(f"shape={b.shape!r}")
             if b.shape == "groups":
                 fields.append(f"group={t.codec.group_size}")
+            if t.role == "state":
+                fields.append(f"state={names[t.name]!r}")
             records.append(f"Buffer({', '.join(fields)})")
     return records
 
@@ -172,6 +175,10 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
         "export_state": _checkpoint_lines(ir)[0], "import_state": _checkpoint_lines(ir)[1],
         "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
         "rows": elements // cols, "cols": cols, "warps": warps,
+        "uses_numel": any(sympy.Symbol("numel") in e.free_symbols
+                          for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions]),
+        "levels": [r.level for r in ir.reductions],  # the reduction pass of each reduction slot
+        "written": tuple(i for i, a in enumerate(torch_step.args) if a in torch_step.mutated),
     }
 
 
@@ -207,6 +214,7 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
         "hyperparams": [_hyperparam_context(h) for h in spec.hyperparams],
         "param_dtypes": ir.param.codec.param_dtypes,
         "needs_rng": ir.needs_rng,
+        "needs_shard": any(v["torch"].global_values for v in variants),
     }
     return _environment().get_template("optimizer.py.j2").render(**context)
 

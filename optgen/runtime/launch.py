@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from optgen.runtime.distributed import Sharding
+
 try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - without Triton only the PyTorch fallback runs
@@ -37,7 +39,8 @@ class MultiTensorLauncher:
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, rows: int,
                  cols: int, num_warps: int = 8,
                  constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None,
-                 slots: tuple[str, ...] = (), passes: int = 1) -> None:
+                 slots: tuple[str, ...] = (), passes: int = 1, levels: tuple[int, ...] = (),
+                 written: tuple[int, ...] = ()) -> None:
         self.kernel = kernel
         self.fallback = fallback
         self.dtype_args = dtype_args  # constexpr name -> index of the list whose dtype it takes
@@ -49,54 +52,83 @@ class MultiTensorLauncher:
         # the number of kernel passes (PASS = 1 .. passes) when there are slots.
         self.slots = tuple(slots)
         self.passes = passes
+        self.levels = tuple(levels)  # the pass (1, 2, ...) that computes each reduction slot
+        self.written = tuple(written)  # the lists the kernel writes (staged copies are copied back)
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
 
     @property
     def block(self) -> int:
         return self.rows * self.cols
 
-    def _build_tables(self, lists: list[list[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Pointer tables (one per buffer list), numels and the (tensor, start) block table, on ``device``."""
+    def _build_tables(self, lists: list[list[torch.Tensor]], device: torch.device,
+                      whole: list[int]) -> tuple[torch.Tensor, ...]:
+        """Pointer tables (one per buffer list), numels (each tensor's here and its ``whole`` tensor's, which
+        differ for shards) and the (tensor, start) block table, on ``device``."""
         n = len(lists[0])
         pointers = torch.tensor([[t.data_ptr() for t in lst] for lst in lists], dtype=torch.int64)
         numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
-        per_tensor = (numels + self.block - 1) // self.block
+        both = torch.stack([numels, torch.tensor(whole, dtype=torch.int64)], 1)
+        # an empty shard of a non-empty tensor gets one masked program: its per-tensor outputs (scales)
+        per_tensor = ((numels + self.block - 1) // self.block).clamp_min(1)
         tensor_of_block = torch.repeat_interleave(torch.arange(n), per_tensor)
         first_block = torch.cumsum(per_tensor, 0) - per_tensor
         starts = (torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]) * self.block
         blocks = torch.stack([tensor_of_block, starts], 1)
-        packed = torch.cat([pointers.flatten(), numels, blocks.flatten()]).to(device)
-        return (*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 1) * n],
-                packed[(len(lists) + 1) * n:])
+        packed = torch.cat([pointers.flatten(), both.flatten(), blocks.flatten()]).to(device)
+        return (*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 2) * n],
+                packed[(len(lists) + 2) * n:])
 
-    def _plan(self, lists: tuple[list[torch.Tensor], ...], with_rng: bool) -> _Plan:
+    def _plan(self, lists: tuple[list[torch.Tensor], ...], with_rng: bool, whole: tuple[int, ...] | None) -> _Plan:
         """Split the tensors into kernel launches (one per dtype combination) and fallback cases. With an
-        ``rng`` tensor [seed, step, id_0, ...], each part gets the positions of its own ids in it."""
+        ``rng`` tensor [seed, step, id_0, ...], each part gets the positions of its own ids in it.
+
+        ``whole``: the element counts of the whole tensors, when these are shards (FSDP2). Then irregular
+        buffers (FSDP2's gradients are views at any offset of its reduce-scatter output) are staged through
+        aligned copies kept in the plan, so that every tensor takes part in the launch and its collectives.
+        """
         n = len(lists[0])
-        irregular = [i for i in range(n) if not all(t.is_contiguous() and t.data_ptr() % 16 == 0
-                                                      for t in (lst[i] for lst in lists))]
+        sharded = whole is not None
+        whole = whole or tuple(t.numel() for t in lists[0])
+        irregular = [i for i in range(n) if not all(_regular(lst[i]) for lst in lists)]
+        staged = []
+        if sharded and irregular:
+            lists = tuple(list(lst) for lst in lists)
+            for i in irregular:
+                for k, lst in enumerate(lists):
+                    if not _regular(lst[i]):
+                        staged.append((k, i, torch.empty(lst[i].shape, dtype=lst[i].dtype, device=lst[i].device)))
+                        lst[i] = staged[-1][2]
+            irregular = []
         skip = set(irregular)
         by_dtypes: dict[tuple, list[int]] = {}
         for i in range(n):
-            if i not in skip and lists[0][i].numel() > 0:
+            if i not in skip and whole[i] > 0 and (lists[0][i].numel() > 0 or (sharded and self.slots)):
                 dtypes = tuple(lists[k][i].dtype for k in self.dtype_args.values())
                 by_dtypes.setdefault(dtypes, []).append(i)
         launches = []
         for dtypes, idx in by_dtypes.items():
             sub = [[lst[i] for i in idx] for lst in lists]
-            tables = self._build_tables(sub, sub[0][0].device)
+            device = sub[0][0].device
+            tables = self._build_tables(sub, device, [whole[i] for i in idx])
             n_blocks = tables[-1].numel() // 2
             constexprs = {name: getattr(tl, str(d).removeprefix("torch.")) for name, d in zip(self.dtype_args, dtypes)}
-            launches.append((tables, n_blocks, constexprs, sub[0][0].device, _rng_rows(idx, with_rng, sub[0][0].device)))
-        return _Plan(launches, irregular, _rng_rows(irregular, with_rng and bool(irregular), lists[0][0].device))
+            launches.append((tables, n_blocks, constexprs, device, _rng_rows(idx, with_rng, device),
+                             torch.tensor(idx, device=device)))
+        return _Plan(launches, irregular, _rng_rows(irregular, with_rng and bool(irregular), lists[0][0].device),
+                     staged)
 
-    def __call__(self, *lists: list[torch.Tensor], scalars: torch.Tensor, rng: torch.Tensor | None = None) -> None:
+    def __call__(self, *lists: list[torch.Tensor], scalars: torch.Tensor, rng: torch.Tensor | None = None,
+                 shard: Sharding | None = None) -> None:
+        """Step every tensor. With ``shard`` the tensors are shards: ``numel`` is the whole tensor's, the
+        partial reductions of all tensors are all-reduced together between the passes, and irregular
+        buffers are staged (no fallback, whose tensors would miss the collectives)."""
         # The plan depends on where every buffer lives, the parameters' shapes and the gradients' layout.
+        whole = None if shard is None else shard.numels
         key = (tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), tuple(map(torch.Tensor.size, lists[0])),
-               tuple(map(torch.Tensor.is_contiguous, lists[1])))
+               tuple(map(torch.Tensor.is_contiguous, lists[1])), whole)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._plan(lists, rng is not None)
+            plan = self._plans[key] = self._plan(lists, rng is not None, whole)
             if len(self._plans) > self.cache_size:
                 self._plans.popitem(last=False)
         else:
@@ -104,20 +136,47 @@ class MultiTensorLauncher:
         if plan.irregular:  # strided or unaligned views: the fallback handles them in place
             self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists], scalars,
                           *(() if rng is None else (rng[plan.irregular_rng],)))
-        for tables, n_blocks, constexprs, device, rng_rows in plan.launches:
+        for k, i, buffer in plan.staged:
+            buffer.copy_(lists[k][i])
+        self._run(plan, len(lists[0]), scalars, rng, shard)
+        for k, i, buffer in plan.staged:
+            if k in self.written:
+                lists[k][i].copy_(buffer)
+
+    def _run(self, plan: _Plan, n: int, scalars: torch.Tensor, rng: torch.Tensor | None,
+             shard: Sharding | None) -> None:
+        """Every launch of the plan, pass by pass; with ``shard``, an all-reduce after each reduction pass."""
+        runs = []
+        for tables, n_blocks, constexprs, device, rng_rows, rows in plan.launches:
             args = [*tables, scalars, *(() if rng is None else (rng[rng_rows],)),
                     *(self.constants(device) if self.constants is not None else ())]
-            passes = [{}]
+            red = None
             if self.slots:
-                n = tables[-2].numel()
-                init = torch.tensor([float("-inf") if kind == "max" else 0.0 for kind in self.slots])
-                args.append(init.to(device).repeat(n, 1))
-                passes = [{"PASS": k + 1, "NRED": len(self.slots)} for k in range(self.passes)]
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                for extra in passes:
-                    # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
-                    self.kernel[(n_blocks,)](*args, **constexprs, **extra, ROWS=self.rows, COLS=self.cols,
-                                             num_warps=self.num_warps, enable_fp_fusion=False)
+                red = Sharding.partials(len(rows), list(self.slots), device)
+                args.append(red)
+            runs.append((args, n_blocks, constexprs, device, rows, red))
+        if not self.slots:
+            for args, n_blocks, constexprs, device, *_ in runs:
+                self._launch(args, n_blocks, constexprs, device, {})
+            return
+        reduce_passes = max(self.levels, default=0) if shard is not None else 0
+        whole_red = Sharding.partials(n, list(self.slots), scalars.device) if reduce_passes else None
+        for k in range(1, self.passes + 1):
+            for args, n_blocks, constexprs, device, *_ in runs:
+                self._launch(args, n_blocks, constexprs, device, {"PASS": k, "NRED": len(self.slots)})
+            if k <= reduce_passes:  # every tensor's partials (empty shards: none) in one all-reduce
+                for *_, rows, red in runs:
+                    whole_red.index_copy_(0, rows, red)
+                shard.all_reduce(whole_red, list(self.slots), [j for j, lv in enumerate(self.levels) if lv == k])
+                for *_, rows, red in runs:
+                    red.copy_(whole_red.index_select(0, rows))
+
+    def _launch(self, args: list[Any], n_blocks: int, constexprs: dict[str, Any], device: torch.device,
+                extra: dict[str, int]) -> None:
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
+            self.kernel[(n_blocks,)](*args, **constexprs, **extra, ROWS=self.rows, COLS=self.cols,
+                                     num_warps=self.num_warps, enable_fp_fusion=False)
 
 
 def _rng_rows(idx: list[int], with_rng: bool, device: torch.device) -> torch.Tensor | None:
@@ -127,7 +186,15 @@ def _rng_rows(idx: list[int], with_rng: bool, device: torch.device) -> torch.Ten
 
 @dataclass(frozen=True)
 class _Plan:
-    # per launch: tables, number of programs, dtype constexprs, device, rows of rng (None without rng)
-    launches: list[tuple[tuple[torch.Tensor, ...], int, dict[str, Any], torch.device, torch.Tensor | None]]
+    # per launch: tables, number of programs, dtype constexprs, device, rows of rng (None without rng), and
+    # the positions of its tensors in the lists
+    launches: list[tuple[tuple[torch.Tensor, ...], int, dict[str, Any], torch.device, torch.Tensor | None,
+                         torch.Tensor]]
     irregular: list[int]  # tensors the fallback steps
     irregular_rng: torch.Tensor | None
+    staged: list[tuple[int, int, torch.Tensor]]  # (list, tensor, aligned copy the kernel steps instead)
+
+
+def _regular(t: torch.Tensor) -> bool:
+    """What the kernel can take: contiguous and 16-byte aligned (vectorised loads)."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0

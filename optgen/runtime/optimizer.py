@@ -7,6 +7,7 @@ into one op call per (param group, device, step count), backends, and exact stat
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -16,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.codecs.rng import make_rng
+from optgen.runtime import distributed
 
 BACKENDS = ("triton", "inductor", "eager")
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,6 +78,7 @@ class Buffer:
     written: bool = False
     shape: str = "param"  # "param", "groups" (one per `group` elements), "half" (4-bit pairs) or "scalar"
     group: int = 1
+    state: str | None = None  # torch name of the spec state it stores (None: the parameter and its side buffers)
 
     def torch_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype if self.dtype == "param" else getattr(torch, self.dtype)
@@ -109,6 +112,8 @@ class Variant:
     triton_launcher: Callable[..., None] | None = None
     param_dtypes: tuple[str, ...] = ("float32",)  # parameter dtypes this layout stores
     needs_rng: bool = False  # stochastic rounding: the op takes an int64 [seed, step, *ids] tensor last
+    # whole-tensor values (reductions, numel): on shards, the fallback and launcher take ``shard=Sharding``
+    global_values: bool = False
 
 
 FP32_STATE_ATTR = "optgen_fp32_state"  # set to True on a parameter to keep its optimizer state in fp32
@@ -206,7 +211,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
             return "fp32"
         return ""
 
-    def _kernel(self, device: torch.device, variant: str) -> Callable[..., None]:
+    def _kernel(self, device: torch.device, variant: str,
+                shard: distributed.Sharding | None = None) -> Callable[..., None]:
+        """The step function of ``variant`` on ``device``. With ``shard`` (the tensors are shards), the
+        launcher, or the plain fallback where the update needs whole-tensor values (an op cannot take it)."""
         backend = self.backend or ("triton" if device.type == "cuda" else "eager")
         v = self.variants[variant]
         if backend == "triton":
@@ -214,17 +222,19 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__} has no Triton kernel; use backend='eager' or 'inductor'")
             if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() and shard is None:
                 return v.triton_step
 
             def launch(*args: Any) -> None:
                 # Eager: call the launcher directly (the op's dispatch costs more than the kernel for small
                 # models), and bump the version counters as an in-place op would.
                 *lists, scalars, rng = args if v.needs_rng else (*args, None)
-                v.triton_launcher(*lists, scalars=scalars, rng=rng)
+                v.triton_launcher(*lists, scalars=scalars, rng=rng, shard=shard)
                 torch.autograd.graph.increment_version(
                     [t for b, lst in zip(v.buffers, lists) if b.written for t in lst])
             return launch
+        if shard is not None and v.global_values:  # eager: the fallback's collectives run between its passes
+            return functools.partial(v.fallback, shard=shard)
         if backend == "inductor":
             key = (type(self), variant)
             if key not in OptgenOptimizer._compiled:
@@ -253,7 +263,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state.update(self.variants[self.variant_of(p)].init_state(p.detach()))
+                state.update(self.variants[self.variant_of(p)].init_state(distributed.local(p).detach()))
 
     def _scalars(self, group: dict[str, Any], t: Any, device: torch.device) -> torch.Tensor:
         """The kernel's scalars as one fp32 tensor on ``device``, computed in float64.
@@ -266,14 +276,21 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 return v.to(torch.float64)
             return tuple(map(f64, v)) if isinstance(v, tuple) else v
 
-        values = self.host_scalars({k: f64(v) for k, v in group.items() if k != "params"}, f64(t))
+        hp = {k: f64(v) for k, v in group.items() if k != "params"}
+        try:
+            values = self.host_scalars(hp, f64(t))
+        except ZeroDivisionError:  # e.g. lr=0.0, which DCP sets to create the states: IEEE inf, as on a device
+            hp = {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else v for k, v in hp.items()}
+            values = self.host_scalars(hp, f64(t))
         if any(isinstance(v, torch.Tensor) for v in values):  # tensor lr or step: stay in tensors
             return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values]).to(
                 device=device, dtype=torch.float32)
         return torch.tensor(values, dtype=torch.float32, device=device)
 
     def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> dict[tuple, list[int]]:
-        """Advance each parameter's step; group indices of parameters sharing (device, step count, variant).
+        """Advance each parameter's step; group indices of parameters sharing (device, step count, variant,
+        sharding layout). Every rank of a sharded model forms the same buckets (from the DTensors' global
+        sizes), so the collectives of whole-tensor reductions match across ranks.
 
         Under torch.compile the step count stays a tensor (no ``.item()``, no recompiles as it grows) and
         the parameters of a group share the first one's count, as they do when every one gets a gradient.
@@ -283,10 +300,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             torch._foreach_add_(steps, 1)
             for i, p in enumerate(params):
-                buckets.setdefault((p.device, steps[0], self.variant_of(p)), []).append(i)
+                buckets.setdefault((p.device, steps[0], self.variant_of(p), distributed.layout(p)), []).append(i)
             return buckets
         for i, (p, t) in enumerate(zip(params, self._advance_packed(states, steps))):
-            buckets.setdefault((p.device, int(t), self.variant_of(p)), []).append(i)
+            buckets.setdefault((p.device, int(t), self.variant_of(p), distributed.layout(p)), []).append(i)
         return buckets
 
     def _advance_packed(self, states: list[dict[str, Any]], steps: list[torch.Tensor]) -> list[float]:
@@ -311,20 +328,24 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return entry[0].tolist()
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int]) -> None:
-        """One launch per (device, step count, variant); ``ids`` are the parameters' stable ids."""
+        """One launch per (device, step count, variant, sharding); ``ids`` are the parameters' stable ids.
+        DTensor parameters (FSDP2) are stepped on their local shards, where their states live."""
         self._create_states(params)
         states = [self.state[p] for p in params]
-        for (device, t, variant), idx in self._buckets(params, states).items():
+        local = distributed.local
+        for (device, t, variant, sharded), idx in self._buckets(params, states).items():
+            v = self.variants[variant]
             lists = []
-            for b in self.variants[variant].buffers:
+            for b in v.buffers:
                 if b.key is not None:
                     lists.append([states[i][b.key] for i in idx])
                 elif b.arg == "param":
-                    lists.append([params[i] for i in idx])
+                    lists.append([local(params[i]) for i in idx])
                 else:
-                    lists.append([params[i].grad for i in idx])
-            extra = (make_rng(self.seed, t, [ids[i] for i in idx], device),) if self.variants[variant].needs_rng else ()
-            self._kernel(device, variant)(*lists, self._scalars(group, t, device), *extra)
+                    lists.append([local(params[i].grad) for i in idx])
+            shard = distributed.Sharding.of([params[i] for i in idx]) if sharded else None
+            extra = (make_rng(self.seed, t, [ids[i] for i in idx], device),) if v.needs_rng else ()
+            self._kernel(device, variant, shard)(*lists, self._scalars(group, t, device), *extra)
 
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
         """Step each parameter during backward, as soon as its gradient is accumulated, and free the gradient.
@@ -392,15 +413,30 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, exact: compressed states as stored. The states of DTensor parameters
+        (FSDP2) are DTensors placed like them, in a layout DCP can reshard (``optgen.runtime.distributed``),
+        and each param group names the spec, since DCP's ``get_optimizer_state_dict`` keeps only
+        'state' and 'param_groups'."""
         sd = super().state_dict()
         sd["optgen"] = {"spec": self.spec_name, "seed": self.seed}
+        params = [p for g in self.param_groups for p in g["params"]]
+        sharded = [i for i, p in enumerate(params) if distributed.layout(p) is not None]
+        for index in sharded:
+            if index in sd["state"]:
+                p = params[index]
+                sd["state"][index] = distributed.state_dict_sharded(self.variants[self.variant_of(p)], p, self.state[p])
+        if sharded:
+            for g in sd["param_groups"]:
+                g["optgen"] = dict(sd["optgen"])
         return sd
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Raise ValueError unless ``state_dict`` fits this optimizer exactly (nothing is changed)."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state_dict: expected keys 'state' and 'param_groups'")
-        spec = state_dict.get("optgen", {}).get("spec", self.spec_name)
+        groups = state_dict["param_groups"]
+        meta = state_dict.get("optgen") or (groups[0].get("optgen") if groups and isinstance(groups[0], dict) else None)
+        spec = (meta or {}).get("spec", self.spec_name)
         if spec != self.spec_name:
             raise ValueError(f"state_dict was saved by optgen spec '{spec}', not '{self.spec_name}'")
         groups = state_dict["param_groups"]
@@ -421,13 +457,18 @@ class OptgenOptimizer(torch.optim.Optimizer):
             p = index_to_param[index]
             buffers = self.variants[self.variant_of(p)].buffers
             expected = {"step"} | {b.key for b in buffers if b.key is not None}
+            if distributed.layout(p) is not None:
+                expected = {"step"} | set(distributed.expected_sharded(self.variants[self.variant_of(p)], p))
             if set(state) != expected:
                 raise ValueError(f"state for parameter {index} has keys {sorted(state)}, expected {sorted(expected)}")
-            step = state["step"]
+            step = state.get("step")
             if not isinstance(step, torch.Tensor) or step.numel() != 1 or not step.is_floating_point() or \
                     not math.isfinite(float(step)) or float(step) < 0:
                 raise ValueError(f"state 'step' of parameter {index} must be a finite, non-negative 0-d float "
                                  f"tensor, got {step!r}")
+            if distributed.layout(p) is not None:
+                self._check_sharded_state(index, p, state)
+                continue
             for b in buffers:
                 if b.key is None:
                     continue
@@ -438,15 +479,37 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"state '{b.key}' of parameter {index}: expected shape {shape} "
                                      f"and dtype {dtype}, got {got}")
 
+    def _check_sharded_state(self, index: Any, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """The saved state of DTensor parameter ``p``: every entry with its shape and dtype, and DTensors
+        holding this rank's shard of it (not another world size's, not a missing one)."""
+        for key, (shape, dtype, is_dtensor) in distributed.expected_sharded(self.variants[self.variant_of(p)], p).items():
+            value = state[key]
+            ok = isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.dtype == dtype and \
+                (distributed.layout(value) is not None) == is_dtensor
+            if ok and is_dtensor:
+                ok = distributed.layout(value) == distributed.layout(p) and \
+                    distributed.local(value).shape == distributed.local(p).shape
+            if not ok:
+                got = (type(value).__name__, tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) \
+                    else type(value)
+                where = "a DTensor placed like the parameter" if is_dtensor else "a plain tensor"
+                raise ValueError(f"state '{key}' of parameter {index}: expected {where} of shape {shape} and "
+                                 f"dtype {dtype} (this rank's shard included), got {got}")
+
+    def _export(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """fp32 values (states under torch names, and "master") of ``p``; DTensors for a DTensor ``p``."""
+        layout = self.variants[self.variant_of(p)]
+        p_local = distributed.local(p).detach()
+        state = self.state[p] if self.state[p] else {**layout.init_state(p_local)}
+        values = layout.export_state(p_local, state)
+        if distributed.layout(p) is not None:
+            values = {k: distributed.as_dtensor(v, p) for k, v in values.items()}
+        return values
+
     def master_weights(self) -> list[torch.Tensor]:
-        """The fp32 master weight of every parameter (e.g. bf16 value + ECC correction), in group order."""
-        out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                layout = self.variants[self.variant_of(p)]
-                state = self.state[p] if self.state[p] else {**layout.init_state(p.detach())}
-                out.append(layout.export_state(p.detach(), state)["master"])
-        return out
+        """The fp32 master weight of every parameter (e.g. bf16 value + ECC correction), in group order
+        (DTensors for DTensor parameters)."""
+        return [self._export(p)["master"] for group in self.param_groups for p in group["params"]]
 
     def torch_state_dict(self) -> dict[str, Any]:
         """This optimizer's state in fp32, in the layout of the matching torch.optim optimizer (e.g. an
@@ -456,7 +519,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         state = {}
         for index, p in enumerate(params):
             if self.state[p]:
-                values = self.variants[self.variant_of(p)].export_state(p.detach(), self.state[p])
+                values = self._export(p)
                 values.pop("master")
                 state[index] = {"step": self.state[p]["step"].clone(), **values}
         return {"state": state, "param_groups": sd["param_groups"]}
@@ -485,19 +548,50 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if not values:
                 continue
             for k, v in values.items():
-                if k != "step" and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
-                    raise ValueError(f"state '{k}' of parameter {index} must be a tensor of shape {tuple(p.shape)}")
+                if k != "step" and (not isinstance(v, torch.Tensor) or v.shape != p.shape or
+                                    distributed.layout(v) != distributed.layout(p)):
+                    raise ValueError(f"state '{k}' of parameter {index} must be a tensor of shape {tuple(p.shape)}"
+                                     f"{' placed like the parameter' if distributed.layout(p) else ''}")
             state = {"step": torch.as_tensor(values.get("step", 0.0), dtype=torch.float32).clone().reshape(())}
-            state.update(self.variants[self.variant_of(p)].import_state(p.detach(), values))
+            local = {k: distributed.local(v) for k, v in values.items() if k != "step"}
+            state.update(self.variants[self.variant_of(p)].import_state(distributed.local(p).detach(), local))
             new_state[p] = state
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
         for p, state in new_state.items():
             self.state[p] = state
 
+    def _load_sharded(self, state_dict: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Load a checked state_dict into an optimizer with DTensor parameters: encode every state first
+        (nothing changes if that fails), then the param groups through torch, then the states."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        new_states = {}
+        for index, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(index)
+            if not saved:
+                continue
+            state = {"step": saved["step"].detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(())}
+            if distributed.layout(p) is not None:
+                state.update(distributed.load_state_sharded(self.variants[self.variant_of(p)], p, saved))
+            else:
+                state.update({k: v.detach().to(device=p.device, copy=True) for k, v in saved.items() if k != "step"})
+            new_states[p] = state
+        groups = state_dict["param_groups"]
+        meta = state_dict.get("optgen") or (groups[0].get("optgen") if groups else None) or {}
+        super().load_state_dict({"state": {}, "param_groups": [
+            {k: v for k, v in g.items() if k != "optgen"} for g in groups]})
+        for p, state in new_states.items():
+            self.state[p] = state
+        self.seed = meta.get("seed", self.seed)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load exactly: torch's loader casts states to the parameter dtype, so restore the saved dtypes."""
+        """Load exactly: torch's loader casts states to the parameter dtype, so restore the saved dtypes.
+        DTensor parameters take their states from the sharded layout ``state_dict`` gives them."""
         self._check_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(distributed.layout(p) is not None for p in params):
+            self._load_sharded(state_dict, params)
+            return
         super().load_state_dict(state_dict)
         self.seed = state_dict.get("optgen", {}).get("seed", self.seed)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
