@@ -105,8 +105,7 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def adamw4bit_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
-    """
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     c0, beta1, c1, beta2, c2, c3, eps, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -261,8 +260,7 @@ def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def adamw4bit_step_fp32_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it.
-    """
+    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it."""
     c0, beta1, c1, beta2, c2, c3, eps, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()

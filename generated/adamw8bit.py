@@ -106,8 +106,7 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def adamw8bit_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_absmax: list[torch.Tensor], state_v: list[torch.Tensor], state_v_absmax: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
-    """
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, eps, c3, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -267,8 +266,7 @@ def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def adamw8bit_step_fp32_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it.
-    """
+    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, eps, c3, c4 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()

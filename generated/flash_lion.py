@@ -92,8 +92,7 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def flash_lion_step_torch(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
-    """
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, c3 = scalars.unbind()
     for i in range(len(param)):
         p = ecc.torch_decode(param[i], param_ecc[i], 'bf16', 127)
@@ -229,8 +228,7 @@ def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def flash_lion_step_fp32_torch(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it.
-    """
+    """The PyTorch fallback (with fp32 states): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, c3 = scalars.unbind()
     for i in range(len(param)):
         p = ecc.torch_decode(param[i], param_ecc[i], 'bf16', 127)
@@ -361,8 +359,7 @@ def import_state_native(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor
 
 
 def flash_lion_step_native_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (fp32 states, parameter as it is): plain torch ops in fp32, any device; torch.compile fuses it.
-    """
+    """The PyTorch fallback (fp32 states, parameter as it is): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, c3 = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()

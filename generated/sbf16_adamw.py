@@ -104,8 +104,7 @@ def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
 
 
 def sbf16_adamw_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor, rng: torch.Tensor) -> None:
-    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it.
-    """
+    """The PyTorch fallback (as specified): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, c3, c4, eps = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()
@@ -257,8 +256,7 @@ def import_state_native(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor
 
 
 def sbf16_adamw_step_native_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor) -> None:
-    """The PyTorch fallback (fp32 states, parameter as it is): plain torch ops in fp32, any device; torch.compile fuses it.
-    """
+    """The PyTorch fallback (fp32 states, parameter as it is): plain torch ops in fp32, any device; torch.compile fuses it."""
     beta1, c0, beta2, c1, c2, c3, c4, eps = scalars.unbind()
     for i in range(len(param)):
         p = param[i].reshape(-1).float()

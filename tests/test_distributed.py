@@ -11,6 +11,8 @@ Linear(70, 5) (5 rows: 3 and 2), and a (1, 5) output scale (rank 1 holds an empt
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -479,3 +481,14 @@ def test_bad_state_dicts_are_refused_and_change_nothing(ws2: dict[str, Any]) -> 
 def test_uninitialised_process_group_is_a_clear_error(ws1: dict[str, Any]) -> None:
     assert "process group is not initialised" in ws1["no_group"]
 
+
+
+def test_example_train_fsdp_runs_under_torchrun(tmp_path: Path) -> None:
+    """examples/train_fsdp.py as documented: torchrun, 2 ranks on the CPU, gradient release, a DCP save."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "train_fsdp.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(example),
+           "--optimizer", "Lamb", "--steps", "3", "--width", "32", "--layers", "1", "--gradient-release",
+           "--checkpoint", str(tmp_path / "ckpt")]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "saved" in result.stdout and "rank 1: optimizer states" in result.stdout
