@@ -51,6 +51,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def assert_same(a: torch.optim.Optimizer, pa: list[torch.Tensor], b: torch.optim.Optimizer,
                 pb: list[torch.Tensor]) -> None:
     """Parameters and every state tensor identical in dtype, shape and bits."""
+    for opt in (a, b):
+        if isinstance(opt, OffloadedOptimizer):
+            opt.synchronize()  # the last copies back run late (as on a GPU's side stream)
     for x, y in zip(pa, pb):
         assert x.dtype == y.dtype and torch.equal(bits(x), bits(y))
         sa, sb = a.state[x], b.state[y]

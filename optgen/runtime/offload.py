@@ -122,6 +122,89 @@ class _Chunk:
         return copies, views
 
 
+class _CudaQueues:
+    """Side streams, events and asynchronous copies on the GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def stream(self) -> torch.cuda.Stream:
+        return torch.cuda.Stream(self.device)
+
+    def main(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def copy(self, stream: torch.cuda.Stream, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    def record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def wait(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
+        stream.wait_event(event)
+
+    def synchronize(self, stream: torch.cuda.Stream) -> None:
+        stream.synchronize()
+
+
+class _DeferredEvent:
+    def __init__(self, queue: _DeferredQueue | None) -> None:
+        self.queue = queue
+        self.done = queue is None  # the main "stream" runs everything at once
+
+
+class _DeferredQueue:
+    """A side "stream" of the CPU stand-in: operations wait in order until something needs their result."""
+
+    def __init__(self) -> None:
+        self.ops: list[Callable[[], None]] = []
+
+    def run(self, until: _DeferredEvent | None = None) -> None:
+        while self.ops and not (until is not None and until.done):
+            self.ops.pop(0)()
+
+
+class _DeferredQueues:
+    """The CPU stand-in for ``_CudaQueues`` (``staging_device='cpu'``): kernels run at once, copies on the side
+    queues run as late as possible, only when a wait or a synchronize needs them. A missing dependency between
+    copies and kernels then shows as a wrong result in the CPU tests, as it would on a GPU."""
+
+    def stream(self) -> _DeferredQueue:
+        return _DeferredQueue()
+
+    def main(self) -> None:
+        return None
+
+    @staticmethod
+    def _force(event: _DeferredEvent) -> None:
+        if not event.done:
+            event.queue.run(until=event)
+
+    def copy(self, stream: _DeferredQueue | None, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if stream is None:
+            dst.copy_(src)
+        else:
+            stream.ops.append(lambda: dst.copy_(src))
+
+    def record(self, stream: _DeferredQueue | None) -> _DeferredEvent:
+        event = _DeferredEvent(stream)
+        if stream is not None:
+            stream.ops.append(lambda: setattr(event, "done", True))
+        return event
+
+    def wait(self, stream: _DeferredQueue | None, event: _DeferredEvent) -> None:
+        if stream is None:
+            self._force(event)
+        else:
+            stream.ops.append(lambda: self._force(event))
+
+    def synchronize(self, stream: _DeferredQueue) -> None:
+        stream.run()
+
+
 class OffloadedOptimizer(OptgenOptimizer):
     """Base of ``offloaded(cls)``: the optimizer ``cls`` with its states in chunks (see the module doc)."""
 
@@ -155,6 +238,7 @@ class OffloadedOptimizer(OptgenOptimizer):
         self._chunk_of: dict[torch.Tensor, _Chunk] = {}
         self._slots: list[torch.Tensor] = []
         self._slot_free: list[Any] = []  # CUDA event per slot: its last copy out
+        self._queues: _CudaQueues | _DeferredQueues | None = None
         self._streams: tuple[Any, Any] | None = None  # (copy in, copy out) side streams
         super().__init__(params, *args, **kwargs)
 
@@ -346,7 +430,7 @@ class OffloadedOptimizer(OptgenOptimizer):
         copies overlap what follows); ``state_dict()`` and the other checkpoint methods call this first, and
         code that reads ``optimizer.state`` on the CPU right after a step should too."""
         if self._streams is not None:
-            self._streams[1].synchronize()
+            self._queues.synchronize(self._streams[1])
 
     # ------------------------------------------------------------------ step
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int]) -> None:
@@ -417,10 +501,12 @@ class OffloadedOptimizer(OptgenOptimizer):
             self._slot_free = [None] * n_slots
             for c in self._chunks:
                 c.staged.clear()
-        cuda = not self._testing_cpu
-        if cuda and paged and self._streams is None:
-            self._streams = (torch.cuda.Stream(self._device), torch.cuda.Stream(self._device))
-        main = torch.cuda.current_stream(self._device) if cuda else None
+        if self._queues is None:
+            self._queues = _DeferredQueues() if self._testing_cpu else _CudaQueues(self._device)
+        q = self._queues
+        if paged and self._streams is None:
+            self._streams = (q.stream(), q.stream())
+        main = q.main()
         units = [(c, j) for c in paged for j in ([None] if c.pieces is None else range(len(c.pieces)))]
         loaded: list[Any] = [None] * len(units)
         slot_free = self._slot_free
@@ -433,45 +519,27 @@ class OffloadedOptimizer(OptgenOptimizer):
             return chunk.staged[key]
 
         def load(k: int) -> None:
-            chunk, slot = units[k][0], self._slots[k % n_slots]
-            copies = staging(k)[0]
-            if not cuda:
-                for at, src, n in copies:
-                    slot[at:at + n].copy_(chunk.host[src:src + n])
-                return
-            stream = self._streams[0]
+            chunk, slot, stream = units[k][0], self._slots[k % n_slots], self._streams[0]
             for event in (slot_free[k % n_slots], chunk.d2h_done):
                 if event is not None:
-                    stream.wait_event(event)
-            with torch.cuda.stream(stream):
-                for at, src, n in copies:
-                    slot[at:at + n].copy_(chunk.host[src:src + n], non_blocking=True)
-                loaded[k] = torch.cuda.Event()
-                loaded[k].record(stream)
+                    q.wait(stream, event)
+            for at, src, n in staging(k)[0]:
+                q.copy(stream, slot[at:at + n], chunk.host[src:src + n])
+            loaded[k] = q.record(stream)
 
         for k in range(min(n_slots, len(units))):
             load(k)
         for chunk in resident:
             compute(chunk, {p: self.state[p] for p in {e.param for e in chunk.entries}}, None)
         for k, (chunk, piece) in enumerate(units):
-            s = k % n_slots
+            s, stream = k % n_slots, self._streams[1]
             copies, views = staging(k)
-            if cuda:
-                main.wait_event(loaded[k])
+            q.wait(main, loaded[k])
             compute(chunk, views, piece)
-            if cuda:
-                stepped = torch.cuda.Event()
-                stepped.record(main)
-                stream = self._streams[1]
-                stream.wait_event(stepped)
-                with torch.cuda.stream(stream):
-                    for at, dst, n in copies:
-                        chunk.host[dst:dst + n].copy_(self._slots[s][at:at + n], non_blocking=True)
-                    chunk.d2h_done = slot_free[s] = torch.cuda.Event()
-                    chunk.d2h_done.record(stream)
-            else:
-                for at, dst, n in copies:
-                    chunk.host[dst:dst + n].copy_(self._slots[s][at:at + n])
+            q.wait(stream, q.record(main))
+            for at, dst, n in copies:
+                q.copy(stream, chunk.host[dst:dst + n], self._slots[s][at:at + n])
+            chunk.d2h_done = slot_free[s] = q.record(stream)
             if k + n_slots < len(units):
                 load(k + n_slots)
 
