@@ -95,9 +95,9 @@ def test_bit_identical_to_gpu_step(cls, dtype, budget_chunks):
 
 
 def test_gpu_memory_bounded_by_staging_slots():
-    """Peak GPU memory of an offloaded FlashAdamW step beyond parameters and gradients: the two staging
+    """Peak GPU memory of an offloaded FlashAdamW step beyond parameters and gradients: the three staging
     slots (plus launch tables and scalars), whatever the number of parameters."""
-    shapes = [(2048, 2048)] * 24  # 100M parameters: 315 MiB of FlashAdamW state
+    shapes = [(2048, 2048)] * 32  # 134M parameters: 400 MiB of FlashAdamW state, 8.3x the staging slots
     params = make_params(shapes, torch.bfloat16, 1)
     set_grads([params], 0)
     torch.cuda.synchronize()
@@ -114,7 +114,7 @@ def test_gpu_memory_bounded_by_staging_slots():
     slots = 3 * 16 * MiB
     assert opt.gpu_state_bytes() == slots
     assert slots <= extra <= slots + MiB, extra / MiB
-    assert sum(c.nbytes for c in opt._chunks) > 9 * slots
+    assert sum(c.nbytes for c in opt._chunks) > 8 * slots
 
 
 @pytest.mark.parametrize("cls,dtype", [(AdamW, torch.float32), (FlashAdamW, torch.bfloat16),
