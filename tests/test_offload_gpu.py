@@ -85,7 +85,7 @@ def test_bit_identical_to_gpu_step(cls, dtype, budget_chunks):
                 assert value.is_pinned()
     # state_dict straight after a step (the copies back must be complete) into a plain GPU optimizer
     pc = clone(pb)
-    plain2 = cls(pc, **kw)
+    plain2 = cls([{"params": pc[:5], "lr": 2e-3}, {"params": pc[5:]}], **kw)
     plain2.load_state_dict(opt.state_dict())
     set_grads([pa, pb, pc], 9)
     for o in (plain, opt, plain2):
