@@ -271,7 +271,29 @@ def _job_save_ws2(rank: int, world: int, tmp: str) -> dict[str, Any]:
         out[name] = _save_and_continue(name, world, rank, tmp, "ws2")
         out[f"same_{name}"] = _load_and_continue(name, world, rank, tmp, "ws2")
     out["bad"] = _bad_inputs(rank, world, tmp)
+    for name in ["AdamW8bit", "FlashAdamW", "Lamb16"]:
+        out[f"full_{name}"] = _full_state_dict_round_trip(name, rank, world)
     return out
+
+
+def _full_state_dict_round_trip(name: str, rank: int, world: int) -> dict[str, Any]:
+    """A full (gathered, CPU, rank 0 only) optimizer state dict, broadcast back into a fresh optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    cls = _classes()[name]
+    dtype = _dtype(cls)
+    model = _shard(_net(0, dtype), world)
+    opt = cls(model.parameters(), **_kwargs(cls))
+    _train(model, opt, range(3), rank, world, dtype)
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    fresh = cls(model.parameters(), **_kwargs(cls))
+    set_optimizer_state_dict(model, fresh, full, options=StateDictOptions(full_state_dict=True,
+                                                                          broadcast_from_rank0=True))
+    return {"saved": _full_states(opt), "loaded": _full_states(fresh)}
 
 
 def _bad_inputs(rank: int, world: int, tmp: str) -> dict[str, str]:
@@ -468,6 +490,12 @@ def test_dcp_resharded_resume_takes_the_same_next_step(ws2_from1: dict[str, Any]
                                                        name: str) -> None:
     """Exact states at another world size: the next step differs only by the gradients' summation order."""
     assert _max_diff(ws2_from1[f"from1_{name}"]["next"], ws1[name]["next"]) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "FlashAdamW", "Lamb16"])
+def test_full_state_dict_broadcast_from_rank0(ws2: dict[str, Any], name: str) -> None:
+    r = ws2[f"full_{name}"]
+    _check_states(r["loaded"], r["saved"], name, exact=name not in THROUGH_FP32)
 
 
 def test_bad_state_dicts_are_refused_and_change_nothing(ws2: dict[str, Any]) -> None:

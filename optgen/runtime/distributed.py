@@ -12,7 +12,7 @@ Checkpoints (``state_dict_sharded`` / ``load_state_sharded``): DCP reshards DTen
 tensors, so each state is saved as a DTensor placed like its parameter. Elementwise layouts (fp32, bf16,
 fp8 codes, ECC and Kahan terms) are saved as they are stored and reshard exactly, with a per-tensor scale
 (the same on every rank) saved as a plain tensor; group-wise codes (q8/q4 with per-group scales) are tied
-to each rank's shard boundaries, so they are saved decoded to fp32 and re-encoded on the new shards.
+to each rank's shard boundaries, so they are saved decoded to fp32 and re-encoded on the new shards. fp8 codes are saved as their bytes (uint8).
 """
 
 from __future__ import annotations
@@ -108,6 +108,14 @@ def exact_keys(variant: Variant) -> tuple[list[str], list[str]]:
     return keys, [name for name, ok in elementwise.items() if name is not None and not ok]
 
 
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp8 codes are saved as their bytes: gloo cannot gather float8 (a full state dict gathers)."""
+    return torch.uint8 if dtype in FP8 else dtype
+
+
 def as_dtensor(value: torch.Tensor, p: DTensor) -> DTensor:
     """A local tensor shaped like ``p``'s shard, as a DTensor placed like ``p`` (uneven shards included)."""
     return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
@@ -121,7 +129,8 @@ def state_dict_sharded(variant: Variant, p: DTensor, state: dict[str, torch.Tens
     # the optimizer has checked it
     out: dict[str, Any] = {"step": state["step"].clone()}
     for key in exact:
-        out[key] = state[key].clone() if shapes[key] == "scalar" else as_dtensor(state[key].clone(), p)
+        value = state[key].clone().view(_saved_dtype(state[key].dtype))
+        out[key] = value if shapes[key] == "scalar" else as_dtensor(value, p)
     if decoded:
         values = variant.export_state(local(p).detach(), state)
         for name in decoded:
@@ -136,7 +145,7 @@ def expected_sharded(variant: Variant, p: DTensor) -> dict[str, tuple[tuple[int,
     for b in variant.buffers:
         if b.key in exact:
             shape = () if b.shape == "scalar" else tuple(p.shape)
-            out[b.key] = (shape, b.torch_dtype(p.dtype), b.shape != "scalar")
+            out[b.key] = (shape, _saved_dtype(b.torch_dtype(p.dtype)), b.shape != "scalar")
     for name in decoded:
         out[name] = (tuple(p.shape), torch.float32, True)
     return out
@@ -150,5 +159,5 @@ def load_state_sharded(variant: Variant, p: DTensor, saved: dict[str, Any]) -> d
     values = {name: local(saved[name]) for name in decoded}
     state = variant.import_state(p_local, values)  # every buffer, the decoded states encoded here
     for key in exact:
-        state[key] = local(saved[key]).detach().to(device=p_local.device, copy=True)
+        state[key] = local(saved[key]).detach().to(device=p_local.device, copy=True).view(state[key].dtype)
     return state
