@@ -126,7 +126,6 @@ def lamb16_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state
         for i in range(len(param)):
             if param[i].numel() == 0:  # an empty shard adds nothing
                 continue
-            numel = torch.full((), param[i].numel() if shard is None else shard.numels[i], dtype=torch.float32, device=param[i].device)
             p = param[i].reshape(-1).float()
             g = grad[i].reshape(-1).float()
             m = fp8.torch_decode(state_m[i], state_m_scale[i], 'e4m3fn')
@@ -359,7 +358,6 @@ def lamb16_step_fp32_torch(param: list[torch.Tensor], grad: list[torch.Tensor], 
         for i in range(len(param)):
             if param[i].numel() == 0:  # an empty shard adds nothing
                 continue
-            numel = torch.full((), param[i].numel() if shard is None else shard.numels[i], dtype=torch.float32, device=param[i].device)
             p = param[i].reshape(-1).float()
             g = grad[i].reshape(-1).float()
             m = state_m[i].reshape(-1).float()

@@ -127,7 +127,9 @@ def render_torch_step(ir: IR) -> TorchStep:
             if st.target in wanted:
                 needed.append(st)
                 wanted |= st.expr.free_symbols
-        lines = numel_line + loads_for(wanted)
+        lines = [("numel = torch.full((), shard.numels[i], dtype=torch.float32, device=param[i].device)")] \
+            if sympy.Symbol("numel") in wanted else []
+        lines += loads_for(wanted)
         lines += [f"{r.symbol.name} = red[i, {column[r.symbol]}]" for r in ir.reductions if r.level < level]
         lines += [statement(st) for st in reversed(needed)]
         lines += [f"red[i, {column[r.symbol]}] = {reduced(r)}" for r in mine]

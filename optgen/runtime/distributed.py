@@ -12,7 +12,8 @@ Checkpoints (``state_dict_sharded`` / ``load_state_sharded``): DCP reshards DTen
 tensors, so each state is saved as a DTensor placed like its parameter. Elementwise layouts (fp32, bf16,
 fp8 codes, ECC and Kahan terms) are saved as they are stored and reshard exactly, with a per-tensor scale
 (the same on every rank) saved as a plain tensor; group-wise codes (q8/q4 with per-group scales) are tied
-to each rank's shard boundaries, so they are saved decoded to fp32 and re-encoded on the new shards. fp8 codes are saved as their bytes (uint8).
+to each rank's shard boundaries, so they are saved decoded to fp32 and re-encoded on the new shards.
+fp8 codes are saved as their bytes (uint8).
 """
 
 from __future__ import annotations
@@ -65,9 +66,6 @@ class Sharding:
         mesh, placements = params[0].device_mesh, params[0].placements
         groups = tuple(mesh.get_group(d) for d, pl in enumerate(placements) if pl.is_shard() and mesh.size(d) > 1)
         return Sharding(tuple(p.numel() for p in params), groups)
-
-    def take(self, idx: list[int]) -> Sharding:
-        return Sharding(tuple(self.numels[i] for i in idx), self.groups)
 
     @staticmethod
     def partials(n: int, kinds: list[str], device: torch.device) -> torch.Tensor:
