@@ -273,7 +273,25 @@ def _job_save_ws2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     out["bad"] = _bad_inputs(rank, world, tmp)
     for name in ["AdamW8bit", "FlashAdamW", "Lamb16"]:
         out[f"full_{name}"] = _full_state_dict_round_trip(name, rank, world)
+    out["from_torch"] = _from_torch_adamw(rank, world)
     return out
+
+
+def _from_torch_adamw(rank: int, world: int) -> dict[str, Any]:
+    """torch.optim.AdamW's sharded states (DTensors) into AdamW8bit (load_torch_state_dict) and back out."""
+    from torch.distributed.tensor import DTensor
+
+    model = _shard(_net(0, torch.float32), world)
+    ref = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, ref, range(3), rank, world, torch.float32)
+    cls = _classes()["AdamW8bit"]
+    opt = cls(model.parameters(), **_kwargs(cls))
+    opt.load_torch_state_dict(ref.state_dict())
+
+    def whole(sd: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        return [{k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().clone()
+                 for k, v in s.items()} for _, s in sorted(sd["state"].items())]
+    return {"torch": whole(ref.state_dict()), "ours": whole(opt.torch_state_dict())}
 
 
 def _full_state_dict_round_trip(name: str, rank: int, world: int) -> dict[str, Any]:
@@ -496,6 +514,11 @@ def test_dcp_resharded_resume_takes_the_same_next_step(ws2_from1: dict[str, Any]
 def test_full_state_dict_broadcast_from_rank0(ws2: dict[str, Any], name: str) -> None:
     r = ws2[f"full_{name}"]
     _check_states(r["loaded"], r["saved"], name, exact=name not in THROUGH_FP32)
+
+
+def test_torch_adamw_sharded_states_load_into_adamw8bit(ws2: dict[str, Any]) -> None:
+    r = ws2["from_torch"]
+    _check_states(r["ours"], r["torch"], "AdamW8bit", exact=False)
 
 
 def test_bad_state_dicts_are_refused_and_change_nothing(ws2: dict[str, Any]) -> None:
