@@ -29,6 +29,24 @@ PARITY = ["AdamW", "FlashAdamW", "AdamW8bit", "Lamb", "Lamb16"]
 HP = {"lr": 1e-2, "min_quantized_size": 0}  # quantized layouts even for these small tensors
 # Layouts whose states DCP reshards exactly (elementwise codes, fp8 with a per-tensor scale); the others
 # (q8/q4 codes with per-group scales) go through fp32 and are re-encoded on the new shards.
+# Two reduction passes (a sum, then a max that needs it) and numel: every kind of whole-tensor value.
+CLIPPED_SGD = """
+name: clipped_sgd
+class: ClippedSGD
+hyperparams:
+  lr:  {default: 0.1, range: "[0, inf)"}
+  cap: {default: 0.01, range: "(0, inf)"}
+param: {storage: native}
+grad:  {storage: native}
+state:
+  count: {storage: fp32}
+update: |
+  gc = g - sum(g)/numel
+  biggest = max(abs(lr*gc))
+  scale = where(biggest > cap, cap/biggest, 1)
+  p = p - lr*scale*gc
+  count = count + 1
+"""
 THROUGH_FP32 = {"AdamW8bit", "AdamW4bit", "FlashAdamW", "FlashAdam", "FlashLion", "FlashSGD"}
 
 
@@ -201,6 +219,21 @@ def _job_train(rank: int, world: int, tmp: str) -> dict[str, Any]:
         _train(eager, eager_opt, range(3), rank, world, torch.float32, split=False)
         out[f"triton_{name}"] = {"triton": _masters(opt), "eager": _masters(eager_opt),
                                  "fallback_calls": len(fallback_calls)}
+    # a spec with sum, max and numel (one rank builds it first: both would write the same cached module)
+    for turn in range(world):
+        if turn == rank:
+            import optgen
+
+            clipped = optgen.load(Path(tmp) / "clipped_sgd.yaml")
+        dist.barrier()
+    for backend in ["eager", "triton"]:
+        model = _shard(_net(0, torch.float32), world)
+        opt = clipped(model.parameters(), lr=0.5, cap=0.02, backend=backend)
+        _train(model, opt, range(3), rank, world, torch.float32, split=False)
+        ref = _net(0, torch.float32)
+        ref_opt = clipped(ref.parameters(), lr=0.5, cap=0.02, backend="eager")
+        _train(ref, ref_opt, range(3), 0, 1, torch.float32)
+        out[f"clipped_{backend}"] = {"sharded": _full(model), "ref": _full(ref)}
     for name in ["AdamW", "Lamb"]:  # gradient release: FSDP2 calls the hooks after its reduce-scatter
         cls = classes[name]
         model = _shard(_net(0, torch.float32), world)
@@ -393,6 +426,7 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def train(tmp: Path) -> dict[str, Any]:
+    (tmp / "clipped_sgd.yaml").write_text(CLIPPED_SGD)
     return _spawn(_job_train, 2, tmp, "train")[0]
 
 
@@ -453,6 +487,13 @@ def test_fsdp2_triton_kernel_on_shards_matches_fallback(train: dict[str, Any], n
     assert r["fallback_calls"] == 0
     # atomics add the partial sums in another order than torch.sum; the rest is bit-exact (test_triton_backend)
     assert _max_diff(r["triton"], r["eager"]) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_fsdp2_sum_max_and_numel_over_two_passes(train: dict[str, Any], backend: str) -> None:
+    """sum(g)/numel, then max(|lr*gc|), each over the whole tensor: one all-reduce per pass and kind."""
+    r = train[f"clipped_{backend}"]
+    assert _max_diff(r["sharded"], r["ref"]) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["AdamW", "Lamb"])
