@@ -1,7 +1,8 @@
 """optgen: a compiler for memory-efficient PyTorch optimizers.
 
 ``optgen.load("my_spec.yaml")`` builds a spec in-process and returns its optimizer class; the built-in
-optimizers are in ``optgen.optim``.
+optimizers are in ``optgen.optim``; ``optgen.offloaded(cls)`` is ``cls`` with its states in pinned CPU memory
+or paged under a GPU budget (``optgen.runtime.offload``).
 """
 
 from optgen.build import load
