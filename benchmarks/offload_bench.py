@@ -168,6 +168,7 @@ class Row:
     device_mib: float | None = None
     chunks_mib: float | None = None
     note: str = ""
+    fingerprint: int | None = None  # of the parameters after the timed steps (same data, same steps)
 
     def cells(self) -> list[str]:
         def f(x: float | None, fmt: str) -> str:
@@ -186,6 +187,17 @@ def device_used(device: torch.device) -> float:
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     return (total - free) / MiB
+
+
+def fingerprint(params: list[torch.Tensor]) -> int:
+    """A position-weighted sum of the parameters' bits: equal for bit-identical parameters (and, in practice,
+    different otherwise)."""
+    total = 0
+    for p in params:
+        ints = {1: torch.int8, 2: torch.int16, 4: torch.int32}[p.element_size()]
+        bits = p.detach().reshape(-1).view(ints).to(torch.int64)
+        total += int((bits * (torch.arange(bits.numel(), device=bits.device) % 1009 + 1)).sum())
+    return total
 
 
 def run_row(row: Row, make_opt: Callable[[list[torch.Tensor]], Any], shapes: list[tuple[int, ...]],
@@ -220,6 +232,7 @@ def run_row(row: Row, make_opt: Callable[[list[torch.Tensor]], Any], shapes: lis
     if hasattr(opt, "gpu_state_bytes"):
         row.chunks_mib = len(opt._slots) * opt.chunk_bytes / MiB
         row.note = f"{len(opt._chunks)} chunks, {sum(c.gpu is None for c in opt._chunks)} in CPU memory"
+    row.fingerprint = fingerprint(params)
     del opt, params, grads
     row.device_mib = device_used(device) - used0 if device.type == "cuda" else None
     return row
@@ -286,12 +299,18 @@ def main() -> None:
             (Row(name, f"optgen CPU step (b), {args.cpu_backend}", n_cpu),
              lambda ps, c=cls: CpuStep(c, ps, args.cpu_backend), cpu_shapes, cpu_step_bus),
         ]
+        reference = Row(name, "", 0.0)
         for row, make, set_shapes, bus in entries:
             log(f"{row.optimizer} / {row.impl} ...")
             cpu_step = set_shapes is cpu_shapes  # slow: one warm-up step (compiles) and at most 3 timed
             warmup, iters = (1, min(3, args.iters)) if cpu_step else (args.warmup, args.iters)
             try:
                 rows.append(run_row(row, make, set_shapes, dtype, device, warmup, iters, bus))
+                reference = rows[-1] if set_shapes is shapes and bus is None else reference
+                if bus is offload_bus:  # the same kernel on the same data: the parameters must match bit for bit
+                    same = row.fingerprint == reference.fingerprint
+                    row.note = "; ".join(filter(None, [row.note, "params identical to the on-GPU run" if same
+                                                       else "PARAMS DIFFER from the on-GPU run"]))
             except Exception as exc:  # noqa: BLE001 - a failing row is reported, the others still run
                 row.note = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
                 rows.append(row)
