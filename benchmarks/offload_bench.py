@@ -25,7 +25,8 @@ for (a), which overlaps the two directions; one direction after the other for (b
 whole gradient before and gives the parameters after); ``ratio`` = step / floor (target <= 1.2 for (a));
 ``opt GPU MiB`` = peak memory the torch allocator held during the timed steps beyond parameters and
 gradients; ``device MiB`` = growth of the device's used memory (``cudaMemGetInfo``, after emptying the cache),
-which also sees managed memory; ``chunks MiB`` = the staging chunks of (a).
+which also sees managed memory; ``chunks MiB`` = the staging chunks of (a). The note says whether the
+offloaded and paged runs left the parameters bit-identical to the on-GPU run (same data, same steps).
 
 Usage (repository root)::
 
