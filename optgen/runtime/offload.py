@@ -279,7 +279,7 @@ class OffloadedOptimizer(OptgenOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Also check, before anything is stored, that every parameter is on the one offload device and that
-        its states fit one chunk."""
+        its states fit one chunk or can be stepped in pieces."""
         if isinstance(param_group, dict):
             params = param_group["params"]
             param_group = {**param_group, "params": [params] if isinstance(params, torch.Tensor) else list(params)}
