@@ -99,6 +99,24 @@ def _shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return model
 
 
+class Twin(torch.nn.Module):
+    """Two equal rows."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(1, 512).repeat(2, 1).to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w.float() * x).sum()
+
+
+def _shard_one(module: torch.nn.Module, world: int) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(module, mesh=init_device_mesh("cpu", (world,)))
+
+
 def _batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     return torch.randn(8, 33, generator=g).to(dtype), torch.randn(8, 5, generator=g).to(dtype)
@@ -219,6 +237,13 @@ def _job_train(rank: int, world: int, tmp: str) -> dict[str, Any]:
         _train(eager, eager_opt, range(3), rank, world, torch.float32, split=False)
         out[f"triton_{name}"] = {"triton": _masters(opt), "eager": _masters(eager_opt),
                                  "fallback_calls": len(fallback_calls)}
+    # stochastic rounding: two equal rows, one per rank, the same gradient; each shard must draw its own bits
+    cls = classes["StochasticAdamW"]
+    twin = _shard_one(Twin(_dtype(cls)), world)
+    opt = cls(twin.parameters(), **_kwargs(cls, lr=1e-3))
+    twin(torch.linspace(-1, 1, 512)).backward()
+    opt.step()
+    out["sr_rows"] = twin.w.full_tensor().detach().float()
     # a spec with sum, max and numel (one rank builds it first: both would write the same cached module)
     for turn in range(world):
         if turn == rank:
@@ -494,6 +519,12 @@ def test_fsdp2_sum_max_and_numel_over_two_passes(train: dict[str, Any], backend:
     """sum(g)/numel, then max(|lr*gc|), each over the whole tensor: one all-reduce per pass and kind."""
     r = train[f"clipped_{backend}"]
     assert _max_diff(r["sharded"], r["ref"]) < 1e-6
+
+
+def test_fsdp2_stochastic_rounding_draws_per_shard(train: dict[str, Any]) -> None:
+    """Equal rows on two ranks, stepped alike: the same random bits would round them identically."""
+    rows = train["sr_rows"]
+    assert not torch.equal(rows[0], rows[1])
 
 
 @pytest.mark.parametrize("name", ["AdamW", "Lamb"])

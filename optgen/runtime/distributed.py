@@ -58,6 +58,8 @@ class Sharding:
 
     numels: tuple[int, ...]  # elements of each whole tensor (the spec's ``numel``)
     groups: tuple[Any, ...]  # the process groups of the mesh dimensions the tensors are sharded over
+    rank: int = 0  # in the default group
+    world: int = 1
 
     @staticmethod
     def of(params: list[DTensor]) -> Sharding:
@@ -65,7 +67,13 @@ class Sharding:
         require_process_group()
         mesh, placements = params[0].device_mesh, params[0].placements
         groups = tuple(mesh.get_group(d) for d, pl in enumerate(placements) if pl.is_shard() and mesh.size(d) > 1)
-        return Sharding(tuple(p.numel() for p in params), groups)
+        return Sharding(tuple(p.numel() for p in params), groups, dist.get_rank(), dist.get_world_size())
+
+    def stream_ids(self, ids: list[int]) -> list[int]:
+        """Stochastic rounding draws by element index within the tensor stepped, here a shard: each rank's
+        shard gets its own stream (``id * world + rank``; the id itself at world size 1), or element j of
+        every shard would round with the same random bits."""
+        return [i * self.world + self.rank for i in ids]
 
     @staticmethod
     def partials(n: int, kinds: list[str], device: torch.device) -> torch.Tensor:

@@ -344,7 +344,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 else:
                     lists.append([local(params[i].grad) for i in idx])
             shard = distributed.Sharding.of([params[i] for i in idx]) if sharded else None
-            extra = (make_rng(self.seed, t, [ids[i] for i in idx], device),) if v.needs_rng else ()
+            extra = ()
+            if v.needs_rng:
+                stream = [ids[i] for i in idx] if shard is None else shard.stream_ids([ids[i] for i in idx])
+                extra = (make_rng(self.seed, t, stream, device),)
             self._kernel(device, variant, shard)(*lists, self._scalars(group, t, device), *extra)
 
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
