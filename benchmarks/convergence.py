@@ -4,6 +4,7 @@
     python benchmarks/convergence.py --gpu --tasks lm        # the GPU size on CUDA (longer runs, a larger LM)
     python benchmarks/convergence.py --pairs FlashAdamW,Lamb16 --tasks digits
     python benchmarks/convergence.py --tasks lamb16_claim    # Lamb16 vs AdamW (and Lamb) at batch 1024 on digits
+    python benchmarks/convergence.py --tasks lamb16_clip     # how much of Lamb16's momentum sits at the fp8 clip
 
 Each variant trains beside its reference with the same hyper-parameters (HPARAMS, per family) and, for each
 seed, the same initial weights and batch order, on the digits CNN (examples/train_digits.py; metric: test loss)
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 import train_digits
 import train_lm
-from common import lookup, markdown_table, plot_losses
+from common import fit, lookup, markdown_table, plot_losses
 
 # Hyper-parameters of each family, shared by a variant and its reference (the same for every size and batch).
 HPARAMS: dict[str, dict[str, float]] = {
@@ -111,7 +112,7 @@ def convergence(args: argparse.Namespace, size: str, task: str) -> str:
     runs = {name: [run(cls, seed) for seed in range(args.seeds)] for name, cls in names.items()}
     table = markdown_table(header, compare(task, runs, pairs))
     print(f"\n{task}: {SIZES[size][task]}\n{table}")
-    png = f"convergence_{size}_{task}.png"
+    png = f"convergence_{size}_{task}{args.suffix}.png"
     plot_losses({f"{v.__name__} vs {r.__name__}": {r.__name__: [x["losses"] for x in runs[r.__name__]],
                                                    v.__name__: [x["losses"] for x in runs[v.__name__]]}
                  for v, r in pairs}, Path(args.out) / png)
@@ -138,7 +139,7 @@ def lamb16_claim(args: argparse.Namespace, size: str) -> str:
             curves[f"{name} lr {lr:g}"] = [r["losses"] for r in runs]
             rows.append([name, f"{lr:g}", f"{acc[0]:.4f} ± {acc[1]:.4f}", f"{loss[0]:.4f} ± {loss[1]:.4f}",
                          ", ".join(f"{r['test accuracy']:.4f}" for r in runs)])
-    png = f"convergence_{size}_lamb16_claim.png"
+    png = f"convergence_{size}_lamb16_claim{args.suffix}.png"
     plot_losses({f"digits, batch {batch}, {name}": {k: v for k, v in curves.items() if k.startswith(name + " ")}
                  for name in best}, Path(args.out) / png)
     table = markdown_table(["optimizer", "lr", f"test accuracy (mean ± std, {args.seeds} seeds)", "test loss",
@@ -153,6 +154,39 @@ def lamb16_claim(args: argparse.Namespace, size: str) -> str:
             + "\n".join(verdict) + f"\n\n![loss]({png})\n")
 
 
+def lamb16_clip(args: argparse.Namespace, size: str) -> str:
+    """Why Lamb16 differs from its own rule with fp32 states: the fraction of its stored momentum that sits at
+    the fp8 codec's clip, ±15·m_scale, where m_scale = ||m||/numel (not /sqrt(numel)) is tiny, after training
+    the LM (seed 0, the task's size) with Lamb16."""
+    cls = lookup("Lamb16")
+    if cls is None:
+        return "Lamb16 is not available\n"
+    corpus = train_lm.load_corpus(CORPUS_BYTES)
+    kwargs = {k: v for k, v in SIZES[size]["lm"].items() if k != "val_windows"}
+    torch.manual_seed(0)
+    model = train_lm.ByteGPT(kwargs["context"], kwargs["d"], kwargs["layers"]).to(args.device)
+    opt = cls(model.parameters(), **hparams(cls))
+    order = torch.Generator().manual_seed(0)
+    context, batch = kwargs["context"], kwargs["batch_size"]
+    train = corpus[0]
+    fit(model, opt, lambda: train_lm.windows(train, torch.randint(0, len(train) - context - 1, (batch,),
+                                                                   generator=order), context, args.device),
+        kwargs["steps"], "Lamb16")
+    exported = opt.torch_state_dict()["state"]
+    rows, total, clipped = [], 0, 0.0
+    for index, (name, p) in enumerate(model.named_parameters()):
+        if opt.variant_of(p) != "":  # small tensors keep fp32 states: no clip
+            continue
+        m, limit = exported[index]["exp_avg"], 15 * opt.state[p]["m_scale"].float()
+        at_clip = (m.abs() >= limit * (1 - 1e-3)).float().sum().item()
+        total, clipped = total + m.numel(), clipped + at_clip
+        rows.append([name, str(m.numel()), f"{limit.item():.3g}", f"{m.abs().max().item():.3g}",
+                     f"{m.pow(2).mean().sqrt().item():.3g}", f"{at_clip / m.numel():.3f}"])
+    table = markdown_table(["tensor", "elements", "clip 15·m_scale", "max abs m", "rms m", "fraction at the clip"], rows)
+    return (f"## Lamb16's momentum at the fp8 clip, LM after {kwargs['steps']} steps (seed 0)\n\n{table}\n"
+            f"Over all quantized tensors, {clipped / total:.3f} of the stored momentum sits at ±15·m_scale.\n")
+
+
 def main(argv: list[str] | None = None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="the GPU size, on cuda")
@@ -161,11 +195,12 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pairs", default="", help="variants to run, comma separated (default: all of "
                         f"{', '.join(dict.fromkeys(v for v, _ in PAIRS))})")
-    parser.add_argument("--tasks", default="digits,lm", help="digits, lm, lamb16_claim (comma separated)")
+    parser.add_argument("--tasks", default="digits,lm", help="digits, lm, lamb16_claim, lamb16_clip (comma separated)")
     parser.add_argument("--epochs", type=int, default=50, help="for lamb16_claim")
     parser.add_argument("--claim-lrs", default="0.001,0.003,0.01", help="for lamb16_claim: the lrs of each optimizer")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
+    parser.add_argument("--suffix", default="", help="appended to the output file names (e.g. for a --pairs subset)")
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if args.gpu else "cpu")
     size = "smoke" if args.smoke else "gpu" if args.gpu else "cpu"
@@ -176,8 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     written = {}
     for task in args.tasks.split(","):
         start = time.perf_counter()
-        body = lamb16_claim(args, size) if task == "lamb16_claim" else convergence(args, size, task)
-        path = Path(args.out) / f"convergence_{size}_{task}.md"
+        tasks = {"lamb16_claim": lamb16_claim, "lamb16_clip": lamb16_clip}
+        body = tasks[task](args, size) if task in tasks else convergence(args, size, task)
+        path = Path(args.out) / f"convergence_{size}_{task}{args.suffix}.md"
         written[task] = (f"# Convergence: {task} ({size} size)\n\n`{command.strip()}` on {device}, torch "
                          f"{torch.__version__}: {time.perf_counter() - start:.0f} s for this task. Seeds "
                          f"0..{args.seeds - 1}; each seed gives every optimizer the same initial weights and batch "

@@ -53,7 +53,8 @@ def test_convergence_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("convergence", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    written = module.main(["--smoke", "--seeds", "2", "--tasks", "digits,lm", "--out", str(tmp_path)])
+    written = module.main(["--smoke", "--seeds", "2", "--tasks", "digits,lm,lamb16_clip", "--out", str(tmp_path)])
+    assert "of the stored momentum sits at" in (tmp_path / "convergence_smoke_lamb16_clip.md").read_text()
     for task in ("digits", "lm"):
         text = (tmp_path / f"convergence_smoke_{task}.md").read_text()
         assert text == written[task] and (tmp_path / f"convergence_smoke_{task}.png").stat().st_size > 0
