@@ -228,15 +228,19 @@ def _job_train(rank: int, world: int, tmp: str) -> dict[str, Any]:
         cls = classes[name]
         launcher = cls.variants[""].triton_launcher
         fallback_calls: list[int] = []
+        launches: list[int] = []
         launcher.fallback = _counting(launcher.fallback, fallback_calls)
+        launcher._launch = _counting(launcher._launch, launches)
         model = _shard(_net(0, torch.float32), world)
         opt = cls(model.parameters(), backend="triton", **_kwargs(cls))
         _train(model, opt, range(3), rank, world, torch.float32, split=False)
+        del launcher._launch
         eager = _shard(_net(0, torch.float32), world)
         eager_opt = cls(eager.parameters(), **_kwargs(cls))
         _train(eager, eager_opt, range(3), rank, world, torch.float32, split=False)
         out[f"triton_{name}"] = {"triton": _masters(opt), "eager": _masters(eager_opt),
-                                 "fallback_calls": len(fallback_calls)}
+                                 "fallback_calls": len(fallback_calls), "launches_per_step": len(launches) / 3,
+                                 "passes": launcher.passes if launcher.slots else 1}
     # stochastic rounding: two equal rows, one per rank, the same gradient; each shard must draw its own bits
     cls = classes["StochasticAdamW"]
     twin = _shard_one(Twin(_dtype(cls)), world)
@@ -510,6 +514,7 @@ def test_fsdp2_triton_kernel_on_shards_matches_fallback(train: dict[str, Any], n
     an empty shard's scales) against the PyTorch fallback's, on the same shards."""
     r = train[f"triton_{name}"]
     assert r["fallback_calls"] == 0
+    assert r["launches_per_step"] == r["passes"]  # one launch per pass for the whole group, empty shard included
     # atomics add the partial sums in another order than torch.sum; the rest is bit-exact (test_triton_backend)
     assert _max_diff(r["triton"], r["eager"]) < 1e-6
 

@@ -60,14 +60,23 @@ def test_fsdp2_ws1_runs_the_triton_kernel(group: None, name: str, monkeypatch: p
     opt = cls(model.parameters(), lr=1e-3, min_quantized_size=0)
     ref_opt = cls(ref.parameters(), lr=1e-3, min_quantized_size=0)
     assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+    launches = []
+    launch = launcher._launch
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return launch(*args, **kwargs)
+
     launcher._plans.clear()
     for _ in range(5):
         x = torch.randn(64, 256, device="cuda", dtype=dtype)
         for m, o in ((model, opt), (ref, ref_opt)):
             m(x).float().square().mean().backward()
+            monkeypatch.setattr(launcher, "_launch", counted if o is opt else launch)
             o.step()
             o.zero_grad()
-    assert launcher._plans, "the Triton launcher never ran"
+    # one launch per kernel pass for the whole group (4 tensors of one dtype), as on one device
+    assert len(launches) == 5 * (launcher.passes if launcher.slots else 1), len(launches)
     for p, q in zip(model.parameters(), ref.parameters()):
         a, b = p.to_local().float(), q.detach().float()
         # same kernel on the same numbers; only the order of atomic partial sums (norms) may differ
