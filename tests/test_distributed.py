@@ -248,6 +248,30 @@ def _job_train(rank: int, world: int, tmp: str) -> dict[str, Any]:
     twin(torch.linspace(-1, 1, 512)).backward()
     opt.step()
     out["sr_rows"] = twin.w.full_tensor().detach().float()
+    # HSDP (2-D mesh: replicate x shard), both ways round at world size 2
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    for shape in [(1, 2), (2, 1)]:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        for name in ["Lamb", "StochasticAdamW"]:
+            cls = classes[name]
+            dtype = _dtype(cls)
+            model = _net(0, dtype)
+            for module in (model.a, model.b, model):
+                fully_shard(module, mesh=mesh)
+            opt = cls(model.parameters(), **_kwargs(cls))
+            _train(model, opt, range(3), rank, world, dtype, split=False)
+            ref = _net(0, dtype)
+            ref_opt = cls(ref.parameters(), **_kwargs(cls))
+            _train(ref, ref_opt, range(3), 0, 1, dtype)
+            replicas_equal = True
+            if shape[0] == 2:  # each rank holds a whole replica: the two must be the same bits
+                local = torch.cat([p.to_local().detach().float().flatten() for p in model.parameters()])
+                gathered = [torch.empty_like(local) for _ in range(world)]
+                dist.all_gather(gathered, local)
+                replicas_equal = torch.equal(gathered[0], gathered[1])
+            out[f"hsdp_{shape}_{name}"] = {"sharded": _full(model), "ref": _full(ref), "replicas_equal": replicas_equal}
     # a spec with sum, max and numel (one rank builds it first: both would write the same cached module)
     for turn in range(world):
         if turn == rank:
@@ -524,6 +548,16 @@ def test_fsdp2_sum_max_and_numel_over_two_passes(train: dict[str, Any], backend:
     """sum(g)/numel, then max(|lr*gc|), each over the whole tensor: one all-reduce per pass and kind."""
     r = train[f"clipped_{backend}"]
     assert _max_diff(r["sharded"], r["ref"]) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 1)])
+@pytest.mark.parametrize("name", ["Lamb", "StochasticAdamW"])
+def test_hsdp_two_dimensional_mesh(train: dict[str, Any], shape: tuple[int, int], name: str) -> None:
+    """Norms reduce over the shard dimension only; replicas stay bit-identical (stochastic rounding too)."""
+    r = train[f"hsdp_{shape}_{name}"]
+    assert r["replicas_equal"]
+    if name == "Lamb":
+        assert _max_diff(r["sharded"], r["ref"]) < 1e-6
 
 
 def test_fsdp2_stochastic_rounding_draws_per_shard(train: dict[str, Any]) -> None:

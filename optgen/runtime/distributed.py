@@ -58,8 +58,8 @@ class Sharding:
 
     numels: tuple[int, ...]  # elements of each whole tensor (the spec's ``numel``)
     groups: tuple[Any, ...]  # the process groups of the mesh dimensions the tensors are sharded over
-    rank: int = 0  # in the default group
-    world: int = 1
+    rank: int = 0  # this rank's shard: its index over the sharded mesh dimensions
+    world: int = 1  # the number of shards
 
     @staticmethod
     def of(params: list[DTensor]) -> Sharding:
@@ -67,12 +67,16 @@ class Sharding:
         require_process_group()
         mesh, placements = params[0].device_mesh, params[0].placements
         groups = tuple(mesh.get_group(d) for d, pl in enumerate(placements) if pl.is_shard() and mesh.size(d) > 1)
-        return Sharding(tuple(p.numel() for p in params), groups, dist.get_rank(), dist.get_world_size())
+        coordinate, rank, world = mesh.get_coordinate(), 0, 1
+        for d, pl in enumerate(placements):  # replicas (HSDP's replicate dimension) share their shard's index
+            if pl.is_shard():
+                rank, world = rank * mesh.size(d) + coordinate[d], world * mesh.size(d)
+        return Sharding(tuple(p.numel() for p in params), groups, rank, world)
 
     def stream_ids(self, ids: list[int]) -> list[int]:
-        """Stochastic rounding draws by element index within the tensor stepped, here a shard: each rank's
-        shard gets its own stream (``id * world + rank``; the id itself at world size 1), or element j of
-        every shard would round with the same random bits."""
+        """Stochastic rounding draws by element index within the tensor stepped, here a shard: each shard
+        gets its own stream (``id * shards + shard index``; the id itself for one shard), or element j of
+        every shard would round with the same random bits. Replicas of a shard draw the same bits."""
         return [i * self.world + self.rank for i in ids]
 
     @staticmethod
