@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
                         f"{', '.join(dict.fromkeys(v for v, _ in PAIRS))})")
     parser.add_argument("--tasks", default="digits,lm", help="digits, lm, lamb16_claim, lamb16_clip (comma separated)")
     parser.add_argument("--epochs", type=int, default=50, help="for lamb16_claim")
-    parser.add_argument("--claim-lrs", default="0.001,0.003,0.01", help="for lamb16_claim: the lrs of each optimizer")
+    parser.add_argument("--claim-lrs", default="0.001,0.003,0.01,0.03,0.1", help="for lamb16_claim: the lrs of each optimizer")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     parser.add_argument("--suffix", default="", help="appended to the output file names (e.g. for a --pairs subset)")
