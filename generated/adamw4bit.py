@@ -148,11 +148,14 @@ if triton is not None:
         GRAD_DTYPE: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
         mask = offs < count
@@ -182,7 +185,7 @@ if triton is not None:
         dynamic.triton_encode_q4(v_1, state_v, state_v_scale, offs, mask, False)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=128, num_warps=8,
+    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=128, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5))
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
@@ -301,11 +304,14 @@ if triton is not None:
         GRAD_DTYPE: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
         mask = offs < count
@@ -333,7 +339,7 @@ if triton is not None:
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher_fp32 = MultiTensorLauncher(adamw4bit_step_fp32_kernel, adamw4bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
+    _launcher_fp32 = MultiTensorLauncher(adamw4bit_step_fp32_kernel, adamw4bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
                                    written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::adamw4bit_step_fp32_triton", mutates_args=('param', 'state_m', 'state_v'))

@@ -182,6 +182,7 @@ if triton is not None:
         GRAD_DTYPE: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
         PASS: tl.constexpr,
         NRED: tl.constexpr,
     ):
@@ -189,6 +190,8 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
         mask = offs < count
@@ -238,7 +241,7 @@ if triton is not None:
             optgen_tl.store_rne(state_v + offs, v_1, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
+    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
                                    written=(0, 2, 3),
                                    slots=['sum', 'sum'], passes=2,
                                    levels=[1, 1])

@@ -195,6 +195,7 @@ if triton is not None:
         GRAD_DTYPE: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
         PASS: tl.constexpr,
         NRED: tl.constexpr,
     ):
@@ -202,6 +203,8 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         numel = tl.load(numels + 2 * tensor + 1)  # elements of the whole tensor
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
@@ -265,7 +268,7 @@ if triton is not None:
             tl.store(state_m_scale, tl.load(red + tensor * NRED + 4))
             tl.store(state_v_scale, tl.load(red + tensor * NRED + 5))
 
-    _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
+    _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
                                    written=(0, 2, 3, 4, 5),
                                    slots=['sum', 'sum', 'sum', 'sum', 'stage', 'stage'], passes=3,
                                    levels=[1, 1, 1, 1])
@@ -417,6 +420,7 @@ if triton is not None:
         GRAD_DTYPE: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
         PASS: tl.constexpr,
         NRED: tl.constexpr,
     ):
@@ -424,6 +428,8 @@ if triton is not None:
         pid = tl.program_id(0)
         tensor = tl.load(blocks + 2 * pid)
         start = tl.load(blocks + 2 * pid + 1)
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         numel = tl.load(numels + 2 * tensor + 1)  # elements of the whole tensor
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
@@ -470,7 +476,7 @@ if triton is not None:
             optgen_tl.store_rne(state_v + offs, v_2, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8,
+    _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
                                    written=(0, 2, 3),
                                    slots=['sum', 'sum'], passes=2,
                                    levels=[1, 1])

@@ -20,10 +20,22 @@ from optgen.backends.triton import render_triton_kernel
 from optgen.ir import IR, lower
 from optgen.spec import HyperParam, Spec, load_spec
 
-TILE_ELEMENTS = 4096  # elements per Triton program (a tile of rows x cols; measured best on an H100)
 TILE_COLS = 256  # row length of elementwise specs (grouped formats use their group size)
 LAYOUT_LABELS = {"": "as specified", "fp32": "with fp32 states", "native": "fp32 states, parameter as it is"}
-GROUPED_TILE = {False: (2048, 8), True: (1024, 4)}  # (elements, warps) for groups < 256 and >= 256
+
+
+def tile_config(group_size: int, needs_rng: bool) -> tuple[int, int, bool]:
+    """(elements per program, num_warps, aligned hint) of a kernel; swept on an H100 (benchmarks/RESULTS.md).
+
+    Elementwise kernels move bytes fastest with 4096-element tiles, except stochastic rounding, whose hash
+    makes every element heavier (1024, 4 warps: 2.6x faster). Grouped formats: groups of 32 (q8) want small
+    tiles and vector loads (the ``aligned`` hint: 1.7x), q4's 128 and q8_dynamic's 256 do best without it.
+    """
+    if group_size == 1:
+        return (1024, 4, False) if needs_rng else (4096, 8, False)
+    if group_size < 128:
+        return 1024, 4, True
+    return (2048, 4, False) if group_size < 256 else (1024, 4, False)
 
 
 def _docstring(text: str) -> str:
@@ -162,11 +174,9 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     """What the template needs for one storage layout (its init, fallback, op and kernel)."""
     torch_step = render_torch_step(ir)
     kernel = render_triton_kernel(ir)
-    # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape), and
-    # smaller tiles (their kernels hold more live values per element; measured on an H100, see
-    # benchmarks/RESULTS.md).
+    # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
-    elements, warps = (TILE_ELEMENTS, 8) if kernel.group_size == 1 else GROUPED_TILE[kernel.group_size >= 256]
+    elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng)
     return {
         "key": key, "sfx": sfx, "const": f"{(key or 'main').upper()}_VARIANT", "label": LAYOUT_LABELS[key],
         "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}", "rng": ir.needs_rng,
@@ -174,7 +184,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
         "torch": torch_step, "triton": kernel, "buffers": _buffer_records(ir), "init_state": _init_state_lines(ir),
         "export_state": _checkpoint_lines(ir)[0], "import_state": _checkpoint_lines(ir)[1],
         "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
-        "rows": elements // cols, "cols": cols, "warps": warps,
+        "rows": elements // cols, "cols": cols, "warps": warps, "aligned": aligned,
         "uses_numel": any(sympy.Symbol("numel") in e.free_symbols
                           for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions]),
         "levels": [r.level for r in ir.reductions],  # the reduction pass of each reduction slot

@@ -37,7 +37,7 @@ class MultiTensorLauncher:
     cache_size = 8
 
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, rows: int,
-                 cols: int, num_warps: int = 8,
+                 cols: int, num_warps: int = 8, aligned: bool = False,
                  constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None,
                  slots: tuple[str, ...] = (), passes: int = 1, levels: tuple[int, ...] = (),
                  written: tuple[int, ...] = ()) -> None:
@@ -47,6 +47,7 @@ class MultiTensorLauncher:
         self.rows = rows
         self.cols = cols
         self.num_warps = num_warps
+        self.aligned = aligned  # the kernel may assume tiles start at multiples of rows * cols (vector loads)
         self.constants = constants  # read-only tables (e.g. a quantization map) passed after the scalars
         # Per-tensor slots (whole-tensor reductions filled by atomics in extra passes, staged scales) and
         # the number of kernel passes (PASS = 1 .. passes) when there are slots.
@@ -176,7 +177,7 @@ class MultiTensorLauncher:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
             self.kernel[(n_blocks,)](*args, **constexprs, **extra, ROWS=self.rows, COLS=self.cols,
-                                     num_warps=self.num_warps, enable_fp_fusion=False)
+                                     ALIGNED=self.aligned, num_warps=self.num_warps, enable_fp_fusion=False)
 
 
 def _rng_rows(idx: list[int], with_rng: bool, device: torch.device) -> torch.Tensor | None:
