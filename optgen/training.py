@@ -145,15 +145,13 @@ def compile_training_step(fn: Callable[..., Any], **compile_kwargs: Any) -> Call
     """``torch.compile(fn, fullgraph=True)`` for a whole training step: forward, ``loss.backward()``, the optgen
     optimizer's ``step()`` and ``zero_grad()`` in one graph. ``fn`` must return detached tensors (``loss.detach()``).
 
-    Two Dynamo settings make that one graph, applied only while ``fn`` is compiled (no global change):
-    ``trace_autograd_ops`` lets Dynamo trace ``backward()``; ``dont_skip_tracing`` lets it trace the wrapper an LR
-    scheduler puts around ``optimizer.step`` (defined in a file Dynamo otherwise skips). Give the optimizer a tensor
-    ``lr`` so that a schedule changes it in place and causes no recompile. ``compile_kwargs`` go to torch.compile.
-    Known wart: Dynamo drops attribute writes on optimizer objects, including the flag the scheduler's wrapper
-    sets, so the scheduler's first ``step()`` warns, wrongly, that it ran before ``optimizer.step()``.
+    Dynamo traces ``backward()`` only with ``trace_autograd_ops``, set here while ``fn`` is compiled (no global
+    change). Give the optimizer a tensor ``lr`` so that a schedule changes it in place and causes no recompile.
+    ``compile_kwargs`` go to torch.compile. Known wart: the optimizer cannot record, inside the graph, that step()
+    ran, so an LR scheduler's first ``step()`` warns, wrongly, that it ran before ``optimizer.step()``.
     """
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         raise RuntimeError(f"compiling backward into the training step needs torch._dynamo.config.trace_autograd_ops, "
                            f"which torch {torch.__version__} lacks; compile the forward and the optimizer step apart")
-    compiled = torch.compile(torch._dynamo.dont_skip_tracing(fn), fullgraph=True, **compile_kwargs)
+    compiled = torch.compile(fn, fullgraph=True, **compile_kwargs)
     return torch._dynamo.config.patch(trace_autograd_ops=True)(compiled)

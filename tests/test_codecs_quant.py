@@ -735,7 +735,6 @@ import triton
 import triton.language as tl
 {imports}
 
-NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -743,7 +742,7 @@ def encode_kernel(x_ptr, {args}numel, ROWS: tl.constexpr, COLS: tl.constexpr):
     offs = tl.program_id(0) * (ROWS * COLS) + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
     mask = offs < numel
     value = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    value = tl.where(mask, value, NAN)  # the codec must ignore masked lanes
+    value = tl.where(mask, value, float("nan"))  # the codec must ignore masked lanes
 {encode}
 
 

@@ -3,8 +3,8 @@ with ``fullgraph=True`` through optgen.training.compile_training_step. It must g
 step run eagerly, under a cosine LR schedule (torch's LambdaLR updating a tensor lr in place) that recompiles
 nothing: one graph for the first step (which creates the states), one for every later step.
 
-On the CPU the graph runs with ``aot_eager`` (the same aten ops as eager: bit-identical) for several specs and
-with Inductor for AdamW; on a GPU with Inductor and the Triton kernels.
+The graph runs with ``aot_eager`` (the same aten ops as eager: bit-identical) for several specs and with Inductor
+(close) for AdamW; on a GPU the step in the graph is the Triton kernel.
 """
 
 import math
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import optgen.optim as optim
+from optgen import optim
 from optgen.training import compile_training_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,7 +22,7 @@ BACKENDS = ["eager"] + (["triton"] if DEVICE == "cuda" or os.environ.get("TRITON
 pytestmark = pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
                                 reason="this torch cannot trace backward() (no trace_autograd_ops)")
 STEPS = 6
-# Dynamo drops the flag LambdaLR's wrapper sets on the optimizer, so its first step() warns about the call order
+# the optimizer cannot record inside the graph that step() ran, so LambdaLR's first step() warns about the order
 pytestmark = [pytestmark, pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")]
 
 
@@ -66,8 +66,6 @@ def _compiled(cls: type, backend: str, compile_backend: str) -> tuple[list[torch
 @pytest.mark.parametrize("cls", [optim.AdamW, optim.AdamW8bit, optim.FlashAdamW, optim.Lamb16, optim.StochasticAdamW],
                          ids=lambda c: c.__name__)
 def test_compiled_training_step_is_the_eager_step(cls, backend):
-    if DEVICE == "cuda":
-        pytest.skip("on a GPU the Inductor test below covers it")
     (got, got_loss), (want, want_loss) = _compiled(cls, backend, "aot_eager"), _train(cls, backend, None)
     assert got_loss == want_loss
     assert want_loss[-1] < want_loss[0]  # it trains
@@ -75,21 +73,16 @@ def test_compiled_training_step_is_the_eager_step(cls, backend):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("cls", [optim.AdamW, optim.FlashAdamW] if DEVICE == "cuda" else [optim.AdamW],
-                         ids=lambda c: c.__name__)
-def test_inductor_training_step(cls):
-    """Inductor reorders the forward's and backward's float arithmetic, so the result is close, not equal:
-    within 1e-5 relative for fp32 weights; for bf16 weights, within 2 bf16 ULPs of each weight's magnitude."""
+def test_inductor_training_step():
+    """Inductor reorders the forward's and backward's float arithmetic, so the result is close, not equal
+    (fp32 AdamW: within 1e-5 relative). The step in the graph is the Triton kernel on a GPU."""
     backend = "triton" if DEVICE == "cuda" else "eager"
-    (got, got_loss), (want, want_loss) = _compiled(cls, backend, "inductor"), _train(cls, backend, None)
+    (got, got_loss), (want, want_loss) = _compiled(optim.AdamW, backend, "inductor"), _train(optim.AdamW, backend, None)
     assert want_loss[-1] < want_loss[0]
     for a, b in zip(got_loss, want_loss):
         assert abs(a - b) <= 1e-4 * abs(b)
     for p, q in zip(got, want):
-        if cls.param_dtypes[0] == "float32":
-            assert float((p - q).abs().max() / q.abs().max()) < 1e-5
-        else:
-            assert ((p - q).abs() <= 2 * 2.0**-8 * q.abs().clamp(min=2.0**-10)).all()
+        assert float((p - q).abs().max() / q.abs().max()) < 1e-5
 
 
 def test_old_torch_is_a_clear_error(monkeypatch):

@@ -384,6 +384,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if not torch.compiler.is_compiling():
+            self._opt_called = True  # what an LR scheduler's wrapper of step() would record (see below)
         if self._release is not None:
             if closure is not None:
                 raise RuntimeError("step(closure) cannot run with gradient release attached: the parameters "
@@ -401,6 +403,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if params:
                 self._step_group(group, params, ids)
         return loss
+
+    # LR schedulers wrap ``optimizer.step`` unless it carries this mark, in a function that sets
+    # ``_opt_called`` (only to warn about the call order). Under torch.compile that write is dropped (torch 2.13)
+    # or breaks the graph (torch 2.11), so step() records the call itself, outside compiled code.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ sizes
     @classmethod
