@@ -59,14 +59,14 @@ def violated_checks(hp: dict) -> list[str]:
 # ---------------------------------------------------------------- layout as specified
 def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (as specified): each state at its initial value, encoded."""
-    n = p.numel()
-    state_m = torch.empty(((n + 1) // 2,), dtype=torch.uint8, device=p.device)
-    state_m_scale = torch.empty(((n + 127) // 128,), dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    numel = p.numel()
+    state_m = torch.empty(((numel + 1) // 2,), dtype=torch.uint8, device=p.device)
+    state_m_scale = torch.empty(((numel + 127) // 128,), dtype=torch.float32, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     dynamic.torch_encode_q4(m, state_m, state_m_scale, True)
-    state_v = torch.empty(((n + 1) // 2,), dtype=torch.uint8, device=p.device)
-    state_v_scale = torch.empty(((n + 127) // 128,), dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    state_v = torch.empty(((numel + 1) // 2,), dtype=torch.uint8, device=p.device)
+    state_v_scale = torch.empty(((numel + 127) // 128,), dtype=torch.float32, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     dynamic.torch_encode_q4(v, state_v, state_v_scale, False)
     return {'m': state_m, 'm_scale': state_m_scale, 'v': state_v, 'v_scale': state_v_scale}
 
@@ -86,14 +86,14 @@ def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
 
 def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
-    n = p.numel()
-    state_m = torch.empty(((n + 1) // 2,), dtype=torch.uint8, device=p.device)
-    state_m_scale = torch.empty(((n + 127) // 128,), dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    numel = p.numel()
+    state_m = torch.empty(((numel + 1) // 2,), dtype=torch.uint8, device=p.device)
+    state_m_scale = torch.empty(((numel + 127) // 128,), dtype=torch.float32, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     dynamic.torch_encode_q4(m, state_m, state_m_scale, True)
-    state_v = torch.empty(((n + 1) // 2,), dtype=torch.uint8, device=p.device)
-    state_v_scale = torch.empty(((n + 127) // 128,), dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    state_v = torch.empty(((numel + 1) // 2,), dtype=torch.uint8, device=p.device)
+    state_v_scale = torch.empty(((numel + 127) // 128,), dtype=torch.float32, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     dynamic.torch_encode_q4(v, state_v, state_v_scale, False)
     if 'exp_avg' in values:
         m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
@@ -221,12 +221,12 @@ MAIN_VARIANT = Variant(
 # ---------------------------------------------------------------- layout with fp32 states
 def init_state_fp32(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (with fp32 states): each state at its initial value, encoded."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
     return {'m': state_m, 'v': state_v}
 
@@ -246,12 +246,12 @@ def export_state_fp32(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
 
 def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
     if 'exp_avg' in values:
         m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)

@@ -60,15 +60,15 @@ def violated_checks(hp: dict) -> list[str]:
 # ---------------------------------------------------------------- layout as specified
 def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (as specified): each state at its initial value, encoded."""
-    n = p.numel()
+    numel = p.numel()
     param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
     state_m = torch.empty(p.shape, dtype=torch.int8, device=p.device)
-    state_m_scale = torch.empty(((n + 31) // 32,), dtype=torch.float16, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    state_m_scale = torch.empty(((numel + 31) // 32,), dtype=torch.float16, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     q8.torch_encode(m, state_m, state_m_scale, 32, 'softsign')
     state_v = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
-    state_v_scale = torch.empty(((n + 31) // 32,), dtype=torch.float16, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    state_v_scale = torch.empty(((numel + 31) // 32,), dtype=torch.float16, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     q8.torch_encode(v, state_v, state_v_scale, 32, 'sqrt')
     return {'p_ecc': param_ecc, 'm': state_m, 'm_scale': state_m_scale, 'v': state_v, 'v_scale': state_v_scale}
 
@@ -88,15 +88,15 @@ def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
 
 def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
-    n = p.numel()
+    numel = p.numel()
     param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
     state_m = torch.empty(p.shape, dtype=torch.int8, device=p.device)
-    state_m_scale = torch.empty(((n + 31) // 32,), dtype=torch.float16, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    state_m_scale = torch.empty(((numel + 31) // 32,), dtype=torch.float16, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     q8.torch_encode(m, state_m, state_m_scale, 32, 'softsign')
     state_v = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
-    state_v_scale = torch.empty(((n + 31) // 32,), dtype=torch.float16, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    state_v_scale = torch.empty(((numel + 31) // 32,), dtype=torch.float16, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     q8.torch_encode(v, state_v, state_v_scale, 32, 'sqrt')
     if 'exp_avg' in values:
         m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
@@ -226,13 +226,13 @@ MAIN_VARIANT = Variant(
 # ---------------------------------------------------------------- layout with fp32 states
 def init_state_fp32(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (with fp32 states): each state at its initial value, encoded."""
-    n = p.numel()
+    numel = p.numel()
     param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
     return {'p_ecc': param_ecc, 'm': state_m, 'v': state_v}
 
@@ -252,13 +252,13 @@ def export_state_fp32(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
 
 def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
-    n = p.numel()
+    numel = p.numel()
     param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
     if 'exp_avg' in values:
         m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
@@ -382,12 +382,12 @@ FP32_VARIANT = Variant(
 # ---------------------------------------------------------------- layout fp32 states, parameter as it is
 def init_state_native(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (fp32 states, parameter as it is): each state at its initial value, encoded."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
     return {'m': state_m, 'v': state_v}
 
@@ -407,12 +407,12 @@ def export_state_native(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]
 
 def import_state_native(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
     if 'exp_avg' in values:
         m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)

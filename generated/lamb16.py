@@ -68,14 +68,14 @@ def violated_checks(hp: dict) -> list[str]:
 # ---------------------------------------------------------------- layout as specified
 def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (as specified): each state at its initial value, encoded."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float8_e4m3fn, device=p.device)
     state_m_scale = torch.full((), 1.0, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     fp8.torch_encode(m, state_m, state_m_scale, 'e4m3fn', clip=15.0)
     state_v = torch.empty(p.shape, dtype=torch.float8_e5m2, device=p.device)
     state_v_scale = torch.full((), 1.0, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     fp8.torch_encode(v, state_v, state_v_scale, 'e5m2')
     return {'m': state_m, 'm_scale': state_m_scale, 'v': state_v, 'v_scale': state_v_scale}
 
@@ -95,14 +95,14 @@ def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
 
 def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float8_e4m3fn, device=p.device)
     state_m_scale = torch.full((), 1.0, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     fp8.torch_encode(m, state_m, state_m_scale, 'e4m3fn', clip=15.0)
     state_v = torch.empty(p.shape, dtype=torch.float8_e5m2, device=p.device)
     state_v_scale = torch.full((), 1.0, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     fp8.torch_encode(v, state_v, state_v_scale, 'e5m2')
     if 'exp_avg' in values:
         m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)
@@ -307,12 +307,12 @@ MAIN_VARIANT = Variant(
 # ---------------------------------------------------------------- layout with fp32 states
 def init_state_fp32(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (with fp32 states): each state at its initial value, encoded."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
     return {'m': state_m, 'v': state_v}
 
@@ -332,12 +332,12 @@ def export_state_fp32(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
 
 def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     state_v = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    v = torch.full((n,), 0.0, device=p.device)
+    v = torch.full((numel,), 0.0, device=p.device)
     state_v.copy_(v.view(state_v.shape))
     if 'exp_avg' in values:
         m = values['exp_avg'].reshape(-1).to(device=p.device, dtype=torch.float32)

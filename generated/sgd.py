@@ -66,9 +66,9 @@ def violated_checks(hp: dict) -> list[str]:
 # ---------------------------------------------------------------- layout as specified
 def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (as specified): each state at its initial value, encoded."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     return {'m': state_m}
 
@@ -86,9 +86,9 @@ def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
 
 def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
-    n = p.numel()
+    numel = p.numel()
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    m = torch.full((n,), 0.0, device=p.device)
+    m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
     if 'momentum_buffer' in values:
         m = values['momentum_buffer'].reshape(-1).to(device=p.device, dtype=torch.float32)

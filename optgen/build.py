@@ -101,8 +101,8 @@ def _init_state_lines(ir: IR) -> list[str]:
     Side buffers of the parameter (e.g. an ECC correction) start at zero: the parameter holds its value exactly.
     """
     dtypes = {"param": "p.dtype"}
-    shapes = {"param": "p.shape", "half": "((n + 1) // 2,)", "scalar": "()"}
-    lines = ["n = p.numel()"]
+    shapes = {"param": "p.shape", "half": "((numel + 1) // 2,)", "scalar": "()"}
+    lines = ["numel = p.numel()"]
     if ir.needs_rng:
         lines.append("rng, i = None, 0  # the initial values are rounded to nearest")
     keys = []
@@ -112,7 +112,7 @@ def _init_state_lines(ir: IR) -> list[str]:
         for arg, key, b in zip(t.arg_names, t.state_keys, t.codec.buffers()):
             if key is None:
                 continue
-            shape = shapes.get(b.shape) or f"((n + {t.codec.group_size - 1}) // {t.codec.group_size},)"
+            shape = shapes.get(b.shape) or f"((numel + {t.codec.group_size - 1}) // {t.codec.group_size},)"
             dtype = dtypes.get(b.dtype, f"torch.{b.dtype}")
             if b.shape == "scalar":  # a per-tensor value (e.g. a scale) the encode below reads
                 lines.append(f"{arg} = torch.full((), {float(b.init)!r}, dtype={dtype}, device=p.device)")
@@ -121,7 +121,7 @@ def _init_state_lines(ir: IR) -> list[str]:
                 lines.append(f"{arg} = torch.{fill}({shape}, dtype={dtype}, device=p.device)")
             keys.append((key, arg))
         if t.role == "state":
-            lines.append(f"{t.input.name} = torch.full((n,), {float(t.init)!r}, device=p.device)")
+            lines.append(f"{t.input.name} = torch.full((numel,), {float(t.init)!r}, device=p.device)")
             lines += t.codec.torch_encode(t.input.name, t.arg_names)
     lines.append("return {" + ", ".join(f"{k!r}: {a}" for k, a in keys) + "}")
     return lines
@@ -230,9 +230,11 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
 
 
 def display_path(path: Path) -> str:
-    """A stable way to name a spec in generated headers: relative to its 'specs' folder when it has one."""
+    """A stable way to name a spec in generated headers and messages: ``specs/<file>`` for a built-in spec
+    (wherever optgen is installed), otherwise the path as given."""
     path = Path(path)
-    return f"specs/{path.name}" if path.parent.name == "specs" else path.name
+    builtin = Path(str(resources.files("optgen.specs"))).resolve()
+    return f"specs/{path.name}" if path.resolve().parent == builtin else str(path)
 
 
 def build_file(spec_path: str | Path, out_dir: str | Path) -> Path:

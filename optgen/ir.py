@@ -22,7 +22,8 @@ from optgen.spec import Spec, Storage
 GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", "hm", "i", "params",
                    "backend", "defaults", "group", "hp", "errors", "optgen_tl", "libdevice", "pid", "tensor",
                    "start", "numel", "numels", "blocks", "offs", "mask", "key", "ROWS", "COLS",
-                   "optgen_torch"}
+                   "optgen_torch", "count", "value", "out", "rng", "red", "shard", "variants",
+                   "violated_checks"}
 
 
 def _reserved(name: str) -> bool:

@@ -35,7 +35,7 @@ def test_build_in_process_writes_a_working_module(tmp_path, capsys):
     assert main(["build", str(spec), "-o", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
-    assert captured.out.strip() == f"built cli_adamw.yaml -> {out / 'cli_adamw.py'}"
+    assert captured.out.strip() == f"built {spec} -> {out / 'cli_adamw.py'}"
     module = _import_file(out / "cli_adamw.py", "optgen_test_cli_adamw")
     cls = module.CliAdamW
     assert cls.op._opoverload._name == "optgen::cli_adamw_step"

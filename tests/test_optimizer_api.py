@@ -596,3 +596,27 @@ def test_bytes_per_element_matches_memory_held(cls, dtype, expected):
     assert "param" in written and "grad" not in written
     moved = total + sum(held[k].element_size() * held[k].numel() for k in written)
     assert cls.bytes_per_element(dtype, moved=True) == moved / p.numel()
+
+
+def test_state_named_like_a_local_of_the_generated_code(tmp_path):
+    """A state may be called ``n`` (Adan's name for its third moment): the generated init must not shadow it."""
+    spec = tmp_path / "nstate.yaml"
+    spec.write_text("""name: nstate
+class: NState
+hyperparams:
+  lr: {default: 1.0e-3, range: "[0, inf)"}
+param: {storage: native}
+grad: {storage: native}
+state:
+  n: {storage: q8_softsign}
+update: |
+  n = 0.5*n + g
+  p = p - lr*n
+""")
+    cls = optgen.load(spec)
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(5000, generator=gen))
+    p.grad = torch.randn(5000, generator=gen)
+    want = p.detach().double() - 0.1 * p.grad.double()  # n starts at 0: the first step moves p by lr*g
+    cls([p], lr=0.1).step()
+    assert float((p.detach().double() - want).abs().max()) <= 0.1 * float(p.grad.abs().max()) / 127
