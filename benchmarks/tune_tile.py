@@ -9,6 +9,7 @@ and the whole ``opt.step()`` to show the host-side overhead. Prints one table.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import statistics
 
@@ -66,7 +67,7 @@ def main() -> None:
             rows = elements // cols
             launcher.rows, launcher.num_warps = rows, warps
             launcher._plans.clear()
-            ms = median_ms(lambda: launcher(*lists, scalars=scalars))
+            ms = median_ms(functools.partial(launcher, *lists, scalars=scalars))
             print(f"| {rows} | {cols} | {warps} | {ms:.3f} | {moved / (ms * 1e6) / copy_gbps:.2f} |")
         launcher.rows, launcher.cols, launcher.num_warps = default
         launcher._plans.clear()

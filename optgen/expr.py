@@ -16,15 +16,15 @@ import sympy
 from optgen.errors import SpecError
 
 
-class rsqrt(sympy.Function):  # noqa: N801 - printed as a function name
+class rsqrt(sympy.Function):
     """1/sqrt(x) as one operation (a single instruction on GPUs)."""
 
 
-class tensor_sum(sympy.Function):  # noqa: N801
+class tensor_sum(sympy.Function):
     """Sum of an elementwise expression over the whole tensor: one value per tensor (a reduction)."""
 
 
-class tensor_max(sympy.Function):  # noqa: N801
+class tensor_max(sympy.Function):
     """Maximum of an elementwise expression over the whole tensor (a reduction)."""
 
 

@@ -14,15 +14,14 @@ import sympy
 
 from optgen.codecs import Codec, get_codec
 from optgen.codecs.base import DTYPE_BYTES
-from optgen.expr import (REDUCTIONS, Statement, as_condition, is_condition, parse_condition, parse_update,
-                         tensor_sum)
+from optgen.expr import REDUCTIONS, Statement, as_condition, is_condition, parse_condition, parse_update, tensor_sum
 from optgen.spec import Spec, Storage
 
 # Names the generated code uses for itself: a spec may not use them as symbols.
 GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", "hm", "i", "params",
                    "backend", "defaults", "group", "hp", "errors", "optgen_tl", "libdevice", "pid", "tensor",
                    "start", "numel", "numels", "blocks", "offs", "mask", "key", "ROWS", "COLS",
-                   "optgen_torch", "count", "value", "out", "rng", "red", "shard", "variants",
+                   "optgen_torch", "value", "out", "rng", "red", "shard", "variants",
                    "violated_checks"}
 
 
@@ -309,4 +308,4 @@ def lower(spec: Spec, fp32_states: bool = False, native_param: bool = False) -> 
     return IR(spec, tensors, statements, scalars, checks, reductions)
 
 
-__all__ = ["IR", "TensorIO", "HostScalar", "Check", "Reduction", "lower", "as_condition"]
+__all__ = ["IR", "Check", "HostScalar", "Reduction", "TensorIO", "as_condition", "lower"]

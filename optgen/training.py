@@ -28,12 +28,12 @@ def cast_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
     """
     if keep_fp32 is None:
         names: set[str] = set()
-        predicate: Callable[[str, nn.Module], bool] = lambda name, m: name in names  # noqa: E731
+        predicate: Callable[[str, nn.Module], bool] = lambda name, m: name in names
     elif callable(keep_fp32):
         predicate = keep_fp32
     else:
         names = set(keep_fp32)
-        predicate = lambda name, m: name in names  # noqa: E731
+        predicate = lambda name, m: name in names
     kept = {name for name, m in model.named_modules()
             if predicate(name, m) or (keep_norms and isinstance(m, NORM_LAYERS))}
 

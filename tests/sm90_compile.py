@@ -12,7 +12,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import optgen.optim as optim
+from optgen import optim
 
 SCALAR_PTRS = {"scalars": "*fp32", "red": "*fp32", "rng": "*i64", "numels": "*i64", "blocks": "*i64"}
 

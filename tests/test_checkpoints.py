@@ -68,7 +68,7 @@ def test_fp32_round_trip_through_torch_adamw_continues_identically():
 
 
 def test_load_torch_state_dict_with_wrong_shapes_changes_nothing():
-    params, ref = _trained_torch_adamw()
+    _params, ref = _trained_torch_adamw()
     ours = [torch.nn.Parameter(torch.randn(3, 3).to(torch.bfloat16)), torch.nn.Parameter(torch.randn(5000).bfloat16())]
     opt = FlashAdamW(ours, lr=1e-3)
     with pytest.raises(ValueError, match="shape"):

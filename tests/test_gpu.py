@@ -20,10 +20,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("ours, ref, kw", [
-    (AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-    (Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
-    (SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01)),
-    (SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    (AdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    (Adam, torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.1}),
+    (SGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+    (SGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
 ], ids=["AdamW", "Adam", "SGD-momentum", "SGD-nesterov"])
 def test_triton_matches_torch_optim(ours, ref, kw):
     torch.manual_seed(0)

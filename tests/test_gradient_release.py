@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from optgen.optim import AdamW, Lion, SGD, AdamW8bit
+from optgen.optim import SGD, AdamW, AdamW8bit, Lion
 
 
 def _model(seed: int) -> nn.Module:
@@ -17,8 +17,8 @@ def _data(seed: int):
     return torch.randn(16, 32, generator=g), torch.randn(16, 4, generator=g)
 
 
-@pytest.mark.parametrize("cls, kw", [(AdamW, dict(lr=1e-2, weight_decay=0.1)), (SGD, dict(lr=0.1, momentum=0.9)),
-                                     (Lion, dict(lr=1e-3)), (AdamW8bit, dict(lr=1e-2, min_quantized_size=1024))],
+@pytest.mark.parametrize("cls, kw", [(AdamW, {"lr": 1e-2, "weight_decay": 0.1}), (SGD, {"lr": 0.1, "momentum": 0.9}),
+                                     (Lion, {"lr": 1e-3}), (AdamW8bit, {"lr": 1e-2, "min_quantized_size": 1024})],
                          ids=lambda x: getattr(x, "__name__", ""))
 def test_release_equals_plain_step_with_scheduler(cls, kw):
     plain, released = _model(0), _model(0)

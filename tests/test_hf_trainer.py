@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import hf_trainer  # noqa: E402
+import hf_trainer
 
-import optgen.optim  # noqa: E402
+import optgen.optim
 
 
 @pytest.mark.parametrize("name", ["AdamW8bit", "FlashAdamW"])

@@ -36,14 +36,14 @@ def test_non_editable_install(tmp_path):
         "assert torch.allclose(p.detach(), before - 0.1)\n"
         "print('ok', optgen.__file__)\n"
     )
-    out = subprocess.run([python, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = subprocess.run([python, "-c", script], check=False, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
-    listing = subprocess.run([env_dir / "bin" / "optgen", "list"], capture_output=True, text=True, env=env,
+    listing = subprocess.run([env_dir / "bin" / "optgen", "list"], check=False, capture_output=True, text=True, env=env,
                              cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
     assert "adamw" in listing.stdout and "lion" in listing.stdout
-    built = subprocess.run([env_dir / "bin" / "optgen", "build", "my.yaml", "-o", "out"], capture_output=True,
+    built = subprocess.run([env_dir / "bin" / "optgen", "build", "my.yaml", "-o", "out"], check=False, capture_output=True,
                            text=True, env=env, cwd=tmp_path)
     assert built.returncode == 0, built.stderr
     assert (tmp_path / "out" / "my_sgd.py").exists()

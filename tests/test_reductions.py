@@ -30,7 +30,7 @@ def lamb_reference(p, g, m, v, lr, b1, b2, eps, wd, t, bias_correction=False):
 def test_lamb_matches_float64_reference(backend, bias_correction):
     torch.manual_seed(0)
     shapes = [(64, 33), (5000,), (), (7, 3)]
-    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=bias_correction)
+    hp = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01, "bias_correction": bias_correction}
     params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
     ref = [p.detach().double().clone() for p in params]
     ms = [torch.zeros_like(r) for r in ref]

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
+from optgen import optim
 from optgen.codecs.rng import make_rng
-import optgen.optim as optim
 from optgen.runtime.optimizer import OptgenOptimizer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import sympy
 from sympy.printing.pycode import PythonCodePrinter
 
@@ -11,7 +13,7 @@ class BasePrinter(PythonCodePrinter):
 
     sqrt_fn = "sqrt"
     rsqrt_fn = "rsqrt"
-    functions: dict[str, str] = {}
+    functions: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
         super().__init__({"fully_qualified_modules": False, "standard": "python3"})
@@ -79,5 +81,5 @@ class HostPrinter(BasePrinter):
 
     sqrt_fn = "hm.sqrt"
     rsqrt_fn = "hm.rsqrt"
-    functions = {"Abs": "abs", "sign": "hm.sign", "exp": "hm.exp", "log": "hm.log", "Min": "hm.minimum",
+    functions: ClassVar[dict[str, str]] = {"Abs": "abs", "sign": "hm.sign", "exp": "hm.exp", "log": "hm.log", "Min": "hm.minimum",
                  "Max": "hm.maximum", "where": "hm.where"}

@@ -10,6 +10,7 @@ agrees with PyTorch to the last bit or one ulp (``tl.sqrt`` and ``/`` are approx
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import sympy
 
@@ -24,7 +25,7 @@ TL_DTYPES = {"float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.
 class TritonPrinter(BasePrinter):
     sqrt_fn = "tl.sqrt_rn"
     rsqrt_fn = "optgen_tl.rsqrt_rn"
-    functions = {"Abs": "tl.abs", "sign": "optgen_tl.sign", "exp": "tl.exp", "log": "tl.log",
+    functions: ClassVar[dict[str, str]] = {"Abs": "tl.abs", "sign": "optgen_tl.sign", "exp": "tl.exp", "log": "tl.log",
                  "Min": "optgen_tl.minimum", "Max": "optgen_tl.maximum", "where": "tl.where"}
 
     def _binary_chain(self, fn: str, args: tuple) -> str:

@@ -30,4 +30,4 @@ def get_codec(name: str, options: dict[str, Any], role: str, fail: Callable[[str
     return cls(options, fail)
 
 
-__all__ = ["Buffer", "Codec", "CODECS", "get_codec"]
+__all__ = ["CODECS", "Buffer", "Codec", "get_codec"]

@@ -40,7 +40,7 @@ class HyperParamRule:
 
     def _check_number(self, value: Any, what: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-            raise ValueError(f"Invalid {what}: expected a number, got {type(value).__name__} {value!r}")
+            raise ValueError(f"Invalid {what}: expected a number, got {type(value).__name__} {value!r}")  # noqa: TRY004 - torch.optim raises ValueError for bad hyper-parameters
         if isinstance(value, torch.Tensor):
             if value.numel() != 1 or value.is_complex() or not value.is_floating_point():
                 raise ValueError(f"Invalid {what}: a tensor hyper-parameter must be a 1-element float tensor")

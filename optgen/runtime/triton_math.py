@@ -44,7 +44,7 @@ if triton is not None:
             tl.store(ptr, value.to(ty), mask=mask)
 
     @triton.jit
-    def pow(x, y):  # noqa: A001 - the name the printer uses for x**y
+    def pow(x, y):
         """x**y for a non-integer exponent, through float64 exp2/log2 and one rounding to fp32.
 
         (libdevice.pow is missing from the Triton interpreter; float64 keeps the result within an ulp.)
