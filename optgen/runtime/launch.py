@@ -34,7 +34,9 @@ except ImportError:  # pragma: no cover - without Triton only the PyTorch fallba
 class MultiTensorLauncher:
     """Callable ``(*lists, scalars)`` that runs ``kernel`` over every tensor of the lists."""
 
-    cache_size = 8
+    # Launch plans kept (tables on the device, a few KiB each): one per distinct set of buffers, e.g. one per
+    # chunk of an offloaded optimizer; with fewer than its chunks, every chunk rebuilt its tables each step.
+    cache_size = 64
 
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, rows: int,
                  cols: int, num_warps: int = 8, aligned: bool = False,
