@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from optgen.codecs.rounding import torch_key, torch_random16, torch_round_bf16
+from optgen.codecs.rng import torch_key, torch_random16
+from optgen.codecs.rounding import torch_round_bf16
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
 

@@ -46,6 +46,7 @@ from pathlib import Path
 import pytest
 
 from optgen.codecs import bf16_sr, ecc, get_codec, rounding
+from optgen.codecs.rng import torch_key, torch_random16
 from optgen.errors import SpecError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -190,7 +191,7 @@ def _sr_draws(values: torch.Tensor) -> torch.Tensor:
     x = values.repeat(SR_COPIES)
     out = []
     for seed, step, tensor, salt in SR_KEYS:
-        noise = rounding.torch_random16(rounding.torch_key(torch.tensor([seed, step]), tensor, salt), x.numel(), "cpu")
+        noise = torch_random16(torch_key(torch.tensor([seed, step]), tensor, salt), x.numel(), "cpu")
         assert noise.dtype == torch.int64 and int(noise.min()) >= 0 and int(noise.max()) < 2**16
         out.append(rounding.torch_round_bf16(x, noise).double())
     return torch.stack(out).view(len(SR_KEYS), SR_COPIES, values.numel())
@@ -257,12 +258,12 @@ def test_sr_reproducible_and_keyed():
     f = torch.where(lo == hi, 0.0, (x.double() - lo) / (hi - lo))
     rate = (2 * f * (1 - f)).sum().item()
     sd = math.sqrt((2 * f * (1 - f) * (1 - 2 * f * (1 - f))).sum().item())
-    key0 = rounding.torch_key(rng, 0, salt)
-    noise0 = rounding.torch_random16(key0, n, "cpu")
+    key0 = torch_key(rng, 0, salt)
+    noise0 = torch_random16(key0, n, "cpu")
     others = {"step": (torch.tensor([4242, 18]), 0, salt), "tensor": (rng, 1, salt),
               "salt": (rng, 0, bf16_sr.salt_of("state_v")), "seed": (torch.tensor([4243, 17]), 0, salt)}
     for what, (r, t, s) in others.items():
-        noise = rounding.torch_random16(rounding.torch_key(r, t, s), n, "cpu")
+        noise = torch_random16(torch_key(r, t, s), n, "cpu")
         same = (noise == noise0).float().mean().item()
         assert same <= 4 * 2.0**-16, f"another {what}: {same:.2e} of the noise values repeat"
         differ = (_bits(enc(r, t, s)) != _bits(a)).double().sum().item()
@@ -274,7 +275,7 @@ def test_sr_reproducible_and_keyed():
 def test_noise_uniform_and_uncorrelated():
     n = 1 << 20
     rng = torch.tensor([31337, 5], dtype=torch.int64)
-    base = rounding.torch_random16(rounding.torch_key(rng, 2, 77), n, "cpu")
+    base = torch_random16(torch_key(rng, 2, 77), n, "cpu")
     # uniform 16 bits: chi-square of the high and the low byte (255 degrees of freedom: mean 255, sd 22.6),
     # every bit set about half the time
     for what, byte in (("high", base >> 8), ("low", base & 255)):
@@ -296,7 +297,7 @@ def test_noise_uniform_and_uncorrelated():
     assert abs(centred.mean().item()) <= 5 * 65536 / math.sqrt(12 * n)
     for what, (r, t, s) in {"step": (torch.tensor([31337, 6]), 2, 77), "tensor": (rng, 3, 77),
                             "salt": (rng, 2, 78), "seed": (torch.tensor([31338, 5]), 2, 77)}.items():
-        other = rounding.torch_random16(rounding.torch_key(r, t, s), n, "cpu")
+        other = torch_random16(torch_key(r, t, s), n, "cpu")
         c = corr(other, base)
         assert abs(c) <= bound, f"the noise of the next {what} is correlated ({c:.2e})"
 
@@ -444,7 +445,7 @@ def rne_kernel(x_ptr, out_ptr, out2_ptr, numel, BLOCK: tl.constexpr):
 CODEC_KERNEL = '''
 import triton
 import triton.language as tl
-from optgen.codecs.rounding import tl_key, tl_random16
+from optgen.codecs.rng import tl_key, tl_random16
 {imports}
 
 
@@ -608,7 +609,7 @@ def test_triton_sr_bit_identical(triton_results):
         codec = get_codec("bf16_sr", {}, "param", _fail)
         assert f", {salt})" in codec.torch_encode("v", [f"{case['buf']}[i]"])[0]
         assert f", {salt})" in codec.triton_encode("v", [case["buf"]], "offs", "mask")[0]
-        want_noise = rounding.torch_random16(rounding.torch_key(case["rng"], case["tensor"], salt), case["x"].numel(), "cpu")
+        want_noise = torch_random16(torch_key(case["rng"], case["tensor"], salt), case["x"].numel(), "cpu")
         assert torch.equal(noise.long(), want_noise), f"{what}: noise differs"
         out = torch.full((case["x"].numel(),), 7.0, dtype=torch.bfloat16)
         bf16_sr.torch_encode(case["x"], out, case["rng"], 0, salt)

@@ -1,5 +1,5 @@
-"""Bit-exact rounding of fp32 to bf16, identical in PyTorch and Triton (and the counter-based hash re-exported
-from optgen.codecs.rng for the callers that import it from here).
+"""Bit-exact rounding of fp32 to bf16, identical in PyTorch and Triton (the random bits of stochastic rounding
+come from optgen.codecs.rng).
 
 Round to nearest even or stochastically, with integer arithmetic on the fp32 bit pattern u:
   nearest even:  (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from optgen.codecs.rng import KEY_INDEX, KEY_STEP, KEY_TENSOR, MASK32, make_key, mix32, torch_key, torch_random16
+from optgen.codecs.rng import MASK32
 
 try:
     import triton
     import triton.language as tl
-
-    from optgen.codecs.rng import tl_key, tl_make_key, tl_mix32, tl_random16
 except ImportError:  # pragma: no cover - without Triton only the PyTorch functions exist
     triton = None
 
@@ -88,8 +86,6 @@ if triton is not None:
         return tl_from_bf16(tl.load(ptrs, mask=mask, other=0.0))
 
 
-__all__ = ["KEY_INDEX", "KEY_STEP", "KEY_TENSOR", "MASK32", "make_key", "mix32", "torch_key", "torch_random16",
-           "torch_rne_bf16", "torch_round_bf16", "torch_to_bf16"]
+__all__ = ["torch_rne_bf16", "torch_round_bf16", "torch_to_bf16"]
 if triton is not None:
-    __all__ += ["tl_from_bf16", "tl_key", "tl_load_bf16", "tl_make_key", "tl_mix32", "tl_random16", "tl_round_bf16",
-                "tl_round_bf16_f32", "tl_to_bf16"]
+    __all__ += ["tl_from_bf16", "tl_load_bf16", "tl_round_bf16", "tl_round_bf16_f32", "tl_to_bf16"]
