@@ -178,6 +178,7 @@ if triton is not None:
         blocks,
         scalars,
         red,
+        part,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
         ROWS: tl.constexpr,
@@ -209,7 +210,7 @@ if triton is not None:
         eps = tl.load(scalars + 7)
         weight_decay = tl.load(scalars + 8)
         c5 = tl.load(scalars + 9)
-        if PASS == 1:  # whole-tensor reductions (atomics into red[tensor])
+        if PASS == 1:  # whole-tensor reductions: partial sums per program, maxima into red[tensor]
             p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -219,8 +220,8 @@ if triton is not None:
             mh = tl.where((c3 != 0), c2*m_1, m_1)
             vh = tl.where((c3 != 0), c4*v_1, v_1)
             a = tl.div_rn(mh, eps + tl.sqrt_rn(vh)) + p*weight_decay
-            tl.atomic_add(red + tensor * NRED + 0, tl.sum(tl.where(mask, (p*p), 0.0)))
-            tl.atomic_add(red + tensor * NRED + 1, tl.sum(tl.where(mask, (a*a), 0.0)))
+            tl.store(part + pid * NRED + 0, tl.sum(tl.where(mask, (p*p), 0.0)))
+            tl.store(part + pid * NRED + 1, tl.sum(tl.where(mask, (a*a), 0.0)))
         elif PASS == 2:  # update and store
             r0 = tl.load(red + tensor * NRED + 0)
             r1 = tl.load(red + tensor * NRED + 1)

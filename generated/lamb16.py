@@ -191,6 +191,7 @@ if triton is not None:
         blocks,
         scalars,
         red,
+        part,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
         ROWS: tl.constexpr,
@@ -224,7 +225,7 @@ if triton is not None:
         c2 = tl.load(scalars + 6)
         trust_scale = tl.load(scalars + 7)
         c3 = tl.load(scalars + 8)
-        if PASS == 1:  # whole-tensor reductions (atomics into red[tensor])
+        if PASS == 1:  # whole-tensor reductions: partial sums per program, maxima into red[tensor]
             p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
             m = fp8.triton_decode_e4m3fn(state_m, state_m_scale, offs, mask)
@@ -232,10 +233,10 @@ if triton is not None:
             m_1 = beta1*m + c0*g
             v_1 = beta2*v + c1*(g*g)
             a = tl.div_rn(m_1, eps + tl.sqrt_rn(v_1)) + p*weight_decay
-            tl.atomic_add(red + tensor * NRED + 0, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 10, tl.float32), (m_1*m_1)), 0.0)))
-            tl.atomic_add(red + tensor * NRED + 1, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 10, tl.float32), (v_1*v_1)), 0.0)))
-            tl.atomic_add(red + tensor * NRED + 2, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (p*p))), 0.0)))
-            tl.atomic_add(red + tensor * NRED + 3, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (a*a))), 0.0)))
+            tl.store(part + pid * NRED + 0, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 10, tl.float32), (m_1*m_1)), 0.0)))
+            tl.store(part + pid * NRED + 1, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 10, tl.float32), (v_1*v_1)), 0.0)))
+            tl.store(part + pid * NRED + 2, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (p*p))), 0.0)))
+            tl.store(part + pid * NRED + 3, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (a*a))), 0.0)))
         elif PASS == 2:  # update and store
             r0 = tl.load(red + tensor * NRED + 0)
             r1 = tl.load(red + tensor * NRED + 1)
@@ -416,6 +417,7 @@ if triton is not None:
         blocks,
         scalars,
         red,
+        part,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
         ROWS: tl.constexpr,
@@ -447,7 +449,7 @@ if triton is not None:
         c2 = tl.load(scalars + 6)
         trust_scale = tl.load(scalars + 7)
         c3 = tl.load(scalars + 8)
-        if PASS == 1:  # whole-tensor reductions (atomics into red[tensor])
+        if PASS == 1:  # whole-tensor reductions: partial sums per program, maxima into red[tensor]
             p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -455,8 +457,8 @@ if triton is not None:
             m_1 = beta1*m + c0*g
             v_1 = beta2*v + c1*(g*g)
             a = tl.div_rn(m_1, eps + tl.sqrt_rn(v_1)) + p*weight_decay
-            tl.atomic_add(red + tensor * NRED + 0, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (p*p))), 0.0)))
-            tl.atomic_add(red + tensor * NRED + 1, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (a*a))), 0.0)))
+            tl.store(part + pid * NRED + 0, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (p*p))), 0.0)))
+            tl.store(part + pid * NRED + 1, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (a*a))), 0.0)))
         elif PASS == 2:  # update and store
             r0 = tl.load(red + tensor * NRED + 0)
             r1 = tl.load(red + tensor * NRED + 1)

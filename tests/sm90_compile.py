@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 
 from optgen import optim
 
-SCALAR_PTRS = {"scalars": "*fp32", "red": "*fp32", "rng": "*i64", "numels": "*i64", "blocks": "*i64"}
+SCALAR_PTRS = {"scalars": "*fp32", "red": "*fp32", "part": "*fp32", "rng": "*i64", "numels": "*i64", "blocks": "*i64"}
 
 
 def signature(cls, launcher) -> tuple[dict, list[dict]]:

@@ -18,8 +18,8 @@ Lamb16 (vxst/LAMB16, ALGORITHMS.md): the fp8 states are decoded with PyTorch's o
 the fp32 scale (in float64), the 3-phase step is transcribed in float64, and compared:
 - the parameter: |p - p_ref| <= 1e-5·lr·τ·|a|_mag + 2^-20·(|p| + lr·τ·|a|_mag), where |a|_mag is a's sum of
   |terms|. The first term is the tolerance on τ (a relative 1e-5 of the update): τ comes from two norms that
-  are fp32 sums over N elements in another order (torch's vectorised sum in eager, tile sums and atomic adds
-  in Triton, float64 here), each within ~log2(N)·2^-24 ≈ 1e-6 of the exact sum, damped by the power κ; the
+  are fp32 sums over N elements in another order (torch's vectorised sum in eager, tile sums added in program
+  order in Triton, float64 here), each within ~log2(N)·2^-24 ≈ 1e-6 of the exact sum, damped by the power κ; the
   measured error of τ is ~2e-7. The second term is fp32 rounding of the element's own arithmetic.
 - the new scales s_m, s_v within 1e-5 relative (same sums, same reason; measured ~1e-7);
 - the fp8 codes: equal to PyTorch's ``.to(torch.float8_e4m3fn)`` of clamp(m/s_m, ±15) and

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from optgen import offloaded
-from optgen.optim import AdamW, AdamW4bit, AdamW8bit, FlashAdamW, StochasticAdamW
+from optgen.optim import AdamW, AdamW4bit, AdamW8bit, FlashAdamW, Lamb, Lamb16, StochasticAdamW
 from optgen.runtime.offload import MiB
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 SHAPES = [(1024, 768), (33,), (768,), (3000, 7), (512, 1024), (4099,), (256, 256), (1000, 300), (700, 1024),
           (1024, 640), (900, 800), (1024, 700)]
-# Lamb and Lamb16 are not here: their whole-tensor norms are sums of float atomics, whose order varies from
-# run to run on a GPU, so two plain GPU steps already differ in the last bits (measured on an H100). Their
-# offloaded steps are checked bit for bit on the CPU (tests/test_offload.py), where the fallback is deterministic.
+# Lamb and Lamb16 too: their whole-tensor norms add per-program partial sums in a fixed order, and a tensor's
+# programs are the same whether it is stepped with the others or in its chunk.
 SPECS = [(AdamW, torch.float32), (FlashAdamW, torch.bfloat16), (AdamW8bit, torch.float32),
-         (AdamW4bit, torch.float32), (StochasticAdamW, torch.bfloat16)]
+         (AdamW4bit, torch.float32), (StochasticAdamW, torch.bfloat16), (Lamb, torch.float32),
+         (Lamb16, torch.float32)]
 
 
 def make_params(shapes, dtype: torch.dtype, seed: int) -> list[torch.nn.Parameter]:

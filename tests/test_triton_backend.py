@@ -79,7 +79,7 @@ def test_kernel_matches_fallback_one_step(cls, count):
         for b, lr, lo in zip(cls.buffers, ref, out):
             for x, y in zip(lr, lo):
                 if reduces and x.dtype.is_floating_point and x.numel():
-                    # Whole-tensor sums are added in another order (per-tile partial sums and atomics vs
+                    # Whole-tensor sums are added in another order (per-tile partial sums added in program order vs
                     # torch's cascade): a norm differs by a few fp32 ulps, and so does every element using it.
                     err = float((x.double() - y.double()).abs().max() / x.double().abs().max())
                     assert err <= 8 * torch.finfo(torch.float32).eps, f"{cls.__name__} {b.arg}: {err}"

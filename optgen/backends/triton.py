@@ -137,7 +137,8 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
         for j, r in enumerate(ir.reductions):
             if r.level == level:
                 if r.kind == "sum":
-                    lines.append(f"tl.atomic_add(red + tensor * NRED + {j}, tl.sum(tl.where(mask, {tile(r.arg)}, 0.0)))")
+                    # this program's partial sum; the launcher adds a tensor's partials in a fixed order
+                    lines.append(f"tl.store(part + pid * NRED + {j}, tl.sum(tl.where(mask, {tile(r.arg)}, 0.0)))")
                 else:
                     lines.append(f"tl.atomic_max(red + tensor * NRED + {j}, "
                                  f"tl.max(tl.where(mask, {tile(r.arg)}, float('-inf'))))")

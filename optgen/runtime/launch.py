@@ -26,6 +26,7 @@ import torch
 from optgen.runtime.distributed import Sharding
 
 try:
+    import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - without Triton only the PyTorch fallback runs
     tl = None
@@ -51,7 +52,7 @@ class MultiTensorLauncher:
         self.num_warps = num_warps
         self.aligned = aligned  # the kernel may assume tiles start at multiples of rows * cols (vector loads)
         self.constants = constants  # read-only tables (e.g. a quantization map) passed after the scalars
-        # Per-tensor slots (whole-tensor reductions filled by atomics in extra passes, staged scales) and
+        # Per-tensor slots (whole-tensor reductions filled in extra passes, staged scales) and
         # the number of kernel passes (PASS = 1 .. passes) when there are slots.
         self.slots = tuple(slots)
         self.passes = passes
@@ -64,9 +65,10 @@ class MultiTensorLauncher:
         return self.rows * self.cols
 
     def _build_tables(self, lists: list[list[torch.Tensor]], device: torch.device,
-                      whole: list[int]) -> tuple[torch.Tensor, ...]:
+                      whole: list[int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Pointer tables (one per buffer list), numels (each tensor's here and its ``whole`` tensor's, which
-        differ for shards) and the (tensor, start) block table, on ``device``."""
+        differ for shards) and the (tensor, start) block table, on ``device``; and each tensor's (first
+        program, number of programs), where its partial sums lie."""
         n = len(lists[0])
         pointers = torch.tensor([[t.data_ptr() for t in lst] for lst in lists], dtype=torch.int64)
         numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
@@ -77,9 +79,9 @@ class MultiTensorLauncher:
         first_block = torch.cumsum(per_tensor, 0) - per_tensor
         starts = (torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]) * self.block
         blocks = torch.stack([tensor_of_block, starts], 1)
-        packed = torch.cat([pointers.flatten(), both.flatten(), blocks.flatten()]).to(device)
-        return (*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 2) * n],
-                packed[(len(lists) + 2) * n:])
+        packed = torch.cat([pointers.flatten(), both.flatten(), blocks.flatten(), first_block, per_tensor]).to(device)
+        return ((*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 2) * n],
+                 packed[(len(lists) + 2) * n:-2 * n]), packed[-2 * n:])
 
     def _plan(self, lists: tuple[list[torch.Tensor], ...], with_rng: bool, whole: tuple[int, ...] | None) -> _Plan:
         """Split the tensors into kernel launches (one per dtype combination) and fallback cases. With an
@@ -112,11 +114,11 @@ class MultiTensorLauncher:
         for dtypes, idx in by_dtypes.items():
             sub = [[lst[i] for i in idx] for lst in lists]
             device = sub[0][0].device
-            tables = self._build_tables(sub, device, [whole[i] for i in idx])
+            tables, segments = self._build_tables(sub, device, [whole[i] for i in idx])
             n_blocks = tables[-1].numel() // 2
             constexprs = {name: getattr(tl, str(d).removeprefix("torch.")) for name, d in zip(self.dtype_args, dtypes)}
             launches.append((tables, n_blocks, constexprs, device, _rng_rows(idx, with_rng, device),
-                             torch.tensor(idx, device=device)))
+                             torch.tensor(idx, device=device), segments))
         return _Plan(launches, irregular, _rng_rows(irregular, with_rng and bool(irregular), lists[0][0].device),
                      staged)
 
@@ -150,14 +152,15 @@ class MultiTensorLauncher:
              shard: Sharding | None) -> None:
         """Every launch of the plan, pass by pass; with ``shard``, an all-reduce after each reduction pass."""
         runs = []
-        for tables, n_blocks, constexprs, device, rng_rows, rows in plan.launches:
+        for tables, n_blocks, constexprs, device, rng_rows, rows, segments in plan.launches:
             args = [*tables, scalars, *(() if rng is None else (rng[rng_rows],)),
                     *(self.constants(device) if self.constants is not None else ())]
-            red = None
+            red = part = None
             if self.slots:
                 red = Sharding.partials(len(rows), list(self.slots), device)
-                args.append(red)
-            runs.append((args, n_blocks, constexprs, device, rows, red))
+                part = torch.empty((n_blocks, len(self.slots)), dtype=torch.float32, device=device)
+                args += [red, part]
+            runs.append((args, n_blocks, constexprs, device, rows, red, part, segments))
         if not self.slots:
             for args, n_blocks, constexprs, device, *_ in runs:
                 self._launch(args, n_blocks, constexprs, device, {})
@@ -165,13 +168,18 @@ class MultiTensorLauncher:
         reduce_passes = max(self.levels, default=0) if shard is not None else 0
         whole_red = Sharding.partials(n, list(self.slots), scalars.device) if reduce_passes else None
         for k in range(1, self.passes + 1):
-            for args, n_blocks, constexprs, device, *_ in runs:
+            sums = sum(1 << j for j, (kind, lv) in enumerate(zip(self.slots, self.levels)) if kind == "sum" and lv == k)
+            for args, n_blocks, constexprs, device, rows, red, part, segments in runs:
                 self._launch(args, n_blocks, constexprs, device, {"PASS": k, "NRED": len(self.slots)})
+                if sums:  # every tensor's partial sums, added in program order: the same bits on every run
+                    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                        _sum_partials[(len(rows), len(self.slots))](part, segments, red, len(rows),
+                                                                     NRED=len(self.slots), SUMS=sums, CHUNK=1024)
             if k <= reduce_passes:  # every tensor's partials (empty shards: none) in one all-reduce
-                for *_, rows, red in runs:
+                for *_, rows, red, _part, _segments in runs:
                     whole_red.index_copy_(0, rows, red)
                 shard.all_reduce(whole_red, list(self.slots), [j for j, lv in enumerate(self.levels) if lv == k])
-                for *_, rows, red in runs:
+                for *_, rows, red, _part, _segments in runs:
                     red.copy_(whole_red.index_select(0, rows))
 
     def _launch(self, args: list[Any], n_blocks: int, constexprs: dict[str, Any], device: torch.device,
@@ -182,6 +190,24 @@ class MultiTensorLauncher:
                                      ALIGNED=self.aligned, num_warps=self.num_warps, enable_fp_fusion=False)
 
 
+if tl is not None:
+
+    @triton.jit
+    def _sum_partials(part, segments, red, n, NRED: tl.constexpr, SUMS: tl.constexpr, CHUNK: tl.constexpr):
+        """red[t, j] = the sum of the partials part[b, j] of tensor t's programs b (sum slots j of this pass,
+        the bits of SUMS), in a fixed order: unlike atomic adds, the same bits on every run."""
+        t = tl.program_id(0)
+        j = tl.program_id(1)
+        if (SUMS >> j) & 1:
+            first = tl.load(segments + t)
+            count = tl.load(segments + n + t)
+            acc = tl.zeros((CHUNK,), tl.float32)
+            for k in range(0, count, CHUNK):
+                i = k + tl.arange(0, CHUNK)
+                acc += tl.load(part + (first + i) * NRED + j, mask=i < count, other=0.0)
+            tl.store(red + t * NRED + j, tl.sum(acc))
+
+
 def _rng_rows(idx: list[int], with_rng: bool, device: torch.device) -> torch.Tensor | None:
     """Rows of ``rng`` = [seed, step, id_0, ...] for the tensors ``idx``: [0, 1, 2 + idx...] on ``device``."""
     return torch.tensor([0, 1, *(2 + i for i in idx)], device=device) if with_rng else None
@@ -189,10 +215,10 @@ def _rng_rows(idx: list[int], with_rng: bool, device: torch.device) -> torch.Ten
 
 @dataclass(frozen=True)
 class _Plan:
-    # per launch: tables, number of programs, dtype constexprs, device, rows of rng (None without rng), and
-    # the positions of its tensors in the lists
+    # per launch: tables, number of programs, dtype constexprs, device, rows of rng (None without rng), the
+    # positions of its tensors in the lists, and each tensor's (first program, programs) as [2 * tensors]
     launches: list[tuple[tuple[torch.Tensor, ...], int, dict[str, Any], torch.device, torch.Tensor | None,
-                         torch.Tensor]]
+                         torch.Tensor, torch.Tensor]]
     irregular: list[int]  # tensors the fallback steps
     irregular_rng: torch.Tensor | None
     staged: list[tuple[int, int, torch.Tensor]]  # (list, tensor, aligned copy the kernel steps instead)
