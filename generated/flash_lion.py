@@ -163,7 +163,7 @@ if triton is not None:
         q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, 32)
         ecc.triton_encode(p_2, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher = MultiTensorLauncher(flash_lion_step_kernel, flash_lion_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=4, aligned=True,
+    _launcher = MultiTensorLauncher(flash_lion_step_kernel, flash_lion_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=8, aligned=True,
                                    written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_lion_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale'))

@@ -172,3 +172,17 @@ def test_strided_parameter_takes_the_fallback_in_place():
     oa.step()
     ob.step()
     assert torch.equal(a, b) and not b.is_contiguous()
+
+
+def test_launch_table_bytes():
+    """What the cached plan of one launch holds on the device: 8 bytes per pointer, numel pair, block-table
+    entry and segment pair, and the tensors' positions (counted by offloading's memory budget)."""
+    launcher = optim.AdamW.variants[""].triton_launcher
+    launcher._plans.clear()
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(3000,), (5000, 3), (7,)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optim.AdamW(params, backend="triton").step()
+    n, blocks = 3, sum(-(-p.numel() // launcher.block) for p in params)
+    expected = 8 * (len(optim.AdamW.buffers) * n + 2 * n + 2 * blocks + 2 * n) + 8 * n
+    assert launcher.table_bytes() == expected

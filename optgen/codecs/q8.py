@@ -4,14 +4,15 @@ Layout: the flat tensor is cut into groups of ``G`` consecutive elements (32 by 
 be partial and its padding counts as 0). Each group keeps one fp16 scale (buffer suffix "scale", shape
 "groups") and each element one 8-bit code (shape "param").
 
-Encode, fp32 math, one group (``x`` its values, ``s`` computed in fp32, the codes use the fp32 ``s``):
+Encode, fp32 math, one group (``x`` its values, ``s`` computed in fp32, the codes use the fp32 ``s``;
+``n = x·fp32(1/s)``: one division per group, not per element):
 
 =========== ========= ============================== =====================================================
 codec       code      s                              code
 =========== ========= ============================== =====================================================
-q8_linear   int8      max(max|x|, 1e-12)             q = floor(127·(x/s) + 0.5)
-q8_softsign int8      max(max|x|, 1e-12)             n = x/s; y = 2n/(1+|n|); q = floor(127·y + 0.5)
-q8_sqrt     uint8     max(max √x, 1e-12)             q = floor(255·(√x/s) + 0.5)
+q8_linear   int8      max(max|x|, 1e-12)             q = floor(127·n + 0.5)
+q8_softsign int8      max(max|x|, 1e-12)             y = 2n/(1+|n|); q = floor(127·y + 0.5)
+q8_sqrt     uint8     max(max √x, 1e-12)             q = floor(255·n + 0.5) (on √x)
 =========== ========= ============================== =====================================================
 
 The stored scale is fp16(s) (round to nearest even: s < 2^-25 stores 0 and decodes its group to 0,
@@ -21,10 +22,13 @@ s > 65504 stores inf). Decode uses the stored scale ``S``:
     q8_sqrt:     x = ((q·r255)·S)²         (r255 = fp32(1/255))
 
 Rounding, identical in both backends (the Triton and PyTorch paths produce the same bits):
-- every division is correctly rounded (``tl.div_rn``; PyTorch divides tensor by tensor, never by a Python
-  scalar: CUDA PyTorch turns ``x / c`` into ``x * (1/c)``); √ is correctly rounded (``tl.sqrt_rn``; PyTorch
-  takes it in float64 and rounds to fp32, because its fp32 CPU ``sqrt`` is off by one ulp in ~17% of
-  elements);
+- every division is correctly rounded: 1/s by ``tl.div_rn`` (PyTorch divides tensor by tensor, never by a
+  Python scalar: CUDA PyTorch turns ``x / c`` into ``x * (1/c)``); the softsign quotients 2n/(1+|n|) and
+  q/(254 − |q|) by the fast path of the GPU's own division without its slow-path call (``_quotient``, exact
+  for these inputs: checked on every fp32 n in [-1, 1] and every code on an H100, tests/test_exact_math.py;
+  for |n| < 2^-101, where it may be off by an ulp, the code is 0 either way); √ is correctly rounded
+  (``tl.sqrt_rn``; PyTorch takes it in float64 and rounds to fp32, because its fp32 CPU ``sqrt`` is off by
+  one ulp in ~17% of elements);
 - ``floor(k·y + 0.5)`` (k = 127 or 255, |y| <= 1) is the same whether ``k·y + 0.5`` is rounded once
   (a contracted multiply-add, as the GPU compiler may emit) or twice: near a code boundary k·y and
   k·y + 0.5 lie in the same binade, so adding 0.5 to the rounded product is exact. Plain fp32 ops are
@@ -55,6 +59,7 @@ from optgen.runtime.torch_math import sqrt_rn
 try:  # the module must import without Triton (then only the PyTorch path exists)
     import triton
     import triton.language as tl
+
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
@@ -89,7 +94,7 @@ def quantize(x: torch.Tensor, group: int, kind: str) -> tuple[torch.Tensor, torc
         x = sqrt_rn(x)
     g = _groups(x, group)
     s = g.abs().amax(dim=1).clamp_min(SCALE_FLOOR)  # amax propagates NaN
-    r = g / s[:, None]
+    r = g * (torch.ones_like(s) / s)[:, None]  # one division per group, as the kernel
     if kind == "softsign":
         r = (2.0 * r) / (1.0 + r.abs())
     q = round_half_up(r, 255.0 if kind == "sqrt" else 127.0)
@@ -165,15 +170,37 @@ if triton is not None:
         tl.store(ptr + offs // G, group_broadcast(s, offs, G), mask=mask & (offs % G == 0))
 
     @triton.jit
+    def _quotient(a, b):
+        """a/b correctly rounded where |a| >= 2^-100 and b in [1, 256] (every input of the two callers
+        below): the fast path of the GPU's own ``div.rn`` (refined reciprocal, then one fused correction of
+        the quotient) without its check and slow-path call, which cost registers at every use."""
+        y = 1.0 / b
+        y = tl.fma(y, tl.fma(-b, y, 1.0), y)
+        q = a * y
+        return tl.fma(y, tl.fma(-b, q, a), q)
+
+    @triton.jit
+    def softsign(r):
+        """2r/(1 + |r|) for |r| <= 1, as the correctly rounded quotient where |r| >= 2^-101; below, where it may
+        be off, every value gives code 0 all the same (checked on every fp32 r in [-1, 1] on an H100)."""
+        return _quotient(2.0 * r, 1.0 + tl.abs(r))
+
+    @triton.jit
+    def inverse_softsign(q):
+        """q/(254 - |q|) for the integer codes q in [-127, 127], correctly rounded (checked on all of them;
+        q = 0 gives 0)."""
+        return _quotient(q, 254.0 - tl.abs(q))
+
+    @triton.jit
     def _encode(x, q_ptr, s_ptr, offs, mask, G: tl.constexpr, KIND: tl.constexpr):
         # KIND: 0 linear, 1 softsign, 2 sqrt
         x = tl.where(mask, x, 0.0)
         if KIND == 2:
             x = tl.sqrt_rn(x)
         s = group_absmax(x, G)
-        r = tl.div_rn(x, group_broadcast(s, x, G))
+        r = x * group_broadcast(tl.div_rn(1.0, s), x, G)
         if KIND == 1:
-            r = tl.div_rn(2.0 * r, 1.0 + tl.abs(r))
+            r = softsign(r)
         if KIND == 2:
             q = tl.floor(r * 255.0 + 0.5)
         else:
@@ -191,7 +218,7 @@ if triton is not None:
         s = tl.load(s_ptr + offs // G, mask=mask, other=0.0).to(tl.float32)  # a gather, cached: measured
         # faster than one load per row plus a broadcast once the tile loads are vectorized
         if KIND == 1:
-            out = tl.div_rn(q, 254.0 - tl.abs(q)) * s
+            out = inverse_softsign(q) * s
         elif KIND == 2:
             w = (q * _R255) * s
             out = w * w

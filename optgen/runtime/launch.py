@@ -64,6 +64,18 @@ class MultiTensorLauncher:
     def block(self) -> int:
         return self.rows * self.cols
 
+    def table_bytes(self) -> int:
+        """Device bytes held by the cached launch plans (tables, staged copies): about 16 bytes per program."""
+        storages = {}
+        for plan in self._plans.values():
+            for tables, _, _, _, rng_rows, rows, segments in plan.launches:
+                for t in (*tables, rng_rows, rows, segments):
+                    if t is not None:
+                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            for *_, buffer in plan.staged:
+                storages[buffer.untyped_storage().data_ptr()] = buffer.untyped_storage().nbytes()
+        return sum(storages.values())
+
     def _build_tables(self, lists: list[list[torch.Tensor]], device: torch.device,
                       whole: list[int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Pointer tables (one per buffer list), numels (each tensor's here and its ``whole`` tensor's, which

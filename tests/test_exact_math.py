@@ -1,0 +1,69 @@
+"""The q8 softsign quotients (optgen.codecs.q8.softsign / inverse_softsign: the GPU division's fast path
+without its slow-path call) against correctly rounded fp32 division, bit for bit. On the CPU (Triton's
+interpreter) on a large sample; on a GPU on every fp32 |n| <= 1 and every code."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from optgen.codecs import q8
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@triton.jit
+def _apply(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    if OP == 0:
+        y = q8.softsign(x)
+    else:
+        y = q8.inverse_softsign(x)
+    tl.store(y_ptr + offs, y, mask=mask)
+
+
+def apply(x: torch.Tensor, op: int) -> torch.Tensor:
+    y = torch.full_like(x, float("nan"))
+    block = 4096 if CUDA else 1 << 16
+    _apply[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), OP=op, BLOCK=block, enable_fp_fusion=False)
+    return y
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.view(torch.int32) == b.view(torch.int32)) | (torch.isnan(a) & torch.isnan(b))
+
+
+def check_softsign(r: torch.Tensor) -> None:
+    got = apply(r, 0)
+    ref = (2.0 * r) / (1.0 + r.abs())  # correctly rounded fp32 division
+    exact = r.abs() >= 2.0**-101
+    assert same_bits(got, ref)[exact].all()
+    codes, ref_codes = torch.floor(got * 127.0 + 0.5), torch.floor(ref * 127.0 + 0.5)  # the codes, everywhere
+    torch.testing.assert_close(codes, ref_codes, rtol=0, atol=0, equal_nan=True)
+
+
+def test_softsign_quotient():
+    gen = torch.Generator().manual_seed(1)
+    u = torch.rand(1 << 20, generator=gen) * 2 - 1
+    tiny = torch.ldexp(torch.rand(1 << 16, generator=gen), torch.randint(-149, -90, (1 << 16,), generator=gen))
+    one = torch.arange(0x3F800000 - 8, 0x3F800000 + 5, dtype=torch.int32).view(torch.float32)  # n = x·(1/s) may pass 1
+    r = torch.cat([u, u * 1e-20, tiny, -tiny, one, -one, torch.tensor([0.0, -0.0, float("nan")])])
+    check_softsign(r.to(DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_softsign_every_input_on_gpu():
+    top = int(torch.tensor(1.0).view(torch.int32)) + 4
+    for part in torch.arange(0, top + 1, device="cuda", dtype=torch.int32).split(1 << 28):
+        r = part.view(torch.float32)
+        check_softsign(r)
+        check_softsign(-r)
+
+
+def test_inverse_softsign_every_code():
+    q = torch.arange(-127, 128, dtype=torch.float32, device=DEVICE)
+    assert same_bits(apply(q, 1), q / (254.0 - q.abs())).all()
