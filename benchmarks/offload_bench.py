@@ -234,8 +234,10 @@ def run_row(row: Row, make_opt: Callable[[list[torch.Tensor]], Any], shapes: lis
         row.chunks_mib = len(opt._slots) * opt.chunk_bytes / MiB
         row.note = f"{len(opt._chunks)} chunks, {sum(c.gpu is None for c in opt._chunks)} in CPU memory"
     row.fingerprint = fingerprint(params)
-    del opt, params, grads
+    # while the optimizer lives (measured after ``del`` it came out negative: the parameters and gradients,
+    # counted in used0, were gone too)
     row.device_mib = device_used(device) - used0 if device.type == "cuda" else None
+    del opt, params, grads
     return row
 
 
