@@ -29,9 +29,9 @@ def tile_config(group_size: int, needs_rng: bool) -> tuple[int, int, bool]:
 
     Elementwise kernels move bytes fastest with 4096-element tiles, except stochastic rounding, whose hash
     makes every element heavier (1024, 4 warps: 2.6x faster). Grouped formats: groups of 32 (q8) want small
-    tiles and vector loads (the ``aligned`` hint: 1.7x) and 8 warps, 4 elements per thread (FlashAdamW 3.55 ->
-    3.15 ms, FlashAdam 3.79 -> 3.50, FlashSGD even, FlashLion 2.52 -> 2.73); q4's 128 and q8_dynamic's 256 do
-    best without the hint.
+    tiles and vector loads (the ``aligned`` hint: 1.7x) and 8 warps, 4 elements per thread (same kernels, 4 -> 8
+    warps: FlashAdamW 3.55 -> 3.15 ms, FlashAdam 3.79 -> 3.50, FlashSGD even, FlashLion 2.52 -> 2.73); q4's 128
+    and q8_dynamic's 256 do best without the hint.
     """
     if group_size == 1:
         return (1024, 4, False) if needs_rng else (4096, 8, False)

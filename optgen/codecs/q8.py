@@ -59,7 +59,6 @@ from optgen.runtime.torch_math import sqrt_rn
 try:  # the module must import without Triton (then only the PyTorch path exists)
     import triton
     import triton.language as tl
-
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
