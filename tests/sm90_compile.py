@@ -3,9 +3,19 @@
 Run by tests/test_sm90_compile.py in a fresh process (TRITON_INTERPRET must be off when kernels are
 defined). The interpreter accepts code the GPU compiler rejects (non-constexpr globals, some casts), so
 CI checks both.
+
+``python tests/sm90_compile.py --resources`` also prints each kernel's registers, stack (spills) and SASS
+instruction count, from Triton's bundled cuobjdump: with the GPU's Triton version installed here (e.g.
+``pip install --target DIR triton==3.6.0`` and DIR first on PYTHONPATH) they equal the GPU's, at no device
+time.
 """
 
 import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
 
 import triton
 import triton.language as tl
@@ -36,7 +46,23 @@ def signature(cls, launcher) -> tuple[dict, list[dict]]:
     return sig, [{**consts, **({"PASS": k} if "PASS" in consts else {})} for k in passes]
 
 
+def resources(kernel) -> str:
+    """Registers, stack bytes and SASS instructions of a compiled kernel."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    count = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.MULTILINE))
+    return f"registers {regs}, stack {stack}, SASS {count}"
+
+
 def main() -> None:
+    report = "--resources" in sys.argv
     target = GPUTarget("cuda", 90, 32)
     compiled = 0
     for name in optim.__all__:
@@ -45,10 +71,14 @@ def main() -> None:
         for key, variant in cls.variants.items():
             sig, passes = signature(cls, variant.triton_launcher)
             for consts in passes:
+                launcher = variant.triton_launcher
                 try:
-                    triton.compile(ASTSource(variant.triton_launcher.kernel, sig, consts), target=target,
-                                   options={"enable_fp_fusion": False})
+                    kernel = triton.compile(ASTSource(launcher.kernel, sig, consts), target=target,
+                                            options={"enable_fp_fusion": False, "num_warps": launcher.num_warps})
                     compiled += 1
+                    if report:
+                        print(f"{name}[{key or 'main'}] pass {consts.get('PASS', 1)}: {launcher.rows}x{launcher.cols}, "
+                              f"{launcher.num_warps} warps: {resources(kernel)}")
                 except Exception as exc:  # noqa: BLE001 - report every kernel, then fail
                     cause = exc
                     while cause.__cause__ is not None:
