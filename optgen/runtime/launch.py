@@ -57,6 +57,9 @@ class MultiTensorLauncher:
         self.slots = tuple(slots)
         self.passes = passes
         self.levels = tuple(levels)  # the pass (1, 2, ...) that computes each reduction slot
+        # per pass k (index k - 1): the sum slots it fills, as a bit mask for _sum_partials
+        self._sum_masks = tuple(sum(1 << j for j, (kind, lv) in enumerate(zip(self.slots, self.levels))
+                                    if kind == "sum" and lv == k) for k in range(1, passes + 1))
         self.written = tuple(written)  # the lists the kernel writes (staged copies are copied back)
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
 
@@ -172,31 +175,30 @@ class MultiTensorLauncher:
                 red = Sharding.partials(len(rows), list(self.slots), device)
                 part = torch.empty((n_blocks, len(self.slots)), dtype=torch.float32, device=device)
                 args += [red, part]
-            runs.append((args, n_blocks, constexprs, device, rows, red, part, segments))
+            runs.append((args, n_blocks, constexprs, device, part, segments, rows, red))
         if not self.slots:
             for args, n_blocks, constexprs, device, *_ in runs:
                 self._launch(args, n_blocks, constexprs, device, {})
             return
         reduce_passes = max(self.levels, default=0) if shard is not None else 0
         whole_red = Sharding.partials(n, list(self.slots), scalars.device) if reduce_passes else None
-        for k in range(1, self.passes + 1):
-            sums = sum(1 << j for j, (kind, lv) in enumerate(zip(self.slots, self.levels)) if kind == "sum" and lv == k)
-            for args, n_blocks, constexprs, device, rows, red, part, segments in runs:
+        for k, sums in enumerate(self._sum_masks, 1):
+            for args, n_blocks, constexprs, device, part, segments, rows, red in runs:
                 self._launch(args, n_blocks, constexprs, device, {"PASS": k, "NRED": len(self.slots)})
                 if sums:  # every tensor's partial sums, added in program order: the same bits on every run
-                    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    with _on(device):
                         _sum_partials[(len(rows), len(self.slots))](part, segments, red, len(rows),
                                                                      NRED=len(self.slots), SUMS=sums, CHUNK=1024)
             if k <= reduce_passes:  # every tensor's partials (empty shards: none) in one all-reduce
-                for *_, rows, red, _part, _segments in runs:
+                for *_, rows, red in runs:
                     whole_red.index_copy_(0, rows, red)
                 shard.all_reduce(whole_red, list(self.slots), [j for j, lv in enumerate(self.levels) if lv == k])
-                for *_, rows, red, _part, _segments in runs:
+                for *_, rows, red in runs:
                     red.copy_(whole_red.index_select(0, rows))
 
     def _launch(self, args: list[Any], n_blocks: int, constexprs: dict[str, Any], device: torch.device,
                 extra: dict[str, int]) -> None:
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with _on(device):
             # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
             self.kernel[(n_blocks,)](*args, **constexprs, **extra, ROWS=self.rows, COLS=self.cols,
                                      ALIGNED=self.aligned, num_warps=self.num_warps, enable_fp_fusion=False)
@@ -218,6 +220,11 @@ if tl is not None:
                 i = k + tl.arange(0, CHUNK)
                 acc += tl.load(part + (first + i) * NRED + j, mask=i < count, other=0.0)
             tl.store(red + t * NRED + j, tl.sum(acc))
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device``: Triton launches on the current CUDA device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _rng_rows(idx: list[int], with_rng: bool, device: torch.device) -> torch.Tensor | None:
