@@ -1,6 +1,7 @@
-"""The q8 softsign quotients (optgen.codecs.q8.softsign / inverse_softsign: the GPU division's fast path
-without its slow-path call) against correctly rounded fp32 division, bit for bit. On the CPU (Triton's
-interpreter) on a large sample; on a GPU on every fp32 |n| <= 1 and every code."""
+"""The codecs' quotients by optgen.codecs.division.quotient (the GPU division's fast path without its
+slow-path call) against correctly rounded fp32 division, bit for bit: q8's softsign and inverse softsign (on
+the CPU, under Triton's interpreter, on a large sample; on a GPU on every fp32 |n| <= 1) and every code
+over its N of the ecc decode (rho/N, N = 127 and 32767), on both."""
 
 import pytest
 import torch
@@ -8,27 +9,30 @@ import triton
 import triton.language as tl
 
 from optgen.codecs import q8
+from optgen.codecs.division import quotient
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
 @triton.jit
-def _apply(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
+def _apply(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
     if OP == 0:
         y = q8.softsign(x)
-    else:
+    elif OP == 1:
         y = q8.inverse_softsign(x)
+    else:
+        y = quotient(x, N * 1.0)  # as in optgen.codecs.ecc.triton_decode
     tl.store(y_ptr + offs, y, mask=mask)
 
 
-def apply(x: torch.Tensor, op: int) -> torch.Tensor:
+def apply(x: torch.Tensor, op: int, n: int = 0) -> torch.Tensor:
     y = torch.full_like(x, float("nan"))
     block = 4096 if CUDA else 1 << 16
-    _apply[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), OP=op, BLOCK=block, enable_fp_fusion=False)
+    _apply[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), OP=op, BLOCK=block, N=n, enable_fp_fusion=False)
     return y
 
 
@@ -67,3 +71,9 @@ def test_softsign_every_input_on_gpu():
 def test_inverse_softsign_every_code():
     q = torch.arange(-127, 128, dtype=torch.float32, device=DEVICE)
     assert same_bits(apply(q, 1), q / (254.0 - q.abs())).all()
+
+
+@pytest.mark.parametrize("n", [127, 32767])
+def test_ecc_decode_quotient_every_code(n):
+    rho = torch.arange(-n, n + 1, dtype=torch.float32, device=DEVICE)
+    assert same_bits(apply(rho, 2, n), rho / torch.full((), float(n), device=DEVICE)).all()
