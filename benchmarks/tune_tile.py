@@ -1,6 +1,6 @@
 """Tile-shape sweep for the generated multi-tensor kernel (GPU): which (rows, cols, num_warps) moves bytes fastest.
 
-    python benchmarks/tune_tile.py [--spec adamw]
+    python -m benchmarks.tune_tile [--spec adamw] [--sets large,gpt2]   (from the repository root)
 
 Times the kernel alone (tables cached, CUDA events, median) on the large parameter set of step_bench.py,
 and the whole ``opt.step()`` to show the host-side overhead. Prints one table.

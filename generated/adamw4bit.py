@@ -175,17 +175,17 @@ if triton is not None:
         c4 = tl.load(scalars + 7)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = dynamic.triton_decode_q4(state_m, state_m_scale, offs, mask, True)
-        v = dynamic.triton_decode_q4(state_v, state_v_scale, offs, mask, False)
+        m = dynamic.triton_decode_q4(state_m, state_m_scale, offs, mask, start, count, True)
+        v = dynamic.triton_decode_q4(state_v, state_v_scale, offs, mask, start, count, False)
         p_1 = c0*p
         m_1 = beta1*m + c1*g
         v_1 = beta2*v + c2*(g*g)
         p_2 = tl.div_rn(c4*m_1, c3*tl.sqrt_rn(v_1) + eps) + p_1
-        dynamic.triton_encode_q4(m_1, state_m, state_m_scale, offs, mask, True)
-        dynamic.triton_encode_q4(v_1, state_v, state_v_scale, offs, mask, False)
+        dynamic.triton_encode_q4(m_1, state_m, state_m_scale, offs, mask, start, count, True)
+        dynamic.triton_encode_q4(v_1, state_v, state_v_scale, offs, mask, start, count, False)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=128, num_warps=4, aligned=False,
+    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=128, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5))
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))

@@ -179,15 +179,15 @@ if triton is not None:
         c4 = tl.load(scalars + 7)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = dynamic.triton_decode_q8(state_m, state_m_absmax, qmap_signed, offs, mask)
-        v = dynamic.triton_decode_q8(state_v, state_v_absmax, qmap_unsigned, offs, mask)
+        m = dynamic.triton_decode_q8(state_m, state_m_absmax, qmap_signed, offs, mask, start, count)
+        v = dynamic.triton_decode_q8(state_v, state_v_absmax, qmap_unsigned, offs, mask, start, count)
         finite = (tl.abs(g) <= 3.4028234663852886e+38)
         m_1 = tl.where((finite != 0), beta1*m + c0*g, 0)
         v_1 = tl.where((finite != 0), beta2*v + c1*(g*g), 0)
         step = tl.div_rn(c3*m_1, c2*tl.sqrt_rn(v_1) + eps) + p
         p_1 = tl.where((finite != 0), c4*step, p)
-        dynamic.triton_encode_q8(m_1, state_m, state_m_absmax, qmap_signed, offs, mask, True)
-        dynamic.triton_encode_q8(v_1, state_v, state_v_absmax, qmap_unsigned, offs, mask, False)
+        dynamic.triton_encode_q8(m_1, state_m, state_m_absmax, qmap_signed, offs, mask, start, count, True)
+        dynamic.triton_encode_q8(v_1, state_v, state_v_absmax, qmap_unsigned, offs, mask, start, count, False)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
     _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,

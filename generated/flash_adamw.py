@@ -179,14 +179,14 @@ if triton is not None:
         c4 = tl.load(scalars + 7)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, 32)
-        v = q8.triton_decode_sqrt(state_v, state_v_scale, offs, mask, 32)
+        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, count, 32)
+        v = q8.triton_decode_sqrt(state_v, state_v_scale, offs, mask, start, count, 32)
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*(g*g)
         p_1 = c2*p
         p_2 = tl.div_rn(c4*m_1, eps + tl.sqrt_rn(c3*v_1)) + p_1
-        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, 32)
-        q8.triton_encode_sqrt(v_1, state_v, state_v_scale, offs, mask, 32)
+        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, count, 32)
+        q8.triton_encode_sqrt(v_1, state_v, state_v_scale, offs, mask, start, count, 32)
         ecc.triton_encode(p_2, param, param_ecc, offs, mask, 7, -126, 127)
 
     _launcher = MultiTensorLauncher(flash_adamw_step_kernel, flash_adamw_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=8, aligned=True,

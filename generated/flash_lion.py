@@ -155,12 +155,12 @@ if triton is not None:
         c3 = tl.load(scalars + 5)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, 32)
+        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, count, 32)
         u = optgen_tl.sign(beta1*m + c0*g)
         m_1 = beta2*m + c1*g
         p_1 = c2*p
         p_2 = c3*u + p_1
-        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, 32)
+        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, count, 32)
         ecc.triton_encode(p_2, param, param_ecc, offs, mask, 7, -126, 127)
 
     _launcher = MultiTensorLauncher(flash_lion_step_kernel, flash_lion_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=8, aligned=True,

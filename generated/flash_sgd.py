@@ -161,11 +161,11 @@ if triton is not None:
         c2 = tl.load(scalars + 4)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, 32)
+        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, count, 32)
         g_1 = g + p*weight_decay
         m_1 = c0*g_1 + m*momentum
         p_1 = c2*tl.where((c1 != 0), g_1 + m_1*momentum, m_1) + p
-        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, 32)
+        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, count, 32)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
     _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=8, aligned=True,

@@ -28,16 +28,14 @@ def tile_config(group_size: int, needs_rng: bool) -> tuple[int, int, bool]:
     """(elements per program, num_warps, aligned hint) of a kernel; swept on an H100 (benchmarks/RESULTS.md).
 
     Elementwise kernels move bytes fastest with 4096-element tiles, except stochastic rounding, whose hash
-    makes every element heavier (1024, 4 warps: 2.6x faster). Grouped formats: groups of 32 (q8) want small
-    tiles and vector loads (the ``aligned`` hint: 1.7x) and 8 warps, 4 elements per thread (same kernels, 4 -> 8
-    warps: FlashAdamW 3.55 -> 3.15 ms, FlashAdam 3.79 -> 3.50, FlashSGD even, FlashLion 2.52 -> 2.73); q4's 128
-    and q8_dynamic's 256 do best without the hint.
+    makes every element heavier (1024, 4 warps: 2.6x faster). Grouped formats want small tiles: groups of 32
+    (q8) 1024 elements, 8 warps and vector loads (the ``aligned`` hint: 1.7x; kernel alone, 4 -> 8 warps:
+    FlashAdamW 4.03 -> 3.78 ms, FlashSGD 3.09 -> 2.01); q4's 128 and q8_dynamic's 256 1024 elements, 4 warps,
+    without the hint (AdamW4bit 7.68 ms at 2048 elements -> 6.15).
     """
     if group_size == 1:
         return (1024, 4, False) if needs_rng else (4096, 8, False)
-    if group_size < 128:
-        return 1024, 8, True
-    return (2048, 4, False) if group_size < 256 else (1024, 4, False)
+    return (1024, 8, True) if group_size < 128 else (1024, 4, False)
 
 
 def _docstring(text: str) -> str:

@@ -200,7 +200,7 @@ def test_renderings_are_calls_into_the_codec_modules():
     assert c.torch_decode("m", ["state_m[i]", "state_m_scale[i]"]) == [
         "m = q8.torch_decode(state_m[i], state_m_scale[i], 64, 'softsign')"]
     assert c.triton_encode("m_1", ["state_m", "state_m_scale"], "offs", "mask") == [
-        "q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, 64)"]
+        "q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, count, 64)"]
     d = _codec("q8_dynamic", signed=False)
     assert d.constants == (("qmap_unsigned", "dynamic.qmap_table(False, {device})"),)
     assert "qmap_unsigned" in d.triton_decode("v", ["a", "b"], "offs", "mask")[0]
@@ -739,8 +739,10 @@ import triton.language as tl
 
 @triton.jit
 def encode_kernel(x_ptr, {args}numel, ROWS: tl.constexpr, COLS: tl.constexpr):
-    offs = tl.program_id(0) * (ROWS * COLS) + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    mask = offs < numel
+    start = tl.program_id(0) * (ROWS * COLS)
+    count = numel
+    offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    mask = offs < count
     value = tl.load(x_ptr + offs, mask=mask, other=0.0)
     value = tl.where(mask, value, float("nan"))  # the codec must ignore masked lanes
 {encode}
@@ -748,8 +750,10 @@ def encode_kernel(x_ptr, {args}numel, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def decode_kernel(out_ptr, {args}numel, ROWS: tl.constexpr, COLS: tl.constexpr):
-    offs = tl.program_id(0) * (ROWS * COLS) + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    mask = offs < numel
+    start = tl.program_id(0) * (ROWS * COLS)
+    count = numel
+    offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    mask = offs < count
 {decode}
     tl.store(out_ptr + offs, value, mask=mask)
 '''
@@ -806,9 +810,9 @@ def run_triton_cases(cases: list[dict], workdir: Path, device: str) -> list[dict
                   for _, expr in getattr(codec, "constants", ())]
         rows, cols = case["tile"]
         grid = (triton.cdiv(n, rows * cols),)
-        mod.encode_kernel[grid](x, *bufs, *consts, n, ROWS=rows, COLS=cols)
+        mod.encode_kernel[grid](x, *bufs, *consts, n, ROWS=rows, COLS=cols, enable_fp_fusion=False)
         out = torch.full((n,), 12345.0, device=device)
-        mod.decode_kernel[grid](out, *bufs, *consts, n, ROWS=rows, COLS=cols)
+        mod.decode_kernel[grid](out, *bufs, *consts, n, ROWS=rows, COLS=cols, enable_fp_fusion=False)
         results.append({"bufs": [b.cpu() for b in bufs], "out": out.cpu()})
     return results
 

@@ -46,7 +46,7 @@ try:  # the module must import without Triton (then only the PyTorch path exists
     import triton
     import triton.language as tl
 
-    from optgen.codecs.q8 import group_absmax, group_broadcast, group_view, store_group_values
+    from optgen.codecs.q8 import group_absmax, group_broadcast, group_view, tile_groups
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
@@ -221,7 +221,7 @@ if triton is not None:
         return tl.where(r == r, r, 0.0), s  # noqa: PLR0124 (r != r: NaN)
 
     @triton.jit
-    def triton_encode_q8(x, q_ptr, s_ptr, table_ptr, offs, mask, SIGNED: tl.constexpr):
+    def triton_encode_q8(x, q_ptr, s_ptr, table_ptr, offs, mask, start, count, SIGNED: tl.constexpr):
         """Store the tile ``x``: codes at ``q_ptr`` (uint8), block absmax at ``s_ptr`` (fp32); ``table_ptr``
         is ``qmap_table(SIGNED, device)``. The code is found by an 8-step branchless binary search over
         the midpoints (entries 256..510): it counts the midpoints below x/s."""
@@ -239,12 +239,14 @@ if triton is not None:
         if SIGNED:
             c = tl.where((r < 0) & (c == 127), c - 1, c)
         tl.store(q_ptr + offs, c.to(tl.uint8), mask=mask)
-        store_group_values(s_ptr, s, offs, mask, 256)
+        groups, live = tile_groups(start, count, x, 256)
+        tl.store(s_ptr + groups, s, mask=live)
 
     @triton.jit
-    def triton_decode_q8(q_ptr, s_ptr, table_ptr, offs, mask):
+    def triton_decode_q8(q_ptr, s_ptr, table_ptr, offs, mask, start, count):
         c = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
-        s = tl.load(s_ptr + offs // 256, mask=mask, other=0.0)
+        groups, live = tile_groups(start, count, offs, 256)
+        s = group_broadcast(tl.load(s_ptr + groups, mask=live, other=0.0), offs, 256)
         return tl.where(mask, tl.load(table_ptr + c) * s, 0.0)
 
     @triton.jit
@@ -289,7 +291,7 @@ if triton is not None:
         return c
 
     @triton.jit
-    def triton_encode_q4(x, q_ptr, s_ptr, offs, mask, SIGNED: tl.constexpr):
+    def triton_encode_q4(x, q_ptr, s_ptr, offs, mask, start, count, SIGNED: tl.constexpr):
         """Store the tile ``x``: packed codes at ``q_ptr`` (uint8, byte k holds elements 2k (high nibble)
         and 2k+1), block scales at ``s_ptr`` (fp32)."""
         r, s = _normalized(x, mask, 128)
@@ -302,13 +304,15 @@ if triton is not None:
         first, _ = tl.split(group_view(offs, 2))
         live, _ = tl.split(group_view(mask.to(tl.int32), 2))
         tl.store(q_ptr + first // 2, ((hi << 4) | lo).to(tl.uint8), mask=live != 0)
-        store_group_values(s_ptr, s, offs, mask, 128)
+        groups, live = tile_groups(start, count, x, 128)
+        tl.store(s_ptr + groups, s, mask=live)
 
     @triton.jit
-    def triton_decode_q4(q_ptr, s_ptr, offs, mask, SIGNED: tl.constexpr):
+    def triton_decode_q4(q_ptr, s_ptr, offs, mask, start, count, SIGNED: tl.constexpr):
         b = tl.load(q_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
         c = tl.where((offs % 2) == 0, b >> 4, b & 15)
-        s = tl.load(s_ptr + offs // 128, mask=mask, other=0.0)
+        groups, live = tile_groups(start, count, offs, 128)
+        s = group_broadcast(tl.load(s_ptr + groups, mask=live, other=0.0), offs, 128)
         return tl.where(mask, _q4_value(c, SIGNED) * s, 0.0)
 
 
@@ -355,11 +359,12 @@ class Q8Dynamic(Codec):
         return [f"dynamic.torch_encode_q8({value}, {refs[0]}, {refs[1]}, {self.signed})"]
 
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [f"{out} = dynamic.triton_decode_q8({ptrs[0]}, {ptrs[1]}, {self.table_arg}, {offs}, {mask})"]
+        return [(f"{out} = dynamic.triton_decode_q8({ptrs[0]}, {ptrs[1]}, {self.table_arg}, {offs}, {mask}, "
+                f"start, count)")]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
         return [(f"dynamic.triton_encode_q8({value}, {ptrs[0]}, {ptrs[1]}, {self.table_arg}, {offs}, {mask}, "
-                 f"{self.signed})")]
+                 f"start, count, {self.signed})")]
 
 
 class Q4Codec(Codec):
@@ -387,10 +392,12 @@ class Q4Codec(Codec):
         return [f"dynamic.torch_encode_q4({value}, {refs[0]}, {refs[1]}, {self.signed})"]
 
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [f"{out} = dynamic.triton_decode_q4({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, {self.signed})"]
+        return [(f"{out} = dynamic.triton_decode_q4({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, count, "
+                f"{self.signed})")]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [f"dynamic.triton_encode_q4({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, {self.signed})"]
+        return [(f"dynamic.triton_encode_q4({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, count, "
+                f"{self.signed})")]
 
 
 class Q4Dynamic(Q4Codec):

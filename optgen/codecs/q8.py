@@ -24,9 +24,10 @@ s > 65504 stores inf). Decode uses the stored scale ``S``:
 Rounding, identical in both backends (the Triton and PyTorch paths produce the same bits):
 - every division is correctly rounded: 1/s by ``tl.div_rn`` (PyTorch divides tensor by tensor, never by a
   Python scalar: CUDA PyTorch turns ``x / c`` into ``x * (1/c)``); the softsign quotients 2n/(1+|n|) and
-  q/(254 − |q|) by the fast path of the GPU's own division without its slow-path call (``_quotient``, exact
-  for these inputs: checked on every fp32 n in [-1, 1] and every code on an H100, tests/test_exact_math.py;
-  for |n| < 2^-101, where it may be off by an ulp, the code is 0 either way); √ is correctly rounded
+  q/(254 − |q|) by the fast path of the GPU's own division without its slow-path call
+  (``optgen.codecs.division.quotient``, exact for these inputs: checked on every fp32 n in [-1, 1] and
+  every code on an H100, tests/test_exact_math.py; for |n| < 2^-101, where it may be off by an ulp, the
+  code is 0 either way); √ is correctly rounded
   (``tl.sqrt_rn``; PyTorch takes it in float64 and rounds to fp32, because its fp32 CPU ``sqrt`` is off by
   one ulp in ~17% of elements);
 - ``floor(k·y + 0.5)`` (k = 127 or 255, |y| <= 1) is the same whether ``k·y + 0.5`` is rounded once
@@ -59,6 +60,8 @@ from optgen.runtime.torch_math import sqrt_rn
 try:  # the module must import without Triton (then only the PyTorch path exists)
     import triton
     import triton.language as tl
+
+    from optgen.codecs.division import quotient
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
@@ -163,35 +166,27 @@ if triton is not None:
         return tl.where(a > 0x7F800000, float("nan"), a.to(tl.float32, bitcast=True))
 
     @triton.jit
-    def store_group_values(ptr, s, offs, mask, G: tl.constexpr):
-        """Store one value per group at ``ptr + group index``, from the lane of the group's first element (a
-        group lies in one tile and is live iff its first element is)."""
-        tl.store(ptr + offs // G, group_broadcast(s, offs, G), mask=mask & (offs % G == 0))
-
-    @triton.jit
-    def _quotient(a, b):
-        """a/b correctly rounded where |a| >= 2^-100 and b in [1, 256] (every input of the two callers
-        below): the fast path of the GPU's own ``div.rn`` (refined reciprocal, then one fused correction of
-        the quotient) without its check and slow-path call, which cost registers at every use."""
-        y = 1.0 / b
-        y = tl.fma(y, tl.fma(-b, y, 1.0), y)
-        q = a * y
-        return tl.fma(y, tl.fma(-b, q, a), q)
+    def tile_groups(start, count, like, G: tl.constexpr):
+        """The tile's groups: (index of each group in the tensor, live mask), vectors of ROWS*COLS/G. Per-group
+        loads and stores go through these (a plain row vector when COLS == G) rather than a per-element
+        ``offs // G``, whose column-major access made Triton shuffle every tile through shared memory."""
+        groups = start // G + tl.arange(0, like.shape[0] * like.shape[1] // G)
+        return groups, groups * G < count
 
     @triton.jit
     def softsign(r):
         """2r/(1 + |r|) for |r| <= 1, as the correctly rounded quotient where |r| >= 2^-101; below, where it may
         be off, every value gives code 0 all the same (checked on every fp32 r in [-1, 1] on an H100)."""
-        return _quotient(2.0 * r, 1.0 + tl.abs(r))
+        return quotient(2.0 * r, 1.0 + tl.abs(r))
 
     @triton.jit
     def inverse_softsign(q):
         """q/(254 - |q|) for the integer codes q in [-127, 127], correctly rounded (checked on all of them;
         q = 0 gives 0)."""
-        return _quotient(q, 254.0 - tl.abs(q))
+        return quotient(q, 254.0 - tl.abs(q))
 
     @triton.jit
-    def _encode(x, q_ptr, s_ptr, offs, mask, G: tl.constexpr, KIND: tl.constexpr):
+    def _encode(x, q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr, KIND: tl.constexpr):
         # KIND: 0 linear, 1 softsign, 2 sqrt
         x = tl.where(mask, x, 0.0)
         if KIND == 2:
@@ -209,13 +204,14 @@ if triton is not None:
             tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
         else:
             tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
-        store_group_values(s_ptr, s.to(tl.float16), offs, mask, G)
+        groups, live = tile_groups(start, count, x, G)
+        tl.store(s_ptr + groups, s.to(tl.float16), mask=live)
 
     @triton.jit
-    def _decode(q_ptr, s_ptr, offs, mask, G: tl.constexpr, KIND: tl.constexpr):
+    def _decode(q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr, KIND: tl.constexpr):
         q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
-        s = tl.load(s_ptr + offs // G, mask=mask, other=0.0).to(tl.float32)  # a gather, cached: measured
-        # faster than one load per row plus a broadcast once the tile loads are vectorized
+        groups, live = tile_groups(start, count, q, G)
+        s = group_broadcast(tl.load(s_ptr + groups, mask=live, other=0.0).to(tl.float32), q, G)
         if KIND == 1:
             out = inverse_softsign(q) * s
         elif KIND == 2:
@@ -226,28 +222,28 @@ if triton is not None:
         return out
 
     @triton.jit
-    def triton_encode_linear(x, q_ptr, s_ptr, offs, mask, G: tl.constexpr):
-        _encode(x, q_ptr, s_ptr, offs, mask, G, 0)
+    def triton_encode_linear(x, q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr):
+        _encode(x, q_ptr, s_ptr, offs, mask, start, count, G, 0)
 
     @triton.jit
-    def triton_encode_softsign(x, q_ptr, s_ptr, offs, mask, G: tl.constexpr):
-        _encode(x, q_ptr, s_ptr, offs, mask, G, 1)
+    def triton_encode_softsign(x, q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr):
+        _encode(x, q_ptr, s_ptr, offs, mask, start, count, G, 1)
 
     @triton.jit
-    def triton_encode_sqrt(x, q_ptr, s_ptr, offs, mask, G: tl.constexpr):
-        _encode(x, q_ptr, s_ptr, offs, mask, G, 2)
+    def triton_encode_sqrt(x, q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr):
+        _encode(x, q_ptr, s_ptr, offs, mask, start, count, G, 2)
 
     @triton.jit
-    def triton_decode_linear(q_ptr, s_ptr, offs, mask, G: tl.constexpr):
-        return _decode(q_ptr, s_ptr, offs, mask, G, 0)
+    def triton_decode_linear(q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr):
+        return _decode(q_ptr, s_ptr, offs, mask, start, count, G, 0)
 
     @triton.jit
-    def triton_decode_softsign(q_ptr, s_ptr, offs, mask, G: tl.constexpr):
-        return _decode(q_ptr, s_ptr, offs, mask, G, 1)
+    def triton_decode_softsign(q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr):
+        return _decode(q_ptr, s_ptr, offs, mask, start, count, G, 1)
 
     @triton.jit
-    def triton_decode_sqrt(q_ptr, s_ptr, offs, mask, G: tl.constexpr):
-        return _decode(q_ptr, s_ptr, offs, mask, G, 2)
+    def triton_decode_sqrt(q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr):
+        return _decode(q_ptr, s_ptr, offs, mask, start, count, G, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,10 +277,12 @@ class Q8Grouped(Codec):
         return [f"q8.torch_encode({value}, {refs[0]}, {refs[1]}, {self.group_size}, {self.kind!r})"]
 
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [f"{out} = q8.triton_decode_{self.kind}({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, {self.group_size})"]
+        return [(f"{out} = q8.triton_decode_{self.kind}({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, count, "
+                f"{self.group_size})")]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [f"q8.triton_encode_{self.kind}({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, {self.group_size})"]
+        return [(f"q8.triton_encode_{self.kind}({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, count, "
+                f"{self.group_size})")]
 
 
 class Q8Linear(Q8Grouped):
