@@ -300,6 +300,27 @@ def test_zero_grad_and_parameters_without_gradient():
     assert_rel(p.detach(), p_before - 0.1 * g)  # first SGD step: the momentum buffer is the gradient
 
 
+def test_parameters_at_different_step_counts_match_torch():
+    """Parameters that missed steps have smaller step counts (bias corrections): they are stepped in their own
+    launch, and the cached grouping of a group's parameters follows which of them have gradients."""
+    params = rand_params(15, shapes=((3, 4), (5,), (2, 3), ()))
+    refs = clones(params)
+    opt = AdamW(params, lr=0.02, weight_decay=0.1)
+    ref = torch.optim.AdamW(refs, lr=0.02, weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(15)
+    for k in range(8):
+        give_grads(gen, params, refs)
+        if k in (1, 2, 5):  # some parameters miss this step
+            for x, y in list(zip(params, refs))[k % 2::2]:
+                x.grad = y.grad = None
+        opt.step()
+        ref.step()
+        for x, y in zip(params, refs):
+            assert_rel(x.detach(), y.detach())
+    counts = {float(opt.state[x]["step"]) for x in params}
+    assert len(counts) > 1 and counts == {float(ref.state[y]["step"]) for y in refs}
+
+
 @pytest.mark.parametrize("scheduler", ["step", "lambda"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 def test_lr_schedulers_match_torch(scheduler, tensor_lr):

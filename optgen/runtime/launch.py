@@ -142,9 +142,9 @@ class MultiTensorLauncher:
         """Step every tensor. With ``shard`` the tensors are shards: ``numel`` is the whole tensor's, the
         partial reductions of all tensors are all-reduced together between the passes, and irregular
         buffers are staged (no fallback, whose tensors would miss the collectives)."""
-        # The plan depends on where every buffer lives, the parameters' shapes and the gradients' layout.
+        # The plan depends on where every buffer lives, the parameters' sizes and the gradients' layout.
         whole = None if shard is None else shard.numels
-        key = (tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), tuple(map(torch.Tensor.size, lists[0])),
+        key = (tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), tuple(map(torch.Tensor.numel, lists[0])),
                tuple(map(torch.Tensor.is_contiguous, lists[1])), whole)
         plan = self._plans.get(key)
         if plan is None:
