@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.step_bench import copy_bandwidth, gpt2_shapes, large_shapes, make_params
 
-ELEMENTS_WARPS = [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]  # tile sizes x num_warps
+ELEMENTS_WARPS = [(256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]  # tile sizes x num_warps
 
 
 def median_ms(fn, iters: int = 30, warmup: int = 5) -> float:

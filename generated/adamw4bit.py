@@ -152,8 +152,9 @@ if triton is not None:
     ):
         """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
         pid = tl.program_id(0)
-        tensor = tl.load(blocks + 2 * pid)
-        start = tl.load(blocks + 2 * pid + 1)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
@@ -185,7 +186,7 @@ if triton is not None:
         dynamic.triton_encode_q4(v_1, state_v, state_v_scale, offs, mask, start, count, False)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=128, num_warps=4, aligned=False,
+    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=128, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5))
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
@@ -308,8 +309,9 @@ if triton is not None:
     ):
         """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
         pid = tl.program_id(0)
-        tensor = tl.load(blocks + 2 * pid)
-        start = tl.load(blocks + 2 * pid + 1)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)

@@ -142,8 +142,9 @@ if triton is not None:
     ):
         """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
         pid = tl.program_id(0)
-        tensor = tl.load(blocks + 2 * pid)
-        start = tl.load(blocks + 2 * pid + 1)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
@@ -168,7 +169,7 @@ if triton is not None:
         q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, count, 32)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=8, aligned=True,
+    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_sgd_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale'))
@@ -277,8 +278,9 @@ if triton is not None:
     ):
         """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
         pid = tl.program_id(0)
-        tensor = tl.load(blocks + 2 * pid)
-        start = tl.load(blocks + 2 * pid + 1)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
@@ -408,8 +410,9 @@ if triton is not None:
     ):
         """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
         pid = tl.program_id(0)
-        tensor = tl.load(blocks + 2 * pid)
-        start = tl.load(blocks + 2 * pid + 1)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)

@@ -189,8 +189,9 @@ if triton is not None:
     ):
         """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
         pid = tl.program_id(0)
-        tensor = tl.load(blocks + 2 * pid)
-        start = tl.load(blocks + 2 * pid + 1)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
         count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)

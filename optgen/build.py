@@ -28,14 +28,15 @@ def tile_config(group_size: int, needs_rng: bool) -> tuple[int, int, bool]:
     """(elements per program, num_warps, aligned hint) of a kernel; swept on an H100 (benchmarks/RESULTS.md).
 
     Elementwise kernels move bytes fastest with 4096-element tiles, except stochastic rounding, whose hash
-    makes every element heavier (1024, 4 warps: 2.6x faster). Grouped formats want small tiles: groups of 32
-    (q8) 1024 elements, 8 warps and vector loads (the ``aligned`` hint: 1.7x; kernel alone, 4 -> 8 warps:
-    FlashAdamW 4.03 -> 3.78 ms, FlashSGD 3.09 -> 2.01); q4's 128 and q8_dynamic's 256 1024 elements, 4 warps,
-    without the hint (AdamW4bit 7.68 ms at 2048 elements -> 6.15).
+    makes every element heavier (1024, 4 warps: 2.6x faster). Grouped formats (one group per row) want small
+    tiles, 512 elements and 4 warps (4 per thread: fewer registers, more programs per SM). Kernel alone, large
+    set, same run, 1024 elements x 8 or 4 warps -> 512 x 4: FlashAdamW 3.60 -> 2.89 ms, FlashAdam 3.13 ->
+    2.62, FlashSGD 1.90 -> 1.78, FlashLion 2.33 -> 2.00, AdamW8bit 4.90 -> 4.31, AdamW4bit 6.07 -> 5.35.
+    Groups of 32 (q8) also want vector loads (the ``aligned`` hint: 1.7x); q4 and q8_dynamic do without.
     """
     if group_size == 1:
         return (1024, 4, False) if needs_rng else (4096, 8, False)
-    return (1024, 8, True) if group_size < 128 else (1024, 4, False)
+    return 512, 4, group_size < 128
 
 
 def _docstring(text: str) -> str:

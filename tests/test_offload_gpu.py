@@ -98,7 +98,7 @@ def test_bit_identical_to_gpu_step(cls, dtype, budget_chunks):
 
 def test_gpu_memory_bounded_by_staging_slots():
     """Peak GPU memory of an offloaded FlashAdamW step beyond parameters and gradients: the three staging
-    slots, the launch tables of the chunks (16 bytes per 1024 parameters) and scalars, whatever the number of
+    slots, the launch tables of the chunks (8 bytes per program of 512 parameters) and scalars, whatever the number of
     parameters."""
     shapes = [(2048, 2048)] * 32  # 134M parameters: 400 MiB of FlashAdamW state, 8.3x the staging slots
     params = make_params(shapes, torch.bfloat16, 1)

@@ -184,5 +184,5 @@ def test_launch_table_bytes():
         p.grad = torch.randn_like(p)
     optim.AdamW(params, backend="triton").step()
     n, blocks = 3, sum(-(-p.numel() // launcher.block) for p in params)
-    expected = 8 * (len(optim.AdamW.buffers) * n + 2 * n + 2 * blocks + 2 * n) + 8 * n
+    expected = 8 * (len(optim.AdamW.buffers) * n + 2 * n + blocks + 2 * n) + 8 * n
     assert launcher.table_bytes() == expected

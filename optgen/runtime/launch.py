@@ -1,7 +1,8 @@
 """Launch one generated Triton kernel over many tensors: one launch per dtype combination, not per tensor.
 
-Each buffer list becomes a table of data pointers, and a block table maps every program to (tensor, first
-element). The launch plan (tables included) is cached by the tensors' addresses, so a training loop builds it once.
+Each buffer list becomes a table of data pointers, and a block table maps every program to its tensor and the
+first element of its tile (one int64: tensor << 40 | first element). The launch plan (tables included) is
+cached by the tensors' addresses, so a training loop builds it once.
 
 The kernel assumes 16-byte aligned, contiguous buffers (so loads are vectorised); any tensor that is not
 goes through the PyTorch fallback instead, in place.
@@ -68,7 +69,7 @@ class MultiTensorLauncher:
         return self.rows * self.cols
 
     def table_bytes(self) -> int:
-        """Device bytes held by the cached launch plans (tables, staged copies): about 16 bytes per program."""
+        """Device bytes held by the cached launch plans (tables, staged copies): about 8 bytes per program."""
         storages = {}
         for plan in self._plans.values():
             for tables, _, _, _, rng_rows, rows, segments in plan.launches:
@@ -82,8 +83,8 @@ class MultiTensorLauncher:
     def _build_tables(self, lists: list[list[torch.Tensor]], device: torch.device,
                       whole: list[int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Pointer tables (one per buffer list), numels (each tensor's here and its ``whole`` tensor's, which
-        differ for shards) and the (tensor, start) block table, on ``device``; and each tensor's (first
-        program, number of programs), where its partial sums lie."""
+        differ for shards) and the block table (tensor << 40 | first element, per program), on ``device``; and
+        each tensor's (first program, number of programs), where its partial sums lie."""
         n = len(lists[0])
         pointers = torch.tensor([[t.data_ptr() for t in lst] for lst in lists], dtype=torch.int64)
         numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
@@ -93,8 +94,8 @@ class MultiTensorLauncher:
         tensor_of_block = torch.repeat_interleave(torch.arange(n), per_tensor)
         first_block = torch.cumsum(per_tensor, 0) - per_tensor
         starts = (torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]) * self.block
-        blocks = torch.stack([tensor_of_block, starts], 1)
-        packed = torch.cat([pointers.flatten(), both.flatten(), blocks.flatten(), first_block, per_tensor]).to(device)
+        blocks = (tensor_of_block << 40) | starts  # 8 bytes per program (starts < 2^40, fewer than 2^23 tensors)
+        packed = torch.cat([pointers.flatten(), both.flatten(), blocks, first_block, per_tensor]).to(device)
         return ((*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 2) * n],
                  packed[(len(lists) + 2) * n:-2 * n]), packed[-2 * n:])
 
@@ -130,7 +131,7 @@ class MultiTensorLauncher:
             sub = [[lst[i] for i in idx] for lst in lists]
             device = sub[0][0].device
             tables, segments = self._build_tables(sub, device, [whole[i] for i in idx])
-            n_blocks = tables[-1].numel() // 2
+            n_blocks = tables[-1].numel()
             constexprs = {name: getattr(tl, str(d).removeprefix("torch.")) for name, d in zip(self.dtype_args, dtypes)}
             launches.append((tables, n_blocks, constexprs, device, _rng_rows(idx, with_rng, device),
                              torch.tensor(idx, device=device), segments))
