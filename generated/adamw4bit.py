@@ -157,9 +157,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.uint8)), 16)
@@ -176,14 +176,14 @@ if triton is not None:
         c4 = tl.load(scalars + 7)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = dynamic.triton_decode_q4(state_m, state_m_scale, offs, mask, start, count, True)
-        v = dynamic.triton_decode_q4(state_v, state_v_scale, offs, mask, start, count, False)
+        m = dynamic.triton_decode_q4(state_m, state_m_scale, offs, mask, start, numel_here, True)
+        v = dynamic.triton_decode_q4(state_v, state_v_scale, offs, mask, start, numel_here, False)
         p_1 = c0*p
         m_1 = beta1*m + c1*g
         v_1 = beta2*v + c2*(g*g)
         p_2 = tl.div_rn(c4*m_1, c3*tl.sqrt_rn(v_1) + eps) + p_1
-        dynamic.triton_encode_q4(m_1, state_m, state_m_scale, offs, mask, start, count, True)
-        dynamic.triton_encode_q4(v_1, state_v, state_v_scale, offs, mask, start, count, False)
+        dynamic.triton_encode_q4(m_1, state_m, state_m_scale, offs, mask, start, numel_here, True)
+        dynamic.triton_encode_q4(v_1, state_v, state_v_scale, offs, mask, start, numel_here, False)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
     _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=128, num_warps=4, aligned=False,
@@ -314,9 +314,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)

@@ -161,9 +161,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.uint8)), 16)
@@ -180,15 +180,15 @@ if triton is not None:
         c4 = tl.load(scalars + 7)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = dynamic.triton_decode_q8(state_m, state_m_absmax, qmap_signed, offs, mask, start, count)
-        v = dynamic.triton_decode_q8(state_v, state_v_absmax, qmap_unsigned, offs, mask, start, count)
+        m = dynamic.triton_decode_q8(state_m, state_m_absmax, qmap_signed, offs, mask, start, numel_here)
+        v = dynamic.triton_decode_q8(state_v, state_v_absmax, qmap_unsigned, offs, mask, start, numel_here)
         finite = (tl.abs(g) <= 3.4028234663852886e+38)
         m_1 = tl.where((finite != 0), beta1*m + c0*g, 0)
         v_1 = tl.where((finite != 0), beta2*v + c1*(g*g), 0)
         step = tl.div_rn(c3*m_1, c2*tl.sqrt_rn(v_1) + eps) + p
         p_1 = tl.where((finite != 0), c4*step, p)
-        dynamic.triton_encode_q8(m_1, state_m, state_m_absmax, qmap_signed, offs, mask, start, count, True)
-        dynamic.triton_encode_q8(v_1, state_v, state_v_absmax, qmap_unsigned, offs, mask, start, count, False)
+        dynamic.triton_encode_q8(m_1, state_m, state_m_absmax, qmap_signed, offs, mask, start, numel_here, True)
+        dynamic.triton_encode_q8(v_1, state_v, state_v_absmax, qmap_unsigned, offs, mask, start, numel_here, False)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
     _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=False,
@@ -321,9 +321,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)

@@ -160,9 +160,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
@@ -180,14 +180,14 @@ if triton is not None:
         c4 = tl.load(scalars + 7)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, count, 32)
-        v = q8.triton_decode_sqrt(state_v, state_v_scale, offs, mask, start, count, 32)
+        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, numel_here, 32)
+        v = q8.triton_decode_sqrt(state_v, state_v_scale, offs, mask, start, numel_here, 32)
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*(g*g)
         p_1 = c2*p
         p_2 = tl.div_rn(c4*m_1, eps + tl.sqrt_rn(c3*v_1)) + p_1
-        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, count, 32)
-        q8.triton_encode_sqrt(v_1, state_v, state_v_scale, offs, mask, start, count, 32)
+        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, numel_here, 32)
+        q8.triton_encode_sqrt(v_1, state_v, state_v_scale, offs, mask, start, numel_here, 32)
         ecc.triton_encode(p_2, param, param_ecc, offs, mask, 7, -126, 127)
 
     _launcher = MultiTensorLauncher(flash_adamw_step_kernel, flash_adamw_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True,
@@ -321,9 +321,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
@@ -476,9 +476,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)

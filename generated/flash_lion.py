@@ -140,9 +140,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
@@ -156,12 +156,12 @@ if triton is not None:
         c3 = tl.load(scalars + 5)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, count, 32)
+        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, numel_here, 32)
         u = optgen_tl.sign(beta1*m + c0*g)
         m_1 = beta2*m + c1*g
         p_1 = c2*p
         p_2 = c3*u + p_1
-        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, count, 32)
+        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, numel_here, 32)
         ecc.triton_encode(p_2, param, param_ecc, offs, mask, 7, -126, 127)
 
     _launcher = MultiTensorLauncher(flash_lion_step_kernel, flash_lion_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True,
@@ -279,9 +279,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
@@ -414,9 +414,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)

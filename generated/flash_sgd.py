@@ -147,9 +147,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
@@ -162,11 +162,11 @@ if triton is not None:
         c2 = tl.load(scalars + 4)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, count, 32)
+        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, numel_here, 32)
         g_1 = g + p*weight_decay
         m_1 = c0*g_1 + m*momentum
         p_1 = c2*tl.where((c1 != 0), g_1 + m_1*momentum, m_1) + p
-        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, count, 32)
+        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, numel_here, 32)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
     _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True,
@@ -283,9 +283,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
@@ -415,9 +415,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)

@@ -144,9 +144,9 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
-        count = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < count
+        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from optgen.codecs import Codec, get_codec
+from optgen.codecs import CODECS, Codec, get_codec
 from optgen.codecs.base import DTYPE_BYTES
 from optgen.expr import REDUCTIONS, Statement, as_condition, is_condition, parse_condition, parse_update, tensor_sum
 from optgen.spec import Spec, Storage
@@ -22,7 +22,9 @@ GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", 
                    "backend", "defaults", "group", "hp", "errors", "optgen_tl", "libdevice", "pid", "tensor",
                    "start", "numel", "numels", "blocks", "offs", "mask", "key", "ROWS", "COLS",
                    "optgen_torch", "value", "out", "rng", "red", "shard", "variants",
-                   "violated_checks"}
+                   "violated_checks", "numel_here", "part", "Sharding"}
+# and the codec modules the generated functions call (``from optgen.codecs import q8``: q8.torch_decode(...))
+GENERATED_NAMES |= {line.rsplit(" ", 1)[1] for codec in CODECS.values() for line in codec.imports}
 
 
 def _reserved(name: str) -> bool:

@@ -200,7 +200,7 @@ def test_renderings_are_calls_into_the_codec_modules():
     assert c.torch_decode("m", ["state_m[i]", "state_m_scale[i]"]) == [
         "m = q8.torch_decode(state_m[i], state_m_scale[i], 64, 'softsign')"]
     assert c.triton_encode("m_1", ["state_m", "state_m_scale"], "offs", "mask") == [
-        "q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, count, 64)"]
+        "q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, numel_here, 64)"]
     d = _codec("q8_dynamic", signed=False)
     assert d.constants == (("qmap_unsigned", "dynamic.qmap_table(False, {device})"),)
     assert "qmap_unsigned" in d.triton_decode("v", ["a", "b"], "offs", "mask")[0]
@@ -740,9 +740,9 @@ import triton.language as tl
 @triton.jit
 def encode_kernel(x_ptr, {args}numel, ROWS: tl.constexpr, COLS: tl.constexpr):
     start = tl.program_id(0) * (ROWS * COLS)
-    count = numel
+    numel_here = numel
     offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    mask = offs < count
+    mask = offs < numel_here
     value = tl.load(x_ptr + offs, mask=mask, other=0.0)
     value = tl.where(mask, value, float("nan"))  # the codec must ignore masked lanes
 {encode}
@@ -751,9 +751,9 @@ def encode_kernel(x_ptr, {args}numel, ROWS: tl.constexpr, COLS: tl.constexpr):
 @triton.jit
 def decode_kernel(out_ptr, {args}numel, ROWS: tl.constexpr, COLS: tl.constexpr):
     start = tl.program_id(0) * (ROWS * COLS)
-    count = numel
+    numel_here = numel
     offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    mask = offs < count
+    mask = offs < numel_here
 {decode}
     tl.store(out_ptr + offs, value, mask=mask)
 '''

@@ -321,6 +321,36 @@ def test_parameters_at_different_step_counts_match_torch():
     assert len(counts) > 1 and counts == {float(ref.state[y]["step"]) for y in refs}
 
 
+def test_layout_follows_the_fp32_mark_after_a_reload():
+    """Which layout a parameter takes is derived again when what decides it changes: here a parameter marked
+    for fp32 state after its first step, its state then loaded from an optimizer that holds it in fp32. The
+    next steps use the fp32 layout and equal that optimizer's."""
+    from optgen.optim import AdamW8bit
+
+    gen = torch.Generator().manual_seed(16)
+    p = torch.nn.Parameter(torch.randn(8192, generator=gen))
+    opt = AdamW8bit([p], lr=1e-2)
+    p.grad = torch.randn(8192, generator=gen)
+    opt.step()
+    assert "m_absmax" in opt.state[p]  # the 8-bit layout
+    p.optgen_fp32_state = True
+    q = torch.nn.Parameter(p.detach().clone())
+    q.optgen_fp32_state = True
+    ref = AdamW8bit([q], lr=1e-2)
+    q.grad = torch.randn(8192, generator=gen)
+    ref.step()
+    opt.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        p.copy_(q)
+    for _ in range(2):
+        p.grad = torch.randn(8192, generator=gen)
+        q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert "m_absmax" not in opt.state[p] and opt.state[p]["m"].dtype == torch.float32
+    assert torch.equal(p.detach(), q.detach())
+
+
 @pytest.mark.parametrize("scheduler", ["step", "lambda"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 def test_lr_schedulers_match_torch(scheduler, tensor_lr):

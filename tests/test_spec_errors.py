@@ -255,6 +255,14 @@ CASES = [
         "update",
         "reserved",
     ),
+    (
+        "temporary_named_numel_here",  # the kernel's element count, read again by grouped codecs after the update
+        edit({12: "  numel_here = g\n  m = beta1*m + (1 - beta1)*numel_here"}),
+        12,
+        "update",
+        "reserved",
+    ),
+    ("state_named_q8", edit({10: "  q8: {storage: fp32}"}), 10, "state.q8", "reserved"),  # a codec module
     ("state_named_like_a_keyword", edit({10: "  lambda: {storage: fp32}"}), 10, "state.lambda", "identifier"),
     (
         "state_and_hyperparameter_same_name",

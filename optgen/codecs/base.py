@@ -80,8 +80,9 @@ class Codec:
     # flat tensor (shape [ROWS, COLS]; each row is COLS consecutive elements, COLS a multiple of every
     # codec's group_size, a row starts at a multiple of COLS), ``mask`` is ``offs < numel``, and ``ptrs``
     # are typed pointers to the first element of each buffer of this tensor. Values are fp32 tiles.
-    # ``start`` (the tile's first offset, a multiple of ROWS * COLS) and ``count`` (the tensor's element count)
-    # are in scope too: grouped codecs address their per-group values with them (one vector per tile).
+    # ``start`` (the tile's first offset, a multiple of ROWS * COLS) and ``numel_here`` (the number of elements
+    # here: the local shard's under FSDP2) are in scope too: grouped codecs address their per-group values with them
+    # (one vector per tile).
     # A codec with ``needs_rng`` may also use ``key``: an int32 per (tensor, step, seed), see optgen.codecs.rng.
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
         """Statements that set ``out`` to the stored value as an fp32 tile (0 where masked)."""

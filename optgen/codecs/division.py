@@ -2,10 +2,11 @@
 
 ``tl.div_rn`` compiles to the GPU's ``div.rn.f32``: a refined reciprocal, one fused correction of the
 quotient, then a range check that calls a slow path (denormals, huge exponents). The check and the call cost
-instructions and registers at every use. ``quotient`` is the fast path alone: correctly rounded wherever the
-slow path is never needed. Each caller keeps to inputs where that holds and a test checks every one of them
-bit for bit against correctly rounded division, on the GPU and under the interpreter
-(tests/test_exact_math.py).
+instructions and registers at every use. ``quotient`` is the fast path alone. It is only used where it has
+been checked to be correctly rounded on every input its caller can pass: tests/test_exact_math.py compares
+each caller's whole input set with correctly rounded division, bit for bit. Those checks count on the GPU. The
+interpreter computes ``1.0 / b`` exactly, so a CPU run cannot catch a GPU failure. A new caller needs a new
+exhaustive check on the GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ if triton is not None:
 
     @triton.jit
     def quotient(a, b):
-        """a/b, correctly rounded where |a| >= 2^-100 (or a = 0) and b is in [1, 2^15]."""
+        """a/b by the refined reciprocal and one fused correction (exact on the callers' checked inputs only)."""
         y = 1.0 / b
         y = tl.fma(y, tl.fma(-b, y, 1.0), y)
         q = a * y

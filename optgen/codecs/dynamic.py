@@ -360,11 +360,11 @@ class Q8Dynamic(Codec):
 
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
         return [(f"{out} = dynamic.triton_decode_q8({ptrs[0]}, {ptrs[1]}, {self.table_arg}, {offs}, {mask}, "
-                f"start, count)")]
+                f"start, numel_here)")]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
         return [(f"dynamic.triton_encode_q8({value}, {ptrs[0]}, {ptrs[1]}, {self.table_arg}, {offs}, {mask}, "
-                 f"start, count, {self.signed})")]
+                 f"start, numel_here, {self.signed})")]
 
 
 class Q4Codec(Codec):
@@ -392,11 +392,11 @@ class Q4Codec(Codec):
         return [f"dynamic.torch_encode_q4({value}, {refs[0]}, {refs[1]}, {self.signed})"]
 
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [(f"{out} = dynamic.triton_decode_q4({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, count, "
+        return [(f"{out} = dynamic.triton_decode_q4({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, numel_here, "
                 f"{self.signed})")]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [(f"dynamic.triton_encode_q4({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, count, "
+        return [(f"dynamic.triton_encode_q4({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, numel_here, "
                 f"{self.signed})")]
 
 

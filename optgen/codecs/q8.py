@@ -277,11 +277,11 @@ class Q8Grouped(Codec):
         return [f"q8.torch_encode({value}, {refs[0]}, {refs[1]}, {self.group_size}, {self.kind!r})"]
 
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [(f"{out} = q8.triton_decode_{self.kind}({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, count, "
+        return [(f"{out} = q8.triton_decode_{self.kind}({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, numel_here, "
                 f"{self.group_size})")]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [(f"q8.triton_encode_{self.kind}({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, count, "
+        return [(f"q8.triton_encode_{self.kind}({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, numel_here, "
                 f"{self.group_size})")]
 
 

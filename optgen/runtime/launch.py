@@ -88,6 +88,9 @@ class MultiTensorLauncher:
         n = len(lists[0])
         pointers = torch.tensor([[t.data_ptr() for t in lst] for lst in lists], dtype=torch.int64)
         numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
+        if n >= 2**23 or int(numels.max()) >= 2**40:  # what the block table's packing can address
+            raise ValueError(f"one launch takes fewer than 2**23 tensors of fewer than 2**40 elements each, got {n} "
+                             f"tensors of up to {int(numels.max())}")
         both = torch.stack([numels, torch.tensor(whole, dtype=torch.int64)], 1)
         # an empty shard of a non-empty tensor gets one masked program: its per-tensor outputs (scales)
         per_tensor = ((numels + self.block - 1) // self.block).clamp_min(1)
@@ -143,9 +146,9 @@ class MultiTensorLauncher:
         """Step every tensor. With ``shard`` the tensors are shards: ``numel`` is the whole tensor's, the
         partial reductions of all tensors are all-reduced together between the passes, and irregular
         buffers are staged (no fallback, whose tensors would miss the collectives)."""
-        # The plan depends on where every buffer lives, the parameters' sizes and the gradients' layout.
+        # The plan depends on where every buffer lives, the parameters' shapes and the gradients' layout.
         whole = None if shard is None else shard.numels
-        key = (tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), tuple(map(torch.Tensor.numel, lists[0])),
+        key = (tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), tuple(map(torch.Tensor.size, lists[0])),
                tuple(map(torch.Tensor.is_contiguous, lists[1])), whole)
         plan = self._plans.get(key)
         if plan is None:

@@ -164,7 +164,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         self.seed = int(torch.initial_seed() % 2**31) if seed is None else seed  # stochastic rounding
         self._release: Any = None  # the GradientRelease handle while gradient release is attached
         self._step_packs: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._layout_groups: dict[tuple, dict[tuple, list[int]]] = {}
+        self._layout_groups: dict[tuple, tuple[dict[tuple, list[int]], list[torch.Tensor]]] = {}
         for rule in self.hyperparam_rules:
             defaults[rule.name] = rule.validate(defaults[rule.name])
         self._validate_group(defaults)
@@ -319,19 +319,23 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return buckets
 
     def _layout_groups_of(self, params: list[torch.Tensor]) -> dict[tuple, list[int]]:
-        """Indices of ``params`` grouped by (device, variant, sharding layout). Cached: a step with the same
-        parameters, of the same dtypes, devices and sizes, re-derives nothing (for a model of ~150 tensors,
-        deriving it per parameter cost a third of the host time of a step)."""
-        key = (tuple(map(id, params)), tuple(map(_DTYPE_DEVICE, params)), tuple(map(torch.Tensor.numel, params)))
-        groups = self._layout_groups.get(key)
-        if groups is None:
-            groups = {}
+        """Indices of ``params`` grouped by (device, variant, sharding layout). Cached (for a model of ~150
+        tensors, deriving it per parameter cost a third of the host time of a step): the key holds everything
+        ``variant_of`` reads (dtype, size, the fp32-state mark, ``min_quantized_size``) and the device; the
+        entry keeps the parameters alive, so their ids cannot be reused while it exists. A parameter's
+        sharding layout is taken as fixed (FSDP2 replaces the parameter objects it shards)."""
+        marks = tuple(getattr(p, FP32_STATE_ATTR, False) for p in params) if "fp32" in self.variants else ()
+        key = (tuple(map(id, params)), tuple(map(_DTYPE_DEVICE, params)), tuple(map(torch.Tensor.numel, params)),
+               marks, self.min_quantized_size)
+        entry = self._layout_groups.get(key)
+        if entry is None:
+            groups: dict[tuple, list[int]] = {}
             for i, p in enumerate(params):
                 groups.setdefault((p.device, self.variant_of(p), distributed.layout(p)), []).append(i)
-            self._layout_groups[key] = groups
+            entry = self._layout_groups[key] = (groups, list(params))
             while len(self._layout_groups) > 4 * max(1, len(self.param_groups)):
                 self._layout_groups.pop(next(iter(self._layout_groups)))
-        return groups
+        return entry[0]
 
     def _advance_packed(self, states: list[dict[str, Any]], steps: list[torch.Tensor]) -> list[float]:
         """Add 1 to every step count with one op and return the new counts.
