@@ -46,7 +46,7 @@ try:  # the module must import without Triton (then only the PyTorch path exists
     import triton
     import triton.language as tl
 
-    from optgen.codecs.q8 import group_absmax, group_broadcast, group_view, tile_groups
+    from optgen.codecs.q8 import group_absmax, group_broadcast, group_view, load_group_values, store_group_values
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
@@ -239,14 +239,12 @@ if triton is not None:
         if SIGNED:
             c = tl.where((r < 0) & (c == 127), c - 1, c)
         tl.store(q_ptr + offs, c.to(tl.uint8), mask=mask)
-        groups, live = tile_groups(start, count, x, 256)
-        tl.store(s_ptr + groups, s, mask=live)
+        store_group_values(s_ptr, s, start, count, x, 256)
 
     @triton.jit
     def triton_decode_q8(q_ptr, s_ptr, table_ptr, offs, mask, start, count):
         c = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
-        groups, live = tile_groups(start, count, offs, 256)
-        s = group_broadcast(tl.load(s_ptr + groups, mask=live, other=0.0), offs, 256)
+        s = load_group_values(s_ptr, start, count, offs, 256)
         return tl.where(mask, tl.load(table_ptr + c) * s, 0.0)
 
     @triton.jit
@@ -304,15 +302,13 @@ if triton is not None:
         first, _ = tl.split(group_view(offs, 2))
         live, _ = tl.split(group_view(mask.to(tl.int32), 2))
         tl.store(q_ptr + first // 2, ((hi << 4) | lo).to(tl.uint8), mask=live != 0)
-        groups, live = tile_groups(start, count, x, 128)
-        tl.store(s_ptr + groups, s, mask=live)
+        store_group_values(s_ptr, s, start, count, x, 128)
 
     @triton.jit
     def triton_decode_q4(q_ptr, s_ptr, offs, mask, start, count, SIGNED: tl.constexpr):
         b = tl.load(q_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
         c = tl.where((offs % 2) == 0, b >> 4, b & 15)
-        groups, live = tile_groups(start, count, offs, 128)
-        s = group_broadcast(tl.load(s_ptr + groups, mask=live, other=0.0), offs, 128)
+        s = load_group_values(s_ptr, start, count, offs, 128)
         return tl.where(mask, _q4_value(c, SIGNED) * s, 0.0)
 
 

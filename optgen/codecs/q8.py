@@ -174,6 +174,19 @@ if triton is not None:
         return groups, groups * G < count
 
     @triton.jit
+    def load_group_values(ptr, start, count, like, G: tl.constexpr):
+        """The tile's per-group values (one per group at ``ptr + group index``) as an fp32 tile shaped like
+        ``like``, each repeated over its group (0 for groups past the end)."""
+        groups, live = tile_groups(start, count, like, G)
+        return group_broadcast(tl.load(ptr + groups, mask=live, other=0.0).to(tl.float32), like, G)
+
+    @triton.jit
+    def store_group_values(ptr, s, start, count, like, G: tl.constexpr):
+        """Store the per-group values ``s`` (a vector of ROWS*COLS/G) at ``ptr + group index``, live groups only."""
+        groups, live = tile_groups(start, count, like, G)
+        tl.store(ptr + groups, s, mask=live)
+
+    @triton.jit
     def softsign(r):
         """2r/(1 + |r|) for |r| <= 1, as the correctly rounded quotient where |r| >= 2^-101; below, where it may
         be off, every value gives code 0 all the same (checked on every fp32 r in [-1, 1] on an H100)."""
@@ -204,14 +217,12 @@ if triton is not None:
             tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
         else:
             tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
-        groups, live = tile_groups(start, count, x, G)
-        tl.store(s_ptr + groups, s.to(tl.float16), mask=live)
+        store_group_values(s_ptr, s.to(tl.float16), start, count, x, G)
 
     @triton.jit
     def _decode(q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr, KIND: tl.constexpr):
         q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
-        groups, live = tile_groups(start, count, q, G)
-        s = group_broadcast(tl.load(s_ptr + groups, mask=live, other=0.0).to(tl.float32), q, G)
+        s = load_group_values(s_ptr, start, count, q, G)
         if KIND == 1:
             out = inverse_softsign(q) * s
         elif KIND == 2:

@@ -364,13 +364,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
         states = self._create_states(params)
         for (device, t, variant, sharded), idx in self._buckets(params, states).items():
             v = self.variants[variant]
-            ps = [params[i] for i in idx]
-            gs = [p.grad for p in ps]
+            bucket = [params[i] for i in idx]
+            ps, gs = bucket, [p.grad for p in bucket]
             if sharded:
                 ps, gs = list(map(distributed.local, ps)), list(map(distributed.local, gs))
             lists = [[states[i][b.key] for i in idx] if b.key is not None else ps if b.arg == "param" else gs
                      for b in v.buffers]
-            shard = distributed.Sharding.of([params[i] for i in idx]) if sharded else None
+            shard = distributed.Sharding.of(bucket) if sharded else None
             extra = ()
             if v.needs_rng:
                 stream = [ids[i] for i in idx] if shard is None else shard.stream_ids([ids[i] for i in idx])
