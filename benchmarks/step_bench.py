@@ -6,6 +6,12 @@ synchronize before each, so every sample is one whole step, launch overhead incl
 reports the median. The numbers are set against a device-to-device copy measured in the
 same run, the floor for any memory-bound elementwise kernel.
 
+``back-to-back ms`` is a second timing: ``--iters`` steps enqueued one after another with no
+synchronize between them, divided by their number (median of 3 such runs). As in a training
+loop, where the host runs ahead of the GPU, the host work of one step then overlaps the GPU
+work before it; an optimizer whose step waits for the GPU (a blocking copy, ``.item()``)
+gains nothing.
+
 Bytes moved per element (``moved B/elem``) is what one step must read and write, per
 parameter element:
 
@@ -298,6 +304,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     return statistics.median(samples)
 
 
+def back_to_back_ms(fn: Callable[[], object], device: torch.device, steps: int, runs: int = 3) -> float:
+    """Median over ``runs`` of the GPU time of ``steps`` calls of fn() enqueued without a synchronize, per call."""
+    samples = []
+    for _ in range(runs):
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / steps)
+    return statistics.median(samples)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:
     """Device-to-device copy bandwidth in GB/s, counting read + write."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
@@ -327,21 +348,24 @@ class Row:
     state_per_param: float = 0.0
     moved_per_elem: float = 0.0
     median_ms: float = 0.0
+    back_to_back_ms: float | None = None
     extra_mib: float | None = None
     error: str | None = None
 
     def cells(self, copy_gbps: float) -> list[str]:
         head = [self.set_name, self.entry.name, self.entry.impl]
         if self.error is not None:
-            return [*head, f"ERROR: {self.error}"] + [""] * 7
+            return [*head, f"ERROR: {self.error}"] + [""] * 8
         gbps = self.moved_per_elem * self.numel / (self.median_ms * 1e-3) / 1e9
         extra = "n/a" if self.extra_mib is None else f"{self.extra_mib:.1f}"
+        back_to_back = "n/a" if self.back_to_back_ms is None else f"{self.back_to_back_ms:.3f}"
         return [
             *head,
             f"{self.numel / 1e6:.1f}",
             f"{self.state_per_param:.3f}",
             f"{self.moved_per_elem:.2f}",
             f"{self.median_ms:.3f}",
+            back_to_back,
             f"{gbps:.0f}",
             f"{gbps / copy_gbps:.2f}",
             f"{copy_gbps / gbps:.2f}",
@@ -369,7 +393,8 @@ def run_entry(
     torch.cuda.reset_peak_memory_stats(device)
     median_ms = time_ms(opt.step, device, warmup=0, iters=iters)
     extra_mib = (torch.cuda.max_memory_allocated(device) - before) / MiB
-    return Row(set_name, entry, numel, state_per_param, moved, median_ms, extra_mib)
+    return Row(set_name, entry, numel, state_per_param, moved, median_ms, back_to_back_ms(opt.step, device, iters),
+               extra_mib)
 
 
 # ----------------------------------------------------------------------------- report
@@ -383,6 +408,7 @@ COLUMNS = [
     "state B/param",
     "moved B/elem",
     "median step ms",
+    "back-to-back ms",
     "GB/s",
     "frac copy BW",
     "floor ratio",

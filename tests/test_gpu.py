@@ -83,3 +83,34 @@ def test_whole_tensor_sums_repeat_bit_for_bit(cls):
         for key, value in oa.state[x].items():
             other = ob.state[y][key]
             assert torch.equal(value.reshape(-1).view(torch.uint8), other.reshape(-1).view(torch.uint8)), key
+
+
+def _builtin_optimizers() -> list[type]:
+    from optgen import optim
+
+    return [getattr(optim, name) for name in optim.__all__]
+
+
+@pytest.mark.parametrize("cls", _builtin_optimizers(), ids=lambda c: c.__name__)
+def test_step_does_not_wait_for_queued_gpu_work(cls):
+    """``step()`` only enqueues: with a long kernel still queued, it returns before that kernel ends. A blocking
+    host-to-device copy (the scalars, the rng tensor) would synchronize the stream, so in a training loop the
+    host could not prepare the step while backward runs, nor, with gradient release, between the hooks."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if cls.__name__.startswith(("Flash", "Stochastic")) else torch.float32
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in [(256, 64), (5000,), (100,)]]
+    opt = cls(params, lr=1e-3, backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # states created, kernels compiled, launch plans cached
+    before = [p.detach().clone() for p in params]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued ahead of the step
+    torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises, naming itself
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.cuda.current_stream().query(), "step() waited for the GPU"
+    torch.cuda.synchronize()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before)), "the step did not run"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from optgen import optim
-from optgen.codecs.rng import make_rng
 from optgen.runtime.optimizer import OptgenOptimizer
+from optgen.runtime.transfer import make_rng
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",

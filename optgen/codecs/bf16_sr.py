@@ -6,7 +6,7 @@ counter-based hash of optgen.codecs.rng over (seed, step, parameter id, salt, el
 identically by the PyTorch fallback and the Triton kernel, so both backends store the same bits and a run is
 reproducible from its seed.
 
-``rng`` is the int64 tensor [seed, step, id_0, id_1, ...] (optgen.codecs.rng.make_rng): tensor i of a call draws under the stable id
+``rng`` is the int64 tensor [seed, step, id_0, id_1, ...] (optgen.runtime.transfer.make_rng): tensor i of a call draws under the stable id
 ``rng[2 + i]`` (the optimizer gives each parameter its position among all its parameters), so the noise of a
 parameter does not depend on the param group, on which other parameters have gradients, on gradient
 release, or on how a launcher splits the tensors. ``rng`` is None for the initial state (rounded to nearest).

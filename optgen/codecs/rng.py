@@ -71,16 +71,6 @@ def make_key(seed: torch.Tensor | int, step: torch.Tensor | int, tensor_index: t
     return mix32((seed & MASK32) ^ mix32(inner))
 
 
-def make_rng(seed: int, step: int | torch.Tensor, ids: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ``rng`` tensor [seed, step, *ids] as int64 on ``device`` (ids: the stable id of each tensor of the
-    call). A tensor ``step`` (torch.compile) stays a tensor: no host sync."""
-    if isinstance(step, torch.Tensor):
-        head = torch.tensor([seed], dtype=torch.int64)
-        return torch.cat([head, step.detach().reshape(1).cpu().to(torch.int64), torch.tensor(ids, dtype=torch.int64)]
-                         ).to(device)
-    return torch.tensor([seed, step, *ids], dtype=torch.int64, device=device)
-
-
 def torch_key(rng: torch.Tensor, tensor_index: torch.Tensor | int, salt: int) -> torch.Tensor:
     """``make_key`` with (seed, step) read from the head of the int64 tensor ``rng``."""
     return make_key(rng[0], rng[1], tensor_index, salt)
@@ -150,4 +140,4 @@ def reference_hash32(seed: int, step: int, tensor_index: int, salt: int, idx: in
     return mix(((idx * KEY_INDEX) % 2**32) ^ key)
 
 
-__all__ = ["hash32", "make_key", "make_rng", "mix32", "mul32", "reference_hash32", "torch_key", "torch_random16"]
+__all__ = ["hash32", "make_key", "mix32", "mul32", "reference_hash32", "torch_key", "torch_random16"]

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from optgen.runtime.transfer import to_device
+
 if dist.is_available():
     from torch.distributed.tensor import DTensor
 else:  # a torch built without distributed support: no parameter is a DTensor
@@ -82,8 +84,7 @@ class Sharding:
     @staticmethod
     def partials(n: int, kinds: list[str], device: torch.device) -> torch.Tensor:
         """[n, len(kinds)] accumulators at the identity of each reduction (an empty shard leaves it)."""
-        init = torch.tensor([-math.inf if k == "max" else 0.0 for k in kinds], dtype=torch.float32)
-        return init.to(device).repeat(n, 1)
+        return to_device([-math.inf if k == "max" else 0.0 for k in kinds], torch.float32, device).repeat(n, 1)
 
     def all_reduce(self, red: torch.Tensor, kinds: list[str], columns: list[int]) -> None:
         """Reduce ``red[:, columns]`` (local partials of every tensor) over the shards, in place: one

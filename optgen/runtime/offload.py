@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from optgen.codecs.rng import make_rng
 from optgen.runtime.optimizer import OptgenOptimizer
+from optgen.runtime.transfer import make_rng
 
 ALIGN = 256  # bytes: every state view starts on this boundary (the kernels need 16 for vector loads)
 MiB = 2**20
@@ -449,8 +449,8 @@ class OffloadedOptimizer(OptgenOptimizer):
         device = params[0].device
         calls: dict[_Chunk, list[tuple[str, list[int], torch.Tensor, tuple[torch.Tensor, ...]]]] = {}
         scalars: dict[Any, torch.Tensor] = {}
-        # Host work first (step counts, scalars, rng tensors: small host-to-device copies that synchronize),
-        # so that the pipeline below only enqueues copies and kernels.
+        # Host work first (step counts, scalars, rng tensors: small copies on the current stream, which the
+        # kernels run on), so that the pipeline below only enqueues copies and kernels.
         for key, idx in self._buckets(params, states).items():
             t, variant = key[1], key[2]  # (device, step count, variant, ...)
             if t not in scalars:

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from optgen.codecs.rng import make_rng
 from optgen.runtime import distributed
+from optgen.runtime.transfer import make_rng, to_device
 
 BACKENDS = ("triton", "inductor", "eager")
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -292,7 +292,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         if any(isinstance(v, torch.Tensor) for v in values):  # tensor lr or step: stay in tensors
             return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values]).to(
                 device=device, dtype=torch.float32)
-        return torch.tensor(values, dtype=torch.float32, device=device)
+        return to_device(values, torch.float32, device)
 
     def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> dict[tuple, list[int]]:
         """Advance each parameter's step; group indices of parameters sharing (device, step count, variant,

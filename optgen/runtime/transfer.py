@@ -1,0 +1,32 @@
+"""Small launch arguments (the scalars, the ``rng`` tensor) sent to the device without waiting for the GPU.
+
+A plain ``torch.tensor(values, device="cuda")`` copies from pageable memory, and PyTorch synchronizes the
+stream after such a copy: every ``step()`` (and, with gradient release, every parameter's hook during
+backward) would wait for all queued GPU work before it could enqueue its own. From pinned memory the copy is
+asynchronous, ordered on the current stream before the kernel that reads it; PyTorch's pinned-memory
+allocator keeps the block until the copy has run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def to_device(values: list[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` that does not synchronize a CUDA stream."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
+def make_rng(seed: int, step: int | torch.Tensor, ids: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``rng`` tensor [seed, step, *ids] of optgen.codecs.rng as int64 on ``device`` (ids: the stable id of
+    each tensor of the call). A tensor ``step`` (torch.compile) stays a tensor."""
+    if isinstance(step, torch.Tensor):
+        head = torch.tensor([seed], dtype=torch.int64)
+        return torch.cat([head, step.detach().reshape(1).cpu().to(torch.int64), torch.tensor(ids, dtype=torch.int64)]
+                         ).to(device)
+    return to_device([seed, step, *ids], torch.int64, device)
