@@ -1,6 +1,8 @@
-"""Tile-shape sweep for the generated multi-tensor kernel (GPU): which (rows, cols, num_warps) moves bytes fastest.
+"""Tile-shape sweep for the generated multi-tensor kernel (GPU): which (rows, cols, num_warps) and register cap
+(Triton's ``maxnreg``) move bytes fastest.
 
-    python -m benchmarks.tune_tile [--spec adamw] [--sets large,gpt2]   (from the repository root)
+    python -m benchmarks.tune_tile [--spec adamw] [--sets large,gpt2] [--tiles all|default]
+                                   [--max-registers none,64,72,80]      (from the repository root)
 
 Times the kernel alone (tables cached, CUDA events, median) on the large parameter set of step_bench.py,
 and the whole ``opt.step()`` to show the host-side overhead. Prints one table.
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import itertools
 import statistics
 
 import torch
 
 from benchmarks.step_bench import copy_bandwidth, gpt2_shapes, large_shapes, make_params
+from optgen.runtime.transfer import make_rng
 
 ELEMENTS_WARPS = [(256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]  # tile sizes x num_warps
 
@@ -38,6 +42,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--spec", default="adamw")
     parser.add_argument("--sets", default="large,gpt2")
+    parser.add_argument("--tiles", choices=["all", "default"], default="all",
+                        help="every tile of ELEMENTS_WARPS, or only the generated kernel's own")
+    parser.add_argument("--max-registers", default="default",
+                        help="comma-separated caps per thread to try: numbers, 'none', or 'default' (the kernel's)")
     args = parser.parse_args()
     device = torch.device("cuda")
     module = importlib.import_module(f"optgen.generated.{args.spec}")
@@ -58,18 +66,21 @@ def main() -> None:
         lists = [params if b.key is None and b.arg == "param" else [p.grad for p in params] if b.key is None
                  else [opt.state[p][b.key] for p in params] for b in cls.buffers]
         scalars = opt._scalars(group, 2, device)
+        rng = make_rng(0, 2, list(range(len(params))), device) if cls.variants[""].needs_rng else None
         launcher = module._launcher
         print(f"\n{set_name}: {numel / 1e6:.1f}M params, floor {moved / copy_gbps / 1e6:.3f} ms")
-        print("| rows | cols | warps | kernel ms | frac copy BW |\n|---|---|---|---|---|")
-        default = (launcher.rows, launcher.cols, launcher.num_warps)
+        print("| rows | cols | warps | max registers | kernel ms | frac copy BW |\n|---|---|---|---|---|---|")
+        default = (launcher.rows, launcher.cols, launcher.num_warps, launcher.max_registers)
         cols = launcher.cols  # fixed by the storage format's group size
-        for elements, warps in ELEMENTS_WARPS:
+        tiles = ELEMENTS_WARPS if args.tiles == "all" else [(launcher.block, launcher.num_warps)]
+        caps = [default[3] if c == "default" else None if c == "none" else int(c) for c in args.max_registers.split(",")]
+        for (elements, warps), cap in itertools.product(tiles, caps):
             rows = elements // cols
-            launcher.rows, launcher.num_warps = rows, warps
+            launcher.rows, launcher.num_warps, launcher.max_registers = rows, warps, cap
             launcher._plans.clear()
-            ms = median_ms(functools.partial(launcher, *lists, scalars=scalars))
-            print(f"| {rows} | {cols} | {warps} | {ms:.3f} | {moved / (ms * 1e6) / copy_gbps:.2f} |")
-        launcher.rows, launcher.cols, launcher.num_warps = default
+            ms = median_ms(functools.partial(launcher, *lists, scalars=scalars, rng=rng))
+            print(f"| {rows} | {cols} | {warps} | {cap or '-'} | {ms:.3f} | {moved / (ms * 1e6) / copy_gbps:.2f} |")
+        launcher.rows, launcher.cols, launcher.num_warps, launcher.max_registers = default
         launcher._plans.clear()
         print(f"opt.step() total: {median_ms(opt.step):.3f} ms")
         del opt, params

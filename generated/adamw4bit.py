@@ -341,7 +341,7 @@ if triton is not None:
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         optgen_tl.store_rne(param + offs, p_2, mask)
 
-    _launcher_fp32 = MultiTensorLauncher(adamw4bit_step_fp32_kernel, adamw4bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
+    _launcher_fp32 = MultiTensorLauncher(adamw4bit_step_fp32_kernel, adamw4bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::adamw4bit_step_fp32_triton", mutates_args=('param', 'state_m', 'state_v'))

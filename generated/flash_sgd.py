@@ -304,7 +304,7 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=16, cols=256, num_warps=8, aligned=False,
+    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=False,
                                    written=(0, 1, 3))
 
     @torch.library.custom_op("optgen::flash_sgd_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m'))
@@ -435,7 +435,7 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
+    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2))
 
     @torch.library.custom_op("optgen::flash_sgd_step_native_triton", mutates_args=('param', 'state_m'))

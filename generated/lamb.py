@@ -243,7 +243,7 @@ if triton is not None:
             optgen_tl.store_rne(state_v + offs, v_1, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
+    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),
                                    slots=['sum', 'sum'], passes=2,
                                    levels=[1, 1])

@@ -270,7 +270,7 @@ if triton is not None:
             tl.store(state_m_scale, tl.load(red + tensor * NRED + 4))
             tl.store(state_v_scale, tl.load(red + tensor * NRED + 5))
 
-    _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
+    _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5),
                                    slots=['sum', 'sum', 'sum', 'sum', 'stage', 'stage'], passes=3,
                                    levels=[1, 1, 1, 1])
@@ -480,7 +480,7 @@ if triton is not None:
             optgen_tl.store_rne(state_v + offs, v_2, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
+    _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),
                                    slots=['sum', 'sum'], passes=2,
                                    levels=[1, 1])

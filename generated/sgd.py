@@ -167,7 +167,7 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher = MultiTensorLauncher(sgd_step_kernel, sgd_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=16, cols=256, num_warps=8, aligned=False,
+    _launcher = MultiTensorLauncher(sgd_step_kernel, sgd_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2))
 
     @torch.library.custom_op("optgen::sgd_step_triton", mutates_args=('param', 'state_m'))

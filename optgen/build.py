@@ -24,18 +24,19 @@ TILE_COLS = 256  # row length of elementwise specs (grouped formats use their gr
 LAYOUT_LABELS = {"": "as specified", "fp32": "with fp32 states", "native": "fp32 states, parameter as it is"}
 
 
-def tile_config(group_size: int, needs_rng: bool) -> tuple[int, int, bool]:
+def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple[int, int, bool]:
     """(elements per program, num_warps, aligned hint) of a kernel; swept on an H100 (benchmarks/RESULTS.md).
 
-    Elementwise kernels move bytes fastest with 4096-element tiles, except stochastic rounding, whose hash
-    makes every element heavier (1024, 4 warps: 2.6x faster). Grouped formats (one group per row) want small
-    tiles, 512 elements and 4 warps (4 per thread: fewer registers, more programs per SM). Kernel alone, large
-    set, same run, 1024 elements x 8 or 4 warps -> 512 x 4: FlashAdamW 3.60 -> 2.89 ms, FlashAdam 3.13 ->
-    2.62, FlashSGD 1.90 -> 1.78, FlashLion 2.33 -> 2.00, AdamW8bit 4.90 -> 4.31, AdamW4bit 6.07 -> 5.35.
-    Groups of 32 (q8) also want vector loads (the ``aligned`` hint: 1.7x); q4 and q8_dynamic do without.
+    Small tiles move bytes fastest: more programs fit on an SM, and each thread keeps fewer values live.
+    Kernel alone, large set, one run, 4096 elements x 8 warps -> 512 x 4: AdamW 0.93 -> 0.97 of copy
+    bandwidth, SGD 0.94 -> 0.96, Lion 0.83 -> 0.99. Kernels with whole-tensor reductions (two passes, per-program
+    partial sums) and stochastic rounding (whose hash makes every element heavier) do best at 1024 x 4: Lamb
+    0.57 -> 0.61, Lamb16 0.20 -> 0.22; StochasticAdamW 2.6x faster than at 4096 x 8. Grouped formats (one
+    group per row) take 512 x 4 too (against 1024 x 8 or 4: FlashAdamW 3.60 -> 2.89 ms, AdamW8bit 4.90 ->
+    4.31). Groups of 32 (q8) also want vector loads (the ``aligned`` hint: 1.7x); q4 and q8_dynamic do without.
     """
     if group_size == 1:
-        return (1024, 4, False) if needs_rng else (4096, 8, False)
+        return (1024, 4, False) if needs_rng or has_reductions else (512, 4, False)
     return 512, 4, group_size < 128
 
 
@@ -177,7 +178,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     kernel = render_triton_kernel(ir)
     # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
-    elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng)
+    elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions))
     return {
         "key": key, "sfx": sfx, "const": f"{(key or 'main').upper()}_VARIANT", "label": LAYOUT_LABELS[key],
         "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}", "rng": ir.needs_rng,

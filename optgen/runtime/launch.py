@@ -41,7 +41,7 @@ class MultiTensorLauncher:
     cache_size = 64
 
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, rows: int,
-                 cols: int, num_warps: int = 8, aligned: bool = False,
+                 cols: int, num_warps: int = 8, aligned: bool = False, max_registers: int | None = None,
                  constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None,
                  slots: tuple[str, ...] = (), passes: int = 1, levels: tuple[int, ...] = (),
                  written: tuple[int, ...] = ()) -> None:
@@ -52,6 +52,7 @@ class MultiTensorLauncher:
         self.cols = cols
         self.num_warps = num_warps
         self.aligned = aligned  # the kernel may assume tiles start at multiples of rows * cols (vector loads)
+        self.max_registers = max_registers  # a cap per thread (Triton's maxnreg): more programs fit on an SM
         self.constants = constants  # read-only tables (e.g. a quantization map) passed after the scalars
         # Per-tensor slots (whole-tensor reductions filled in extra passes, staged scales) and
         # the number of kernel passes (PASS = 1 .. passes) when there are slots.
@@ -205,7 +206,8 @@ class MultiTensorLauncher:
         with _on(device):
             # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
             self.kernel[(n_blocks,)](*args, **constexprs, **extra, ROWS=self.rows, COLS=self.cols,
-                                     ALIGNED=self.aligned, num_warps=self.num_warps, enable_fp_fusion=False)
+                                     ALIGNED=self.aligned, num_warps=self.num_warps, maxnreg=self.max_registers,
+                                     enable_fp_fusion=False)
 
 
 if tl is not None:
