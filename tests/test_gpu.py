@@ -114,3 +114,17 @@ def test_step_does_not_wait_for_queued_gpu_work(cls):
     assert not torch.cuda.current_stream().query(), "step() waited for the GPU"
     torch.cuda.synchronize()
     assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before)), "the step did not run"
+
+
+def test_step_refuses_cuda_graph_capture():
+    """A captured step would replay the first step's scalars (and read a recycled pinned block): refused."""
+    p = torch.nn.Parameter(torch.randn(5000, device="cuda"))
+    p.grad = torch.randn_like(p)
+    opt = AdamW([p], lr=1e-3, backend="triton")
+    opt.step()  # warm: states and the kernel exist
+    before = p.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"), torch.cuda.graph(graph):
+        opt.step()
+    torch.cuda.synchronize()
+    assert torch.equal(p.detach(), before)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.runtime import distributed
-from optgen.runtime.transfer import make_rng, to_device
+from optgen.runtime.transfer import make_rng, refuse_graph_capture, to_device
 
 BACKENDS = ("triton", "inductor", "eager")
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -361,6 +361,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int]) -> None:
         """One launch per (device, step count, variant, sharding); ``ids`` are the parameters' stable ids.
         DTensor parameters (FSDP2) are stepped on their local shards, where their states live."""
+        if not torch.compiler.is_compiling():
+            refuse_graph_capture()  # before any state changes
         states = self._create_states(params)
         for (device, t, variant, sharded), idx in self._buckets(params, states).items():
             v = self.variants[variant]

@@ -14,11 +14,21 @@ from typing import Any
 import torch
 
 
+def refuse_graph_capture() -> None:
+    """Raise if the current CUDA stream is capturing a graph: a step's scalars (lr, bias corrections, the step
+    count) are computed on the host at every step, so a replayed step would reuse the captured ones."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("an optgen step cannot be captured in a CUDA graph: its scalars (lr, bias corrections, "
+                           "the step count) are computed on the host at every step; use torch.compile without "
+                           "CUDA graphs, or step outside the graph")
+
+
 def to_device(values: list[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """``torch.tensor(values, dtype=dtype, device=device)`` that does not synchronize a CUDA stream."""
     device = torch.device(device)
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
+    refuse_graph_capture()  # a replay would copy whatever then lies in the recycled pinned block
     return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
