@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from optgen.optim import AdamW, AdamW8bit
+from optgen.optim import AdamW, AdamW8bit, Lion
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["eager"] + (["triton"] if DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -49,3 +49,25 @@ def test_compiled_step_matches_eager_without_recompiles(cls, backend):
         assert err < 1e-6, err
     # one graph for the first step (state created), one for the later steps: changing lr recompiles nothing
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_with_number_hyperparameters(backend):
+    """Lion's scalars do not depend on the step count: with a float lr they are all numbers, and the compiled
+    step traces their host-to-device copy (which in eager goes through pinned memory) without a graph break."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = [torch.randn(s, device=DEVICE) for s in [(64, 96), (64,), (5000,)]]
+    params = [torch.nn.Parameter(x.clone()) for x in base]
+    refs = [torch.nn.Parameter(x.clone()) for x in base]
+    opt = Lion(params, lr=1e-3, weight_decay=0.1, backend=backend)
+    ref = Lion(refs, lr=1e-3, weight_decay=0.1, backend=backend)
+    step = torch.compile(opt.step, fullgraph=True)
+    for _ in range(3):
+        for p, q in zip(params, refs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        step()
+        ref.step()
+    for p, q in zip(params, refs):
+        assert torch.equal(p, q)

@@ -91,6 +91,20 @@ def _builtin_optimizers() -> list[type]:
     return [getattr(optim, name) for name in optim.__all__]
 
 
+def _assert_enqueues_only(work) -> None:
+    """Run ``work`` behind about a second of queued GPU time: it must neither call anything that synchronizes
+    (sync debug mode raises, naming the call) nor return only once the queue has drained."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        work()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.cuda.current_stream().query(), "waited for the GPU"
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("cls", _builtin_optimizers(), ids=lambda c: c.__name__)
 def test_step_does_not_wait_for_queued_gpu_work(cls):
     """``step()`` only enqueues: with a long kernel still queued, it returns before that kernel ends. A blocking
@@ -104,16 +118,46 @@ def test_step_does_not_wait_for_queued_gpu_work(cls):
         p.grad = torch.randn_like(p)
     opt.step()  # states created, kernels compiled, launch plans cached
     before = [p.detach().clone() for p in params]
-    torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued ahead of the step
-    torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises, naming itself
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert not torch.cuda.current_stream().query(), "step() waited for the GPU"
-    torch.cuda.synchronize()
+    _assert_enqueues_only(opt.step)
     assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before)), "the step did not run"
+
+
+@pytest.mark.parametrize("lr_device", ["cpu", "cuda"])
+def test_step_with_tensor_lr_does_not_wait(lr_device):
+    """A tensor lr (an LR scheduler's, or one shared with a compiled step) in eager: the scalars built from it
+    cross without a blocking copy, and the step equals one with the same lr as a number."""
+    torch.manual_seed(0)
+    base = [torch.randn(s, device="cuda") for s in [(256, 64), (100,)]]
+    a, b = ([torch.nn.Parameter(x.clone()) for x in base] for _ in range(2))
+    lr = torch.tensor(1e-3, device=lr_device)
+    opt, ref = AdamW(a, lr=lr, backend="triton"), AdamW(b, lr=float(lr), backend="triton")
+    for k in range(3):
+        for x, y in zip(a, b):
+            x.grad = torch.randn_like(x)
+            y.grad = x.grad.clone()
+        if k:
+            _assert_enqueues_only(opt.step)
+        else:
+            opt.step()
+        ref.step()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_gradient_release_does_not_stall_backward():
+    """With gradient release each parameter is stepped in a hook during backward. More parameters than the
+    launcher caches plans for (64): every hook builds its launch tables, and those copies must not wait either."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(40)]).cuda()  # 80 parameters
+    opt = AdamW(model.parameters(), lr=1e-3, backend="triton")
+    handle = opt.attach_gradient_release(model)
+    x = torch.randn(8, 32, device="cuda")
+    model(x).square().mean().backward()  # the first steps: states and kernels exist
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(x).square().mean()
+    _assert_enqueues_only(loss.backward)
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    handle.remove()
 
 
 def test_step_refuses_cuda_graph_capture():
@@ -128,3 +172,32 @@ def test_step_refuses_cuda_graph_capture():
         opt.step()
     torch.cuda.synchronize()
     assert torch.equal(p.detach(), before)
+
+
+def test_steps_enqueued_behind_gpu_work_equal_synchronized_steps():
+    """Twenty steps enqueued while the GPU is still busy, lr changing at each: every step's scalars and rng
+    tensor come from a pinned block freed as soon as its copy is enqueued, so a block reused too early would
+    give a later step another step's values. The parameters must equal those of steps synchronized one by one."""
+    from optgen.optim import StochasticAdamW
+
+    torch.manual_seed(0)
+    base = [torch.randn(s, device="cuda").bfloat16() for s in [(256, 64), (5000,)]]
+    grads = [[torch.randn_like(x) for x in base] for _ in range(20)]
+    runs = []
+    for queued in (True, False):
+        params = [torch.nn.Parameter(x.clone()) for x in base]
+        opt = StochasticAdamW(params, lr=1e-3, backend="triton")
+        torch.cuda.synchronize()
+        if queued:
+            torch.cuda._sleep(2_000_000_000)
+        for k, gs in enumerate(grads):
+            opt.param_groups[0]["lr"] = 1e-3 * (1 + k)
+            for p, g in zip(params, gs):
+                p.grad = g
+            opt.step()
+            if not queued:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from optgen.runtime.distributed import Sharding
+from optgen.runtime.transfer import host_to_device, to_device
 
 try:
     import triton
@@ -99,7 +100,7 @@ class MultiTensorLauncher:
         first_block = torch.cumsum(per_tensor, 0) - per_tensor
         starts = (torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]) * self.block
         blocks = (tensor_of_block << 40) | starts  # 8 bytes per program (starts < 2^40, fewer than 2^23 tensors)
-        packed = torch.cat([pointers.flatten(), both.flatten(), blocks, first_block, per_tensor]).to(device)
+        packed = host_to_device(torch.cat([pointers.flatten(), both.flatten(), blocks, first_block, per_tensor]), device)
         return ((*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 2) * n],
                  packed[(len(lists) + 2) * n:-2 * n]), packed[-2 * n:])
 
@@ -138,7 +139,7 @@ class MultiTensorLauncher:
             n_blocks = tables[-1].numel()
             constexprs = {name: getattr(tl, str(d).removeprefix("torch.")) for name, d in zip(self.dtype_args, dtypes)}
             launches.append((tables, n_blocks, constexprs, device, _rng_rows(idx, with_rng, device),
-                             torch.tensor(idx, device=device), segments))
+                             to_device(idx, torch.int64, device), segments))
         return _Plan(launches, irregular, _rng_rows(irregular, with_rng and bool(irregular), lists[0][0].device),
                      staged)
 
@@ -205,9 +206,9 @@ class MultiTensorLauncher:
                 extra: dict[str, int]) -> None:
         with _on(device):
             # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
-            self.kernel[(n_blocks,)](*args, **constexprs, **extra, ROWS=self.rows, COLS=self.cols,
-                                     ALIGNED=self.aligned, num_warps=self.num_warps, maxnreg=self.max_registers,
-                                     enable_fp_fusion=False)
+            cap = {} if self.max_registers is None else {"maxnreg": self.max_registers}
+            self.kernel[(n_blocks,)](*args, **constexprs, **extra, **cap, ROWS=self.rows, COLS=self.cols,
+                                     ALIGNED=self.aligned, num_warps=self.num_warps, enable_fp_fusion=False)
 
 
 if tl is not None:
@@ -235,7 +236,7 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
 
 def _rng_rows(idx: list[int], with_rng: bool, device: torch.device) -> torch.Tensor | None:
     """Rows of ``rng`` = [seed, step, id_0, ...] for the tensors ``idx``: [0, 1, 2 + idx...] on ``device``."""
-    return torch.tensor([0, 1, *(2 + i for i in idx)], device=device) if with_rng else None
+    return to_device([0, 1, *(2 + i for i in idx)], torch.int64, device) if with_rng else None
 
 
 @dataclass(frozen=True)

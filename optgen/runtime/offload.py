@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from optgen.runtime.optimizer import OptgenOptimizer
-from optgen.runtime.transfer import make_rng
+from optgen.runtime.transfer import make_rng, refuse_graph_capture
 
 ALIGN = 256  # bytes: every state view starts on this boundary (the kernels need 16 for vector loads)
 MiB = 2**20
@@ -438,6 +438,7 @@ class OffloadedOptimizer(OptgenOptimizer):
         if torch.compiler.is_compiling():
             raise RuntimeError("an offloaded optimizer's step cannot be compiled: it schedules copies on side "
                                "streams (call step() outside torch.compile)")
+        refuse_graph_capture()  # before any state changes
         new = [p for p in params if not self.state[p]]
         if new:
             init = {}

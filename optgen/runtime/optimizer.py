@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.runtime import distributed
-from optgen.runtime.transfer import make_rng, refuse_graph_capture, to_device
+from optgen.runtime.transfer import host_to_device, make_rng, refuse_graph_capture, to_device
 
 BACKENDS = ("triton", "inductor", "eager")
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -289,10 +289,16 @@ class OptgenOptimizer(torch.optim.Optimizer):
         except ZeroDivisionError:  # e.g. lr=0.0, which DCP sets to create the states: IEEE inf, as on a device
             hp = {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else v for k, v in hp.items()}
             values = self.host_scalars(hp, f64(t))
-        if any(isinstance(v, torch.Tensor) for v in values):  # tensor lr or step: stay in tensors
-            return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values]).to(
-                device=device, dtype=torch.float32)
-        return to_device(values, torch.float32, device)
+        if not any(isinstance(v, torch.Tensor) for v in values):
+            return to_device(values, torch.float32, device)
+        # A tensor lr or step stays a tensor. In eager, values already on ``device`` (a CUDA lr) stay there and
+        # the rest (numbers, CPU tensors) cross in one asynchronous copy: nothing waits for the GPU.
+        on_device = [isinstance(v, torch.Tensor) and v.device == device for v in values]
+        if torch.compiler.is_compiling():
+            on_device = [False] * len(values)
+        host = [torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v, d in zip(values, on_device) if not d]
+        crossed = iter(host_to_device(torch.stack(host).float(), device).unbind() if host else ())
+        return torch.stack([v.reshape(()).float() if d else next(crossed) for v, d in zip(values, on_device)])
 
     def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> dict[tuple, list[int]]:
         """Advance each parameter's step; group indices of parameters sharing (device, step count, variant,
@@ -591,7 +597,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
                                     distributed.layout(v) != distributed.layout(p)):
                     raise ValueError(f"state '{k}' of parameter {index} must be a tensor of shape {tuple(p.shape)}"
                                      f"{' placed like the parameter' if distributed.layout(p) else ''}")
-            state = {"step": torch.as_tensor(values.get("step", 0.0), dtype=torch.float32).clone().reshape(())}
+            step = torch.as_tensor(values.get("step", 0.0), dtype=torch.float32)  # torch's capturable: on a GPU
+            state = {"step": step.to("cpu", copy=True).reshape(())}
             local = {k: distributed.local(v) for k, v in values.items() if k != "step"}
             state.update(self.variants[self.variant_of(p)].import_state(distributed.local(p).detach(), local))
             new_state[p] = state

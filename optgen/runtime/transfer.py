@@ -1,4 +1,5 @@
-"""Small launch arguments (the scalars, the ``rng`` tensor) sent to the device without waiting for the GPU.
+"""Small launch arguments (the scalars, the ``rng`` tensor, reduction accumulators, launch tables) sent to the
+device without waiting for the GPU.
 
 A plain ``torch.tensor(values, device="cuda")`` copies from pageable memory, and PyTorch synchronizes the
 stream after such a copy: every ``step()`` (and, with gradient release, every parameter's hook during
@@ -23,13 +24,19 @@ def refuse_graph_capture() -> None:
                            "CUDA graphs, or step outside the graph")
 
 
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)`` for a CPU tensor ``t`` that does not synchronize a CUDA stream. Traced by torch.compile,
+    a plain copy (the compiled graph orders it)."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return t.to(device)
+    refuse_graph_capture()  # a replay would copy whatever then lies in the recycled pinned block
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def to_device(values: list[Any], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """``torch.tensor(values, dtype=dtype, device=device)`` that does not synchronize a CUDA stream."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    refuse_graph_capture()  # a replay would copy whatever then lies in the recycled pinned block
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def make_rng(seed: int, step: int | torch.Tensor, ids: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
