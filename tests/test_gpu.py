@@ -5,7 +5,8 @@ on the GPU."""
 import pytest
 import torch
 
-from optgen.optim import SGD, Adam, AdamW, Lamb, Lamb16, Lion
+from optgen import optim
+from optgen.optim import SGD, Adam, AdamW, Lamb, Lamb16, Lion, StochasticAdamW
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -85,12 +86,6 @@ def test_whole_tensor_sums_repeat_bit_for_bit(cls):
             assert torch.equal(value.reshape(-1).view(torch.uint8), other.reshape(-1).view(torch.uint8)), key
 
 
-def _builtin_optimizers() -> list[type]:
-    from optgen import optim
-
-    return [getattr(optim, name) for name in optim.__all__]
-
-
 def _assert_enqueues_only(work) -> None:
     """Run ``work`` behind about a second of queued GPU time: it must neither call anything that synchronizes
     (sync debug mode raises, naming the call) nor return only once the queue has drained."""
@@ -105,7 +100,7 @@ def _assert_enqueues_only(work) -> None:
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("cls", _builtin_optimizers(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [getattr(optim, name) for name in optim.__all__], ids=lambda c: c.__name__)
 def test_step_does_not_wait_for_queued_gpu_work(cls):
     """``step()`` only enqueues: with a long kernel still queued, it returns before that kernel ends. A blocking
     host-to-device copy (the scalars, the rng tensor) would synchronize the stream, so in a training loop the
@@ -178,8 +173,6 @@ def test_steps_enqueued_behind_gpu_work_equal_synchronized_steps():
     """Twenty steps enqueued while the GPU is still busy, lr changing at each: every step's scalars and rng
     tensor come from a pinned block freed as soon as its copy is enqueued, so a block reused too early would
     give a later step another step's values. The parameters must equal those of steps synchronized one by one."""
-    from optgen.optim import StochasticAdamW
-
     torch.manual_seed(0)
     base = [torch.randn(s, device="cuda").bfloat16() for s in [(256, 64), (5000,)]]
     grads = [[torch.randn_like(x) for x in base] for _ in range(20)]

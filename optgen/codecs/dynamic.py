@@ -288,6 +288,14 @@ if triton is not None:
         return c
 
     @triton.jit
+    def _packed_bytes(offs, mask):
+        """The tile's bytes of packed codes: (byte offset, live) per (even, odd) element pair; a byte is live
+        iff its even element is (tiles start at even offsets)."""
+        first, _ = tl.split(group_view(offs, 2))
+        live, _ = tl.split(group_view(mask.to(tl.int32), 2))
+        return first // 2, live != 0
+
+    @triton.jit
     def triton_encode_q4(x, q_ptr, s_ptr, offs, mask, start, count, SIGNED: tl.constexpr):
         """Store the tile ``x``: packed codes at ``q_ptr`` (uint8, byte k holds elements 2k (high nibble)
         and 2k+1), block scales at ``s_ptr`` (fp32)."""
@@ -298,16 +306,14 @@ if triton is not None:
         up = _q4_value(up_i, SIGNED)
         c = tl.where((r - down) >= (up - down) * 0.5, up_i, down_i)
         hi, lo = tl.split(group_view(c, 2))  # (even, odd) element pairs
-        first, _ = tl.split(group_view(offs, 2))
-        live, _ = tl.split(group_view(mask.to(tl.int32), 2))
-        tl.store(q_ptr + first // 2, ((hi << 4) | lo).to(tl.uint8), mask=live != 0)
+        byte, live = _packed_bytes(offs, mask)
+        tl.store(q_ptr + byte, ((hi << 4) | lo).to(tl.uint8), mask=live)
         store_group_values(s_ptr, s, start, count, x, 128)
 
     @triton.jit
     def triton_decode_q4(q_ptr, s_ptr, offs, mask, start, count, SIGNED: tl.constexpr):
-        first, _ = tl.split(group_view(offs, 2))  # one load per byte: the (even, odd) element pairs
-        live, _ = tl.split(group_view(mask.to(tl.int32), 2))
-        b = tl.load(q_ptr + first // 2, mask=live != 0, other=0).to(tl.int32)
+        byte, live = _packed_bytes(offs, mask)  # one load per byte, split into its two codes
+        b = tl.load(q_ptr + byte, mask=live, other=0).to(tl.int32)
         c = tl.reshape(tl.join(b >> 4, b & 15), offs.shape)
         s = load_group_values(s_ptr, start, count, offs, 128)
         return tl.where(mask, _q4_value(c, SIGNED) * s, 0.0)

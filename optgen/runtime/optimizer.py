@@ -293,9 +293,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
             return to_device(values, torch.float32, device)
         # A tensor lr or step stays a tensor. In eager, values already on ``device`` (a CUDA lr) stay there and
         # the rest (numbers, CPU tensors) cross in one asynchronous copy: nothing waits for the GPU.
-        on_device = [isinstance(v, torch.Tensor) and v.device == device for v in values]
-        if torch.compiler.is_compiling():
-            on_device = [False] * len(values)
+        eager = not torch.compiler.is_compiling()
+        on_device = [eager and isinstance(v, torch.Tensor) and v.device == device for v in values]
         host = [torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v, d in zip(values, on_device) if not d]
         crossed = iter(host_to_device(torch.stack(host).float(), device).unbind() if host else ())
         return torch.stack([v.reshape(()).float() if d else next(crossed) for v, d in zip(values, on_device)])

@@ -44,6 +44,6 @@ def make_rng(seed: int, step: int | torch.Tensor, ids: list[int], device: torch.
     each tensor of the call). A tensor ``step`` (torch.compile) stays a tensor."""
     if isinstance(step, torch.Tensor):
         head = torch.tensor([seed], dtype=torch.int64)
-        return torch.cat([head, step.detach().reshape(1).cpu().to(torch.int64), torch.tensor(ids, dtype=torch.int64)]
-                         ).to(device)
+        return host_to_device(torch.cat([head, step.detach().reshape(1).cpu().to(torch.int64),
+                                         torch.tensor(ids, dtype=torch.int64)]), device)
     return to_device([seed, step, *ids], torch.int64, device)
