@@ -148,17 +148,26 @@ class MultiTensorLauncher:
         """Step every tensor. With ``shard`` the tensors are shards: ``numel`` is the whole tensor's, the
         partial reductions of all tensors are all-reduced together between the passes, and irregular
         buffers are staged (no fallback, whose tensors would miss the collectives)."""
+        self.run_plan(self.plan_for(lists, rng is not None, shard), lists, scalars, rng, shard)
+
+    def plan_for(self, lists: tuple[list[torch.Tensor], ...], with_rng: bool, shard: Sharding | None) -> _Plan:
+        """The launch plan of these tensors, from the cache when they are where they were."""
         # The plan depends on where every buffer lives, the parameters' shapes and the gradients' layout.
         whole = None if shard is None else shard.numels
         key = (tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), tuple(map(torch.Tensor.size, lists[0])),
                tuple(map(torch.Tensor.is_contiguous, lists[1])), whole)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._plan(lists, rng is not None, whole)
+            plan = self._plans[key] = self._plan(lists, with_rng, whole)
             if len(self._plans) > self.cache_size:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
+        return plan
+
+    def run_plan(self, plan: _Plan, lists: tuple[list[torch.Tensor], ...], scalars: torch.Tensor,
+                 rng: torch.Tensor | None, shard: Sharding | None = None) -> None:
+        """Step the tensors of ``lists`` with ``plan``, which the caller knows to be theirs (``plan_for``)."""
         if plan.irregular:  # strided or unaligned views: the fallback handles them in place
             self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists], scalars,
                           *(() if rng is None else (rng[plan.irregular_rng],)))

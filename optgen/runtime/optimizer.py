@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.runtime import distributed
+from optgen.runtime.group_plan import GroupPlan, PlannedLaunch
 from optgen.runtime.transfer import host_to_device, make_rng, refuse_graph_capture, to_device
 
 BACKENDS = ("triton", "inductor", "eager")
@@ -165,6 +166,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         self._release: Any = None  # the GradientRelease handle while gradient release is attached
         self._step_packs: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._layout_groups: dict[tuple, tuple[dict[tuple, list[int]], list[torch.Tensor]]] = {}
+        self._group_plans: dict[int, GroupPlan] = {}  # by id(group): its eager Triton step, prepared
         for rule in self.hyperparam_rules:
             defaults[rule.name] = rule.validate(defaults[rule.name])
         self._validate_group(defaults)
@@ -237,6 +239,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 v.triton_launcher(*lists, scalars=scalars, rng=rng, shard=shard)
                 torch.autograd.graph.increment_version(
                     [t for b, lst in zip(v.buffers, lists) if b.written for t in lst])
+            launch.launcher = v.triton_launcher  # type: ignore[attr-defined] - what a GroupPlan launches with
             return launch
         if shard is not None and v.global_values:  # eager: the fallback's collectives run between its passes
             return functools.partial(v.fallback, shard=shard)
@@ -299,9 +302,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
         crossed = iter(host_to_device(torch.stack(host).float(), device).unbind() if host else ())
         return torch.stack([v.reshape(()).float() if d else next(crossed) for v, d in zip(values, on_device)])
 
-    def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> dict[tuple, list[int]]:
-        """Advance each parameter's step; group indices of parameters sharing (device, step count, variant,
-        sharding layout). Every rank of a sharded model forms the same buckets (from the DTensors' global
+    def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]],
+                 counts: list[float] | None = None) -> dict[tuple, list[int]]:
+        """Advance each parameter's step (unless ``counts``, the advanced counts, are given); group indices of
+        parameters sharing (device, step count, variant, sharding layout). Every rank of a sharded model forms the same buckets (from the DTensors' global
         sizes), so the collectives of whole-tensor reductions match across ranks.
 
         Under torch.compile the step count stays a tensor (no ``.item()``, no recompiles as it grows) and
@@ -314,7 +318,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 buckets.setdefault((p.device, steps[0], self.variant_of(p), distributed.layout(p)), []).append(i)
             return buckets
-        counts = self._advance_packed(states, steps)
+        if counts is None:
+            counts = self._advance_packed(states, steps)
         groups = self._layout_groups_of(params)
         if counts.count(counts[0]) == len(counts):  # the usual case: every parameter at the same step
             return {(device, int(counts[0]), variant, layout): idx for (device, variant, layout), idx in groups.items()}
@@ -363,13 +368,18 @@ class OptgenOptimizer(torch.optim.Optimizer):
         entry[0].add_(1)
         return entry[0].tolist()
 
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int],
+                    counts: list[float] | None = None) -> None:
         """One launch per (device, step count, variant, sharding); ``ids`` are the parameters' stable ids.
-        DTensor parameters (FSDP2) are stepped on their local shards, where their states live."""
-        if not torch.compiler.is_compiling():
+        DTensor parameters (FSDP2) are stepped on their local shards, where their states live. A step of the
+        whole group by the eager Triton launcher leaves a plan for the next (``optgen.runtime.group_plan``)."""
+        eager = not torch.compiler.is_compiling()
+        if eager:
             refuse_graph_capture()  # before any state changes
         states = self._create_states(params)
-        for (device, t, variant, sharded), idx in self._buckets(params, states).items():
+        buckets = self._buckets(params, states, counts)
+        planned, written = [], []
+        for (device, t, variant, sharded), idx in buckets.items():
             v = self.variants[variant]
             bucket = [params[i] for i in idx]
             ps, gs = bucket, [p.grad for p in bucket]
@@ -378,11 +388,48 @@ class OptgenOptimizer(torch.optim.Optimizer):
             lists = [[states[i][b.key] for i in idx] if b.key is not None else ps if b.arg == "param" else gs
                      for b in v.buffers]
             shard = distributed.Sharding.of(bucket) if sharded else None
-            extra = ()
+            extra, stream = (), None
             if v.needs_rng:
                 stream = [ids[i] for i in idx] if shard is None else shard.stream_ids([ids[i] for i in idx])
                 extra = (make_rng(self.seed, t, stream, device),)
-            self._kernel(device, variant, shard)(*lists, self._scalars(group, t, device), *extra)
+            kernel = self._kernel(device, variant, shard)
+            kernel(*lists, self._scalars(group, t, device), *extra)
+            if getattr(kernel, "launcher", None) is not None and shard is None:
+                planned.append(PlannedLaunch(
+                    kernel.launcher, kernel.launcher.plan_for(lists, v.needs_rng, None),
+                    tuple(None if b.arg == "grad" else lst for b, lst in zip(v.buffers, lists)),
+                    None if len(idx) == len(params) else idx, device, stream))
+                written += [t for b, lst in zip(v.buffers, lists) if b.written for t in lst]
+        pack = self._step_packs.get(tuple(id(s["step"]) for s in states)) if eager else None
+        if pack is not None and len(planned) == len(buckets) and len({key[1] for key in buckets}) == 1 \
+                and len(params) == len(group["params"]):
+            self._group_plans[id(group)] = GroupPlan.build(self, group, ids, pack[0], planned, written)
+
+    def _holding_plan(self, group: dict[str, Any]) -> tuple[GroupPlan | None, list[torch.Tensor]]:
+        """The group's plan and its gradients, if it has a plan that still holds (``GroupPlan.holds``)."""
+        plan = None if torch.compiler.is_compiling() else self._group_plans.get(id(group))
+        if plan is None:
+            return None, []
+        grads = [p.grad for p in group["params"]]
+        return (plan, grads) if plan.holds(self, group["params"], grads) else (None, [])
+
+    def _step_planned(self, group: dict[str, Any], plan: GroupPlan, grads: list[torch.Tensor]) -> None:
+        """The step of ``_step_group`` with what ``plan`` holds: advance the counts, compute the scalars, launch."""
+        refuse_graph_capture()  # before any state changes
+        counts = plan.steps.add_(1).tolist()
+        if counts.count(counts[0]) != len(counts):  # a count was set by hand: one launch per count
+            self._step_group(group, plan.params, plan.ids, counts)
+            return
+        t = int(counts[0])
+        scalars: dict[torch.device, torch.Tensor] = {}
+        for launch in plan.launches:
+            if launch.device not in scalars:
+                scalars[launch.device] = self._scalars(group, t, launch.device)
+            rng = None if launch.stream_ids is None else make_rng(self.seed, t, launch.stream_ids, launch.device)
+            gs = grads if launch.positions is None else [grads[i] for i in launch.positions]
+            lists = [gs if lst is None else lst for lst in launch.lists]
+            launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng)
+        torch.autograd.graph.increment_version(plan.written)
 
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
         """Step each parameter during backward, as soon as its gradient is accumulated, and free the gradient.
@@ -431,11 +478,15 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 loss = closure()
         work, first_id = [], 0
         for group in self.param_groups:  # check every group before stepping any
-            work.append((group, *self._params_with_grad(group, first_id)))
+            plan, grads = self._holding_plan(group)
+            work.append((group, plan, grads) if plan is not None else
+                        (group, None, self._params_with_grad(group, first_id)))
             first_id += len(group["params"])
-        for group, params, ids in work:
-            if params:
-                self._step_group(group, params, ids)
+        for group, plan, found in work:
+            if plan is not None:
+                self._step_planned(group, plan, found)
+            elif found[0]:
+                self._step_group(group, *found)
         return loss
 
     # LR schedulers wrap ``optimizer.step`` unless it carries this mark, in a function that sets
@@ -603,6 +654,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             new_state[p] = state
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
+        self._group_plans.clear()  # they would keep the replaced states alive until the next step
         for p, state in new_state.items():
             self.state[p] = state
 
@@ -633,6 +685,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         """Load exactly: torch's loader casts states to the parameter dtype, so restore the saved dtypes.
         DTensor parameters take their states from the sharded layout ``state_dict`` gives them."""
         self._check_state_dict(state_dict)
+        self._group_plans.clear()  # they would keep the replaced states alive until the next step
         params = [p for g in self.param_groups for p in g["params"]]
         if any(distributed.layout(p) is not None for p in params):
             self._load_sharded(state_dict, params)

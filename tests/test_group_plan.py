@@ -1,0 +1,199 @@
+"""The prepared eager step (``optgen.runtime.group_plan``) against the general path, which it must equal bit for
+bit: the same kernel runs either way. Every change the plan must notice is made to two optimizers, one stepping
+with its plans and one whose plans are dropped before every step."""
+
+import inspect
+import os
+
+import pytest
+import torch
+
+from optgen import optim
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+
+# 3001 and 2 are small enough for the fp32-state variant of the quantized specs: two launches per group
+SHAPES = [(8, 8), (3001,), (5000,), (2,)]
+
+
+class Twins:
+    """Two optimizers over equal parameters: ``planned`` keeps its plans, ``general`` drops them every step."""
+
+    def __init__(self, cls=optim.AdamW, shapes=SHAPES, dtype=torch.float32, **kwargs):
+        gen = torch.Generator().manual_seed(0)
+        base = [torch.randn(s, generator=gen).to(DEVICE, dtype) for s in shapes]
+        self.a = [torch.nn.Parameter(x.clone()) for x in base]
+        self.b = [torch.nn.Parameter(x.clone()) for x in base]
+        accepted = inspect.signature(cls).parameters
+        kwargs = {k: v for k, v in {"seed": 3, **kwargs}.items() if k in accepted}
+        self.planned = cls(self.a, backend="triton", **kwargs)
+        self.general = cls(self.b, backend="triton", **kwargs)
+        self.gen = gen
+        self.general_path_calls = 0
+        step_group = self.planned._step_group
+
+        def counting(*args, **kw):
+            self.general_path_calls += 1
+            return step_group(*args, **kw)
+        self.planned._step_group = counting
+
+    def fresh_grads(self, in_place: bool = True) -> None:
+        """New random gradients; ``in_place``: written into the existing ones, so their addresses stay."""
+        for x, y in zip(self.a, self.b):
+            g = torch.randn(x.shape, generator=self.gen).to(DEVICE, x.dtype)
+            if in_place and x.grad is not None:
+                x.grad.copy_(g)
+                y.grad.copy_(g)
+            else:
+                x.grad, y.grad = g.clone(), g.clone()
+
+    def step(self) -> None:
+        self.planned.step()
+        self.general._group_plans.clear()
+        self.general.step()
+
+    def assert_equal(self) -> None:
+        for x, y in zip(self.a, self.b):
+            assert torch.equal(x, y)
+            sa, sb = self.planned.state[x], self.general.state[y]
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("cls", [optim.AdamW, optim.FlashAdamW, optim.StochasticAdamW, optim.AdamW8bit, optim.Lion],
+                         ids=lambda c: c.__name__)
+def test_planned_steps_equal_general_steps(cls):
+    dtype = getattr(torch, cls.param_dtypes[0])
+    twins = Twins(cls, dtype=dtype, min_quantized_size=4000)
+    for _ in range(4):
+        twins.fresh_grads()
+        twins.step()
+        twins.assert_equal()
+    assert twins.general_path_calls == 1  # the first step; the other three ran the plan
+
+
+def test_plan_follows_a_parameter_whose_storage_moved():
+    twins = Twins()
+    twins.fresh_grads()
+    twins.step()
+    for x, y in zip(twins.a[:2], twins.b[:2]):
+        new = torch.randn(x.shape, generator=twins.gen).to(DEVICE)
+        x.data, y.data = new.clone(), new.clone()
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    assert twins.general_path_calls == 2
+
+
+def test_plan_follows_replaced_and_reset_states():
+    twins = Twins()
+    for _ in range(2):
+        twins.fresh_grads()
+        twins.step()
+    x, y = twins.a[1], twins.b[1]
+    replacement = torch.rand(x.shape, generator=twins.gen).to(DEVICE)
+    twins.planned.state[x]["v"] = replacement.clone()
+    twins.general.state[y]["v"] = replacement.clone()
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    assert twins.general_path_calls == 2
+    twins.planned.state[twins.a[0]] = {}  # a reset: the next step starts this parameter's state again
+    twins.general.state[twins.b[0]] = {}
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    assert float(twins.planned.state[twins.a[0]]["step"]) == 1.0
+    assert twins.general_path_calls == 3
+
+
+def test_plan_follows_gradients_that_move_or_go():
+    twins = Twins()
+    twins.fresh_grads()
+    twins.step()
+    twins.fresh_grads(in_place=False)  # new gradient tensors; on a GPU usually at the old addresses
+    twins.step()
+    twins.assert_equal()
+    before = twins.a[2].detach().clone()
+    twins.fresh_grads()
+    twins.a[2].grad = twins.b[2].grad = None  # a parameter without gradient is not stepped
+    twins.step()
+    twins.assert_equal()
+    assert torch.equal(twins.a[2], before)
+
+
+def test_plan_notices_a_strided_gradient_at_the_same_address():
+    twins = Twins()
+    twins.fresh_grads()
+    twins.step()
+    calls = twins.general_path_calls
+    for x, y in zip(twins.a[:1], twins.b[:1]):  # (8, 8): the transposed view starts where the gradient does
+        x.grad, y.grad = x.grad.t(), y.grad.t()
+        assert not x.grad.is_contiguous()
+    twins.step()
+    twins.assert_equal()
+    assert twins.general_path_calls == calls + 1
+
+
+def test_sparse_gradient_is_refused_before_any_change():
+    twins = Twins()
+    twins.fresh_grads()
+    twins.step()
+    x = twins.a[1]
+    before = [p.detach().clone() for p in twins.a], {k: v.clone() for k, v in twins.planned.state[x].items()}
+    x.grad = torch.sparse_coo_tensor([[0, 5]], [1.0, 2.0], x.shape, device=DEVICE)
+    with pytest.raises(RuntimeError, match="sparse"):
+        twins.planned.step()
+    assert all(torch.equal(p, q) for p, q in zip(twins.a, before[0]))
+    assert all(torch.equal(twins.planned.state[x][k], v) for k, v in before[1].items())
+
+
+def test_plan_follows_a_step_count_set_by_hand():
+    twins = Twins()
+    for _ in range(2):
+        twins.fresh_grads()
+        twins.step()
+    twins.planned.state[twins.a[0]]["step"].fill_(10.0)  # in place: the plan still holds, the counts differ
+    twins.general.state[twins.b[0]]["step"].fill_(10.0)
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    assert float(twins.planned.state[twins.a[0]]["step"]) == 11.0
+    assert float(twins.planned.state[twins.a[1]]["step"]) == 3.0
+
+
+def test_plan_follows_load_state_dict_and_backend():
+    twins = Twins()
+    twins.fresh_grads()
+    twins.step()
+    saved_a, saved_b = twins.planned.state_dict(), twins.general.state_dict()
+    for _ in range(2):
+        twins.fresh_grads()
+        twins.step()
+    twins.planned.load_state_dict(saved_a)
+    twins.general.load_state_dict(saved_b)
+    assert not twins.planned._group_plans  # the plans held the replaced states
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    calls = twins.general_path_calls
+    twins.planned.backend = twins.general.backend = "eager"
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    assert twins.general_path_calls == calls + 1
+
+
+def test_planned_step_bumps_version_counters():
+    twins = Twins()
+    twins.fresh_grads()
+    twins.step()
+    x = twins.a[0]
+    versions = x._version, twins.planned.state[x]["m"]._version
+    twins.fresh_grads()
+    twins.planned.step()
+    assert x._version > versions[0] and twins.planned.state[x]["m"]._version > versions[1]
+    assert twins.general_path_calls == 1
