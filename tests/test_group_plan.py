@@ -197,3 +197,27 @@ def test_planned_step_bumps_version_counters():
     twins.planned.step()
     assert x._version > versions[0] and twins.planned.state[x]["m"]._version > versions[1]
     assert twins.general_path_calls == 1
+
+
+def test_plan_reads_hyperparameters_and_groups_at_every_step():
+    """A scheduler's new lr reaches the planned step; a second param group (its state added to the shared
+    table) takes its own plan, and the first group's plan is rebuilt once."""
+    twins = Twins(shapes=[(8, 8), (3001,)])
+    twins.fresh_grads()
+    twins.step()
+    for opt in (twins.planned, twins.general):
+        opt.param_groups[0]["lr"] = 3e-2
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    assert twins.general_path_calls == 1
+    extra = torch.randn(40, generator=twins.gen).to(DEVICE)
+    for opt, params in ((twins.planned, twins.a), (twins.general, twins.b)):
+        params.append(torch.nn.Parameter(extra.clone()))
+        opt.add_param_group({"params": [params[-1]], "lr": 1e-2})
+    for _ in range(3):
+        twins.fresh_grads()
+        twins.step()
+        twins.assert_equal()
+    # the new group once; the first group's plan held for that step, then once again (the table grew)
+    assert twins.general_path_calls == 1 + 1 + 1
