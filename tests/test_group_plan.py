@@ -221,3 +221,10 @@ def test_plan_reads_hyperparameters_and_groups_at_every_step():
         twins.assert_equal()
     # the new group once; the first group's plan held for that step, then once again (the table grew)
     assert twins.general_path_calls == 1 + 1 + 1
+
+
+@pytest.mark.parametrize("count", [0.0, 41.0, 2.0**24 - 1, 2.0**24, 2.0**24 + 2, 3.0e7])
+def test_next_count_adds_one_as_the_fp32_step_tensor_does(count):
+    from optgen.runtime.group_plan import next_count
+
+    assert next_count(count) == int(torch.tensor(count, dtype=torch.float32).add_(1))

@@ -20,6 +20,7 @@ is not noticed.
 from __future__ import annotations
 
 import operator
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,11 @@ import torch
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
+
+
+def next_count(count: float) -> int:
+    """``count + 1`` as the fp32 step tensor holds it (rounded above 2**24, like the general path's ``add_``)."""
+    return int(struct.unpack("f", struct.pack("f", count + 1.0))[0])
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.runtime import distributed
-from optgen.runtime.group_plan import GroupPlan, PlannedLaunch
+from optgen.runtime.group_plan import GroupPlan, PlannedLaunch, next_count
 from optgen.runtime.transfer import host_to_device, make_rng, refuse_graph_capture, to_device
 
 BACKENDS = ("triton", "inductor", "eager")
@@ -416,11 +416,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
     def _step_planned(self, group: dict[str, Any], plan: GroupPlan, grads: list[torch.Tensor]) -> None:
         """The step of ``_step_group`` with what ``plan`` holds: advance the counts, compute the scalars, launch."""
         refuse_graph_capture()  # before any state changes
-        counts = plan.steps.add_(1).tolist()
+        counts = plan.steps.tolist()
         if counts.count(counts[0]) != len(counts):  # a count was set by hand: one launch per count
-            self._step_group(group, plan.params, plan.ids, counts)
+            self._step_group(group, plan.params, plan.ids, plan.steps.add_(1).tolist())
             return
-        t = int(counts[0])
+        t = next_count(counts[0])  # the counts advance after the launches, which do not read them
         scalars: dict[torch.device, torch.Tensor] = {}
         for launch in plan.launches:
             if launch.device not in scalars:
@@ -429,6 +429,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             gs = grads if launch.positions is None else [grads[i] for i in launch.positions]
             lists = [gs if lst is None else lst for lst in launch.lists]
             launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng)
+        plan.steps.add_(1)
         torch.autograd.graph.increment_version(plan.written)
 
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
