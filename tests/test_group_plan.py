@@ -21,15 +21,19 @@ SHAPES = [(8, 8), (3001,), (5000,), (2,)]
 class Twins:
     """Two optimizers over equal parameters: ``planned`` keeps its plans, ``general`` drops them every step."""
 
-    def __init__(self, cls=optim.AdamW, shapes=SHAPES, dtype=torch.float32, **kwargs):
+    def __init__(self, cls=optim.AdamW, shapes=SHAPES, dtype=torch.float32, group_per_param=False, **kwargs):
         gen = torch.Generator().manual_seed(0)
         base = [torch.randn(s, generator=gen).to(DEVICE, dtype) for s in shapes]
         self.a = [torch.nn.Parameter(x.clone()) for x in base]
         self.b = [torch.nn.Parameter(x.clone()) for x in base]
         accepted = inspect.signature(cls).parameters
         kwargs = {k: v for k, v in {"seed": 3, **kwargs}.items() if k in accepted}
-        self.planned = cls(self.a, backend="triton", **kwargs)
-        self.general = cls(self.b, backend="triton", **kwargs)
+
+        def groups(params):  # per-layer learning rates: one group per parameter
+            return [{"params": [p], "lr": 1e-3 * (k + 1)} for k, p in enumerate(params)] if group_per_param \
+                else params
+        self.planned = cls(groups(self.a), backend="triton", **kwargs)
+        self.general = cls(groups(self.b), backend="triton", **kwargs)
         self.gen = gen
         self.general_path_calls = 0
         step_group = self.planned._step_group
@@ -51,7 +55,7 @@ class Twins:
 
     def step(self) -> None:
         self.planned.step()
-        self.general._group_plans.clear()
+        self.general._plans.clear()
         self.general.step()
 
     def assert_equal(self) -> None:
@@ -175,7 +179,7 @@ def test_plan_follows_load_state_dict_and_backend():
         twins.step()
     twins.planned.load_state_dict(saved_a)
     twins.general.load_state_dict(saved_b)
-    assert not twins.planned._group_plans  # the plans held the replaced states
+    assert not twins.planned._plans.plans  # the plans held the replaced states
     twins.fresh_grads()
     twins.step()
     twins.assert_equal()
@@ -219,8 +223,7 @@ def test_plan_reads_hyperparameters_and_groups_at_every_step():
         twins.fresh_grads()
         twins.step()
         twins.assert_equal()
-    # the new group once; the first group's plan held for that step, then once again (the table grew)
-    assert twins.general_path_calls == 1 + 1 + 1
+    assert twins.general_path_calls == 1 + 1  # the new group's first step: the first group's plan still holds
 
 
 @pytest.mark.parametrize("count", [0.0, 41.0, 2.0**24 - 1, 2.0**24, 2.0**24 + 2, 3.0e7])
@@ -228,3 +231,19 @@ def test_next_count_adds_one_as_the_fp32_step_tensor_does(count):
     from optgen.runtime.group_plan import next_count
 
     assert next_count(count) == int(torch.tensor(count, dtype=torch.float32).add_(1))
+
+
+def test_one_group_per_parameter():
+    """Each group takes its own plan; the shared state table is checked once per step, not once per group."""
+    twins = Twins(shapes=[(k + 1, 3) for k in range(12)], group_per_param=True)
+    for _ in range(3):
+        twins.fresh_grads()
+        twins.step()
+        twins.assert_equal()
+    assert twins.general_path_calls == 12  # the first step, once per group
+    del twins.planned.state[twins.a[5]], twins.general.state[twins.b[5]]  # a dropped state: fresh again
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    assert float(twins.planned.state[twins.a[5]]["step"]) == 1.0
+    assert twins.general_path_calls == 24  # a table changed other than by new states drops every plan

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from optgen.runtime import distributed
-from optgen.runtime.group_plan import GroupPlan, PlannedLaunch, next_count
+from optgen.runtime.group_plan import GroupPlan, PlanBook, PlannedLaunch, next_count
 from optgen.runtime.transfer import host_to_device, make_rng, refuse_graph_capture, to_device
 
 BACKENDS = ("triton", "inductor", "eager")
@@ -166,7 +166,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         self._release: Any = None  # the GradientRelease handle while gradient release is attached
         self._step_packs: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._layout_groups: dict[tuple, tuple[dict[tuple, list[int]], list[torch.Tensor]]] = {}
-        self._group_plans: dict[int, GroupPlan] = {}  # by id(group): its eager Triton step, prepared
+        self._plans = PlanBook()  # each param group's eager Triton step, prepared
         for rule in self.hyperparam_rules:
             defaults[rule.name] = rule.validate(defaults[rule.name])
         self._validate_group(defaults)
@@ -369,16 +369,17 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return entry[0].tolist()
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int],
-                    counts: list[float] | None = None) -> None:
+                    counts: list[float] | None = None) -> GroupPlan | None:
         """One launch per (device, step count, variant, sharding); ``ids`` are the parameters' stable ids.
-        DTensor parameters (FSDP2) are stepped on their local shards, where their states live. A step of the
-        whole group by the eager Triton launcher leaves a plan for the next (``optgen.runtime.group_plan``)."""
+        DTensor parameters (FSDP2) are stepped on their local shards, where their states live. Returns a plan
+        for the next step (``optgen.runtime.group_plan``) when the eager Triton launcher stepped the whole
+        group at one step count."""
         eager = not torch.compiler.is_compiling()
         if eager:
             refuse_graph_capture()  # before any state changes
         states = self._create_states(params)
         buckets = self._buckets(params, states, counts)
-        planned, written = [], []
+        planned = []
         for (device, t, variant, sharded), idx in buckets.items():
             v = self.variants[variant]
             bucket = [params[i] for i in idx]
@@ -398,20 +399,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 planned.append(PlannedLaunch(
                     kernel.launcher, kernel.launcher.plan_for(lists, v.needs_rng, None),
                     tuple(None if b.arg == "grad" else lst for b, lst in zip(v.buffers, lists)),
-                    None if len(idx) == len(params) else idx, device, stream))
-                written += [t for b, lst in zip(v.buffers, lists) if b.written for t in lst]
+                    None if len(idx) == len(params) else idx, device, stream,
+                    [t for b, lst in zip(v.buffers, lists) if b.written for t in lst]))
         pack = self._step_packs.get(tuple(id(s["step"]) for s in states)) if eager else None
-        if pack is not None and len(planned) == len(buckets) and len({key[1] for key in buckets}) == 1 \
-                and len(params) == len(group["params"]):
-            self._group_plans[id(group)] = GroupPlan.build(self, group, ids, pack[0], planned, written)
-
-    def _holding_plan(self, group: dict[str, Any]) -> tuple[GroupPlan | None, list[torch.Tensor]]:
-        """The group's plan and its gradients, if it has a plan that still holds (``GroupPlan.holds``)."""
-        plan = None if torch.compiler.is_compiling() else self._group_plans.get(id(group))
-        if plan is None:
-            return None, []
-        grads = [p.grad for p in group["params"]]
-        return (plan, grads) if plan.holds(self, group["params"], grads) else (None, [])
+        if pack is None or len(planned) < len(buckets) or len({key[1] for key in buckets}) > 1 \
+                or len(params) < len(group["params"]):
+            return None
+        return GroupPlan.build(self, group, ids, pack[0], planned)
 
     def _step_planned(self, group: dict[str, Any], plan: GroupPlan, grads: list[torch.Tensor]) -> None:
         """The step of ``_step_group`` with what ``plan`` holds: advance the counts, compute the scalars, launch."""
@@ -477,9 +471,12 @@ class OptgenOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        eager = not torch.compiler.is_compiling()
+        if eager:
+            self._plans.begin(self.state)
         work, first_id = [], 0
         for group in self.param_groups:  # check every group before stepping any
-            plan, grads = self._holding_plan(group)
+            plan, grads = self._plans.holding(self, group) if eager else (None, [])
             work.append((group, plan, grads) if plan is not None else
                         (group, None, self._params_with_grad(group, first_id)))
             first_id += len(group["params"])
@@ -487,7 +484,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if plan is not None:
                 self._step_planned(group, plan, found)
             elif found[0]:
-                self._step_group(group, *found)
+                plan = self._step_group(group, *found)
+                if plan is not None and eager:
+                    self._plans.add(plan)
+        if eager:
+            self._plans.end(self.state)
         return loss
 
     # LR schedulers wrap ``optimizer.step`` unless it carries this mark, in a function that sets
@@ -655,7 +656,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             new_state[p] = state
         for group, merged in zip(self.param_groups, new_groups):
             group.update(merged)
-        self._group_plans.clear()  # they would keep the replaced states alive until the next step
+        self._plans.clear()  # they would keep the replaced states alive until the next step
         for p, state in new_state.items():
             self.state[p] = state
 
@@ -686,7 +687,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         """Load exactly: torch's loader casts states to the parameter dtype, so restore the saved dtypes.
         DTensor parameters take their states from the sharded layout ``state_dict`` gives them."""
         self._check_state_dict(state_dict)
-        self._group_plans.clear()  # they would keep the replaced states alive until the next step
+        self._plans.clear()  # they would keep the replaced states alive until the next step
         params = [p for g in self.param_groups for p in g["params"]]
         if any(distributed.layout(p) is not None for p in params):
             self._load_sharded(state_dict, params)
