@@ -247,3 +247,106 @@ def test_one_group_per_parameter():
     twins.assert_equal()
     assert float(twins.planned.state[twins.a[5]]["step"]) == 1.0
     assert twins.general_path_calls == 24  # a table changed other than by new states drops every plan
+
+
+def test_plan_follows_a_parameter_reshaped_at_the_same_address():
+    """Parameters and gradients stay where they were; only sizes and strides change."""
+    for change in ("transpose", "square transpose", "cut"):
+        twins = Twins(shapes=[(4, 6), (6, 6), (3001,)])
+        twins.fresh_grads()
+        twins.step()
+        for params in (twins.a, twins.b):
+            if change == "transpose":  # (6, 4), not contiguous; its gradient viewed as (6, 4) in place
+                params[0].data = params[0].data.t()
+                params[0].grad = params[0].grad.view(6, 4)
+            elif change == "square transpose":  # same shape, not contiguous
+                params[1].data = params[1].data.t()
+            else:  # fewer elements: the states keep their old size, and only the first 2000 elements step
+                params[2].data = params[2].data[:2000]
+                params[2].grad = params[2].grad[:2000]
+        twins.fresh_grads()
+        twins.step()
+        twins.assert_equal()
+        assert twins.general_path_calls == 2, change
+
+
+def test_plan_follows_state_storage_swapped_in_place():
+    twins = Twins()
+    twins.fresh_grads()
+    twins.step()
+    x, y = twins.a[1], twins.b[1]
+    new = torch.rand(x.shape, generator=twins.gen).to(DEVICE)
+    twins.planned.state[x]["m"].data = new.clone()  # same tensor object, new storage
+    twins.general.state[y]["m"].data = new.clone()
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    assert twins.general_path_calls == 2
+
+
+def test_plan_follows_a_state_dict_filed_under_another_parameter():
+    twins = Twins()
+    twins.fresh_grads()
+    twins.step()
+    for opt, params in ((twins.planned, twins.a), (twins.general, twins.b)):
+        other = torch.nn.Parameter(torch.zeros(params[-1].shape, device=DEVICE))  # e.g. a replacement parameter
+        opt.state[other] = opt.state.pop(params[-1])  # the last entry, re-filed: the same dicts in the same order
+    twins.fresh_grads()
+    twins.step()
+    twins.assert_equal()
+    assert float(twins.planned.state[twins.a[-1]]["step"]) == 1.0  # a fresh state for the parameter
+    assert twins.general_path_calls == 2
+
+
+def test_plan_follows_the_stream_ids_when_an_earlier_group_grows():
+    """Stochastic rounding draws per parameter id (its position among all parameters): ids that shift must
+    reach the planned step."""
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen).to(DEVICE, torch.bfloat16) for s in [(300,), (5000,), (77,)]]
+    opts = []
+    for _ in range(2):
+        ps = [torch.nn.Parameter(x.clone()) for x in base]
+        opts.append((ps, optim.StochasticAdamW([{"params": ps[:1]}, {"params": ps[1:2]}], backend="triton",
+                                                seed=3)))
+    for k in range(3):
+        grads = [torch.randn(x.shape, generator=gen).to(DEVICE, torch.bfloat16) for x in base]
+        for ps, opt in opts:
+            for p, g in zip(ps, grads):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            if k == 1:
+                opt.param_groups[0]["params"].append(ps[2])  # the second group's parameter moves to id 2
+        opts[0][1].step()
+        opts[1][1]._plans.clear()
+        opts[1][1].step()
+        for p, q in zip(opts[0][0], opts[1][0]):
+            assert torch.equal(p, q)
+
+
+def test_no_plan_for_step_counts_that_are_not_fp32():
+    twins = Twins()
+    twins.fresh_grads()
+    twins.step()
+    for opt in (twins.planned, twins.general):
+        sd = opt.state_dict()
+        for state in sd["state"].values():
+            state["step"] = torch.tensor(256.0, dtype=torch.bfloat16)  # 256 + 1 rounds back to 256 in bf16
+        opt.load_state_dict(sd)
+    for _ in range(2):
+        twins.fresh_grads()
+        twins.step()
+        twins.assert_equal()
+    assert twins.general_path_calls == 3 and not twins.planned._plans.plans
+
+
+def test_plan_of_a_removed_group_is_dropped():
+    twins = Twins(shapes=[(8, 8), (3001,)], group_per_param=True)
+    twins.fresh_grads()
+    twins.step()
+    removed = twins.planned.param_groups.pop(1)
+    twins.general.param_groups.pop(1)
+    twins.fresh_grads()
+    twins.step()
+    assert id(removed) not in twins.planned._plans.plans and len(twins.planned._plans.plans) == 1

@@ -5,17 +5,23 @@ on an H100, mostly in Python passes over the tensors: state lookups, the layout 
 for the launch key. A ``GroupPlan`` keeps what these passes find: the launches, their state lists and launch
 tables. Each step re-checks what they depend on, with passes that run in C (``map`` over the lists):
 
-- the optimizer's state table is the same dict, holding the same per-parameter dicts, plus any new ones
-  (``load_state_dict`` or ``optimizer.state[p] = {}`` change it; checked once per step for all groups, by
-  ``PlanBook``), and the group's dicts hold the same state tensors;
-- the group lists the same parameters, at the same addresses (``p.data = ...`` moves one);
-- every parameter has a dense gradient, at the address and with the layout the tables were built for (a fresh
-  gradient from the caching allocator usually lands where the last one was);
+- the optimizer's state table files the same per-parameter dicts under the same parameters (``load_state_dict``,
+  ``optimizer.state[p] = {}``, ``del optimizer.state[p]`` change that; checked once per step for all groups by
+  ``PlanBook``), and the group's dicts hold the same state tensors, those the kernels use at the same
+  addresses (``state["m"] = x``, ``state["m"].data = x`` change that; the step counts go by identity, as on
+  the general path);
+- the group lists the same parameters, at the same addresses, with as many elements and the same contiguity
+  (``p.data = ...`` changes that), and starts at the same position among all parameters (the ids of its
+  stochastic-rounding streams);
+- every parameter has a dense gradient, at the address and with the contiguity the tables were built for (a
+  fresh gradient from the caching allocator usually lands where the last one was);
 - the backend and ``min_quantized_size`` are unchanged.
 
-If any of it fails, the step takes the general path, which builds a new plan. A state tensor is checked by
-identity, not address: its storage is the optimizer's, and swapping it in place (``state["m"].data = x``)
-is not noticed. Plans are made only by ``step()``: gradient release steps one parameter at a time.
+If any of it fails, the step takes the general path, which makes a new plan. Not checked: a tensor that
+changes dtype at the same address (``p.data = p.data.view(torch.float16)``). Plans are made only by
+``step()`` (gradient release steps one parameter at a time) and only for fp32 step counts. A plan keeps its
+tensors alive until the next ``step()`` drops it (or ``load_state_dict``): ``optimizer.state.clear()`` frees the
+states' memory at the next step.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
+_numel = torch.Tensor.numel
 
 
 def next_count(count: float) -> int:
@@ -55,10 +62,14 @@ class GroupPlan:
     params: list[torch.Tensor]
     ids: list[int]  # the parameters' stable ids (their stochastic-rounding streams)
     param_ptrs: tuple[int, ...]
+    param_numels: tuple[int, ...]
+    param_contiguous: tuple[bool, ...]
     grad_ptrs: tuple[int, ...]
     grad_contiguous: tuple[bool, ...]
-    held: tuple[tuple[str, list[dict[str, Any]], list[Any]], ...]  # per state key: the dicts with it, its values
-    steps: torch.Tensor  # the packed step counts: every ``state["step"]`` of the group is a view of it
+    # per state key: the dicts that have it, the values they held, and the addresses of those values where the
+    # kernels use them (None for the others, e.g. the step counts: the general path also goes by identity there)
+    held: tuple[tuple[str, list[dict[str, Any]], list[Any], tuple[int, ...] | None], ...]
+    steps: torch.Tensor  # the packed fp32 step counts: every ``state["step"]`` of the group is a view of it
     launches: tuple[PlannedLaunch, ...]
     written: list[torch.Tensor]
     backend: str | None
@@ -70,22 +81,32 @@ class GroupPlan:
         params = list(group["params"])
         grads = [p.grad for p in params]
         states = [optimizer.state[p] for p in params]
-        keys = sorted({k for s in states for k in s})
-        held = tuple((k, [s for s in states if k in s], [s[k] for s in states if k in s]) for k in keys)
-        return cls(group, params, list(ids), tuple(map(_data_ptr, params)), tuple(map(_data_ptr, grads)),
-                   tuple(map(_is_contiguous, grads)), held, steps, tuple(launches),
-                   [t for launch in launches for t in launch.written], optimizer.backend,
-                   optimizer.min_quantized_size)
+        launched = {id(t) for launch in launches for lst in launch.lists if lst is not None for t in lst}
+        held = []
+        for k in sorted({k for s in states for k in s}):
+            dicts = [s for s in states if k in s]
+            values = [s[k] for s in dicts]
+            in_kernel = all(id(v) in launched for v in values)
+            held.append((k, dicts, values, tuple(map(_data_ptr, values)) if in_kernel else None))
+        return cls(group, params, list(ids), tuple(map(_data_ptr, params)), tuple(map(_numel, params)),
+                   tuple(map(_is_contiguous, params)), tuple(map(_data_ptr, grads)), tuple(map(_is_contiguous, grads)),
+                   tuple(held), steps, tuple(launches), [t for launch in launches for t in launch.written],
+                   optimizer.backend, optimizer.min_quantized_size)
 
-    def holds(self, optimizer: Any, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> bool:
+    def holds(self, optimizer: Any, params: list[torch.Tensor], grads: list[torch.Tensor | None],
+              first_id: int) -> bool:
         """Whether this plan still describes the group's step, the state table aside (``PlanBook.begin``)."""
         try:
             return (tuple(map(_data_ptr, grads)) == self.grad_ptrs
                     and tuple(map(_is_contiguous, grads)) == self.grad_contiguous
                     and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                    and first_id == self.ids[0]
                     and tuple(map(_data_ptr, params)) == self.param_ptrs
+                    and tuple(map(_numel, params)) == self.param_numels
+                    and tuple(map(_is_contiguous, params)) == self.param_contiguous
                     and all(all(map(operator.is_, map(operator.itemgetter(k), dicts), values))
-                            for k, dicts, values in self.held)
+                            and (ptrs is None or tuple(map(_data_ptr, values)) == ptrs)
+                            for k, dicts, values, ptrs in self.held)
                     and optimizer.backend == self.backend and optimizer.min_quantized_size == self.min_quantized_size)
         except (RuntimeError, TypeError, KeyError):  # a missing (None) or sparse gradient, a state key deleted
             return False
@@ -96,32 +117,41 @@ class PlanBook:
 
     The table (``optimizer.state``) is checked once per step, not once per plan: with one group per parameter
     (per-layer learning rates), per-plan checks of the whole table would cost the square of the parameters.
-    Between steps, only new states may be added (the general path adds them); any other change drops every
-    plan."""
+    Any change to the table between steps drops every plan; the states a step itself adds (the general path
+    creates them) leave the plans in place."""
 
     def __init__(self) -> None:
         self.plans: dict[int, GroupPlan] = {}  # by id(group)
-        self._table: Any = None  # the state table the plans hold for, and its per-parameter dicts in order
+        self._table: Any = None  # the state table the plans hold for: its parameters and their dicts, in order
+        self._keys: list[torch.Tensor] = []
         self._values: list[dict[str, Any]] = []
         self._added = False
 
     def clear(self) -> None:
         self.plans.clear()
-        self._table, self._values = None, []
+        self._table, self._keys, self._values = None, [], []
 
-    def begin(self, table: Any) -> None:
-        """At the start of a step: drop every plan unless ``table`` holds the same dicts as when they were made."""
-        if self.plans and not (table is self._table and len(table) == len(self._values)
-                               and all(map(operator.is_, table.values(), self._values))):
+    def begin(self, table: Any, groups: list[dict[str, Any]]) -> None:
+        """At the start of a step: drop every plan unless ``table`` files the same dicts under the same
+        parameters as when they were made; drop the plans of groups no longer in ``groups``."""
+        if not self.plans:
+            return
+        if not (table is self._table and len(table) == len(self._values)
+                and all(map(operator.is_, table, self._keys)) and all(map(operator.is_, table.values(), self._values))):
             self.clear()
+            return
+        current = set(map(id, groups))
+        for key in [k for k in self.plans if k not in current]:
+            del self.plans[key]
 
-    def holding(self, optimizer: Any, group: dict[str, Any]) -> tuple[GroupPlan | None, list[torch.Tensor]]:
+    def holding(self, optimizer: Any, group: dict[str, Any],
+                first_id: int) -> tuple[GroupPlan | None, list[torch.Tensor]]:
         """The group's plan and its gradients, if it has a plan that still holds."""
         plan = self.plans.get(id(group))
         if plan is None:
             return None, []
         grads = [p.grad for p in group["params"]]
-        return (plan, grads) if plan.holds(optimizer, group["params"], grads) else (None, [])
+        return (plan, grads) if plan.holds(optimizer, group["params"], grads, first_id) else (None, [])
 
     def add(self, plan: GroupPlan) -> None:
         self.plans[id(plan.group)] = plan
@@ -129,5 +159,5 @@ class PlanBook:
 
     def end(self, table: Any) -> None:
         """At the end of a step: the table now, with the states this step added, is what the plans hold for."""
-        if self._added:
-            self._table, self._values, self._added = table, list(table.values()), False
+        if self._added or (self.plans and len(table) != len(self._values)):
+            self._table, self._keys, self._values, self._added = table, list(table), list(table.values()), False

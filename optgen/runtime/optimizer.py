@@ -402,29 +402,33 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     None if len(idx) == len(params) else idx, device, stream,
                     [t for b, lst in zip(v.buffers, lists) if b.written for t in lst]))
         pack = self._step_packs.get(tuple(id(s["step"]) for s in states)) if eager else None
-        if pack is None or len(planned) < len(buckets) or len({key[1] for key in buckets}) > 1 \
-                or len(params) < len(group["params"]):
+        if pack is None or pack[0].dtype != torch.float32 or len(planned) < len(buckets) \
+                or len({key[1] for key in buckets}) > 1 or len(params) < len(group["params"]):
             return None
         return GroupPlan.build(self, group, ids, pack[0], planned)
 
     def _step_planned(self, group: dict[str, Any], plan: GroupPlan, grads: list[torch.Tensor]) -> None:
-        """The step of ``_step_group`` with what ``plan`` holds: advance the counts, compute the scalars, launch."""
+        """The step of ``_step_group`` with what ``plan`` holds: compute the scalars, launch, then advance the
+        counts (the kernels do not read them, and the launch comes sooner) and bump the version counters; these
+        two also when a launch raises, as on the general path."""
         refuse_graph_capture()  # before any state changes
         counts = plan.steps.tolist()
         if counts.count(counts[0]) != len(counts):  # a count was set by hand: one launch per count
             self._step_group(group, plan.params, plan.ids, plan.steps.add_(1).tolist())
             return
-        t = next_count(counts[0])  # the counts advance after the launches, which do not read them
+        t = next_count(counts[0])
         scalars: dict[torch.device, torch.Tensor] = {}
-        for launch in plan.launches:
-            if launch.device not in scalars:
-                scalars[launch.device] = self._scalars(group, t, launch.device)
-            rng = None if launch.stream_ids is None else make_rng(self.seed, t, launch.stream_ids, launch.device)
-            gs = grads if launch.positions is None else [grads[i] for i in launch.positions]
-            lists = [gs if lst is None else lst for lst in launch.lists]
-            launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng)
-        plan.steps.add_(1)
-        torch.autograd.graph.increment_version(plan.written)
+        try:
+            for launch in plan.launches:
+                if launch.device not in scalars:
+                    scalars[launch.device] = self._scalars(group, t, launch.device)
+                rng = None if launch.stream_ids is None else make_rng(self.seed, t, launch.stream_ids, launch.device)
+                gs = grads if launch.positions is None else [grads[i] for i in launch.positions]
+                lists = [gs if lst is None else lst for lst in launch.lists]
+                launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng)
+        finally:
+            plan.steps.add_(1)
+            torch.autograd.graph.increment_version(plan.written)
 
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
         """Step each parameter during backward, as soon as its gradient is accumulated, and free the gradient.
@@ -473,10 +477,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 loss = closure()
         eager = not torch.compiler.is_compiling()
         if eager:
-            self._plans.begin(self.state)
+            self._plans.begin(self.state, self.param_groups)
         work, first_id = [], 0
         for group in self.param_groups:  # check every group before stepping any
-            plan, grads = self._plans.holding(self, group) if eager else (None, [])
+            plan, grads = self._plans.holding(self, group, first_id) if eager else (None, [])
             work.append((group, plan, grads) if plan is not None else
                         (group, None, self._params_with_grad(group, first_id)))
             first_id += len(group["params"])
