@@ -58,6 +58,8 @@ class PlannedLaunch:
 
 @dataclass(frozen=True)
 class GroupPlan:
+    """What one param group's eager step launches, and what must still hold for it to launch that again."""
+
     group: dict[str, Any]  # kept alive, so that the id the plan is filed under is not reused
     params: list[torch.Tensor]
     ids: list[int]  # the parameters' stable ids (their stochastic-rounding streams)
