@@ -53,6 +53,12 @@ class Twins:
             else:
                 x.grad, y.grad = g.clone(), g.clone()
 
+    def run(self, steps: int = 1) -> None:
+        """``steps`` steps of both, each with fresh gradients written in place."""
+        for _ in range(steps):
+            self.fresh_grads()
+            self.step()
+
     def step(self) -> None:
         self.planned.step()
         self.general._plans.clear()
@@ -81,34 +87,28 @@ def test_planned_steps_equal_general_steps(cls):
 
 def test_plan_follows_a_parameter_whose_storage_moved():
     twins = Twins()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     for x, y in zip(twins.a[:2], twins.b[:2]):
         new = torch.randn(x.shape, generator=twins.gen).to(DEVICE)
         x.data, y.data = new.clone(), new.clone()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     assert twins.general_path_calls == 2
 
 
 def test_plan_follows_replaced_and_reset_states():
     twins = Twins()
-    for _ in range(2):
-        twins.fresh_grads()
-        twins.step()
+    twins.run(2)
     x, y = twins.a[1], twins.b[1]
     replacement = torch.rand(x.shape, generator=twins.gen).to(DEVICE)
     twins.planned.state[x]["v"] = replacement.clone()
     twins.general.state[y]["v"] = replacement.clone()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     assert twins.general_path_calls == 2
     twins.planned.state[twins.a[0]] = {}  # a reset: the next step starts this parameter's state again
     twins.general.state[twins.b[0]] = {}
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     assert float(twins.planned.state[twins.a[0]]["step"]) == 1.0
     assert twins.general_path_calls == 3
@@ -116,8 +116,7 @@ def test_plan_follows_replaced_and_reset_states():
 
 def test_plan_follows_gradients_that_move_or_go():
     twins = Twins()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.fresh_grads(in_place=False)  # new gradient tensors; on a GPU usually at the old addresses
     twins.step()
     twins.assert_equal()
@@ -131,8 +130,7 @@ def test_plan_follows_gradients_that_move_or_go():
 
 def test_plan_notices_a_strided_gradient_at_the_same_address():
     twins = Twins()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     calls = twins.general_path_calls
     for x, y in zip(twins.a[:1], twins.b[:1]):  # (8, 8): the transposed view starts where the gradient does
         x.grad, y.grad = x.grad.t(), y.grad.t()
@@ -144,8 +142,7 @@ def test_plan_notices_a_strided_gradient_at_the_same_address():
 
 def test_sparse_gradient_is_refused_before_any_change():
     twins = Twins()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     x = twins.a[1]
     before = [p.detach().clone() for p in twins.a], {k: v.clone() for k, v in twins.planned.state[x].items()}
     x.grad = torch.sparse_coo_tensor([[0, 5]], [1.0, 2.0], x.shape, device=DEVICE)
@@ -157,13 +154,10 @@ def test_sparse_gradient_is_refused_before_any_change():
 
 def test_plan_follows_a_step_count_set_by_hand():
     twins = Twins()
-    for _ in range(2):
-        twins.fresh_grads()
-        twins.step()
+    twins.run(2)
     twins.planned.state[twins.a[0]]["step"].fill_(10.0)  # in place: the plan still holds, the counts differ
     twins.general.state[twins.b[0]]["step"].fill_(10.0)
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     assert float(twins.planned.state[twins.a[0]]["step"]) == 11.0
     assert float(twins.planned.state[twins.a[1]]["step"]) == 3.0
@@ -171,30 +165,24 @@ def test_plan_follows_a_step_count_set_by_hand():
 
 def test_plan_follows_load_state_dict_and_backend():
     twins = Twins()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     saved_a, saved_b = twins.planned.state_dict(), twins.general.state_dict()
-    for _ in range(2):
-        twins.fresh_grads()
-        twins.step()
+    twins.run(2)
     twins.planned.load_state_dict(saved_a)
     twins.general.load_state_dict(saved_b)
     assert not twins.planned._plans.plans  # the plans held the replaced states
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     calls = twins.general_path_calls
     twins.planned.backend = twins.general.backend = "eager"
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     assert twins.general_path_calls == calls + 1
 
 
 def test_planned_step_bumps_version_counters():
     twins = Twins()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     x = twins.a[0]
     versions = x._version, twins.planned.state[x]["m"]._version
     twins.fresh_grads()
@@ -207,12 +195,10 @@ def test_plan_reads_hyperparameters_and_groups_at_every_step():
     """A scheduler's new lr reaches the planned step; a second param group (its state added to the shared
     table) takes its own plan, and the first group's plan is rebuilt once."""
     twins = Twins(shapes=[(8, 8), (3001,)])
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     for opt in (twins.planned, twins.general):
         opt.param_groups[0]["lr"] = 3e-2
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     assert twins.general_path_calls == 1
     extra = torch.randn(40, generator=twins.gen).to(DEVICE)
@@ -242,8 +228,7 @@ def test_one_group_per_parameter():
         twins.assert_equal()
     assert twins.general_path_calls == 12  # the first step, once per group
     del twins.planned.state[twins.a[5]], twins.general.state[twins.b[5]]  # a dropped state: fresh again
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     assert float(twins.planned.state[twins.a[5]]["step"]) == 1.0
     assert twins.general_path_calls == 24  # a table changed other than by new states drops every plan
@@ -272,27 +257,23 @@ def test_plan_follows_a_parameter_reshaped_at_the_same_address():
 
 def test_plan_follows_state_storage_swapped_in_place():
     twins = Twins()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     x, y = twins.a[1], twins.b[1]
     new = torch.rand(x.shape, generator=twins.gen).to(DEVICE)
     twins.planned.state[x]["m"].data = new.clone()  # same tensor object, new storage
     twins.general.state[y]["m"].data = new.clone()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     assert twins.general_path_calls == 2
 
 
 def test_plan_follows_a_state_dict_filed_under_another_parameter():
     twins = Twins()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     for opt, params in ((twins.planned, twins.a), (twins.general, twins.b)):
         other = torch.nn.Parameter(torch.zeros(params[-1].shape, device=DEVICE))  # e.g. a replacement parameter
         opt.state[other] = opt.state.pop(params[-1])  # the last entry, re-filed: the same dicts in the same order
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     twins.assert_equal()
     assert float(twins.planned.state[twins.a[-1]]["step"]) == 1.0  # a fresh state for the parameter
     assert twins.general_path_calls == 2
@@ -327,8 +308,7 @@ def test_plan_follows_the_stream_ids_when_an_earlier_group_grows():
 
 def test_no_plan_for_step_counts_that_are_not_fp32():
     twins = Twins()
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     for opt in (twins.planned, twins.general):
         sd = opt.state_dict()
         for state in sd["state"].values():
@@ -343,10 +323,8 @@ def test_no_plan_for_step_counts_that_are_not_fp32():
 
 def test_plan_of_a_removed_group_is_dropped():
     twins = Twins(shapes=[(8, 8), (3001,)], group_per_param=True)
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     removed = twins.planned.param_groups.pop(1)
     twins.general.param_groups.pop(1)
-    twins.fresh_grads()
-    twins.step()
+    twins.run()
     assert id(removed) not in twins.planned._plans.plans and len(twins.planned._plans.plans) == 1

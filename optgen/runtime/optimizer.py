@@ -219,9 +219,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return ""
 
     def _kernel(self, device: torch.device, variant: str,
-                shard: distributed.Sharding | None = None) -> Callable[..., None]:
+                shard: distributed.Sharding | None = None) -> Callable[..., Any]:
         """The step function of ``variant`` on ``device``. With ``shard`` (the tensors are shards), the
-        launcher, or the plain fallback where the update needs whole-tensor values (an op cannot take it)."""
+        launcher, or the plain fallback where the update needs whole-tensor values (an op cannot take it).
+        The eager Triton step returns the launcher and the launch plan it used (a ``GroupPlan`` keeps them);
+        the others return None."""
         backend = self.backend or ("triton" if device.type == "cuda" else "eager")
         v = self.variants[variant]
         if backend == "triton":
@@ -232,14 +234,15 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if torch.compiler.is_compiling() and shard is None:
                 return v.triton_step
 
-            def launch(*args: Any) -> None:
+            def launch(*args: Any) -> tuple[Any, Any]:
                 # Eager: call the launcher directly (the op's dispatch costs more than the kernel for small
                 # models), and bump the version counters as an in-place op would.
                 *lists, scalars, rng = args if v.needs_rng else (*args, None)
-                v.triton_launcher(*lists, scalars=scalars, rng=rng, shard=shard)
+                plan = v.triton_launcher.plan_for(lists, rng is not None, shard)
+                v.triton_launcher.run_plan(plan, lists, scalars, rng, shard)
                 torch.autograd.graph.increment_version(
                     [t for b, lst in zip(v.buffers, lists) if b.written for t in lst])
-            launch.launcher = v.triton_launcher  # type: ignore[attr-defined] - what a GroupPlan launches with
+                return v.triton_launcher, plan
             return launch
         if shard is not None and v.global_values:  # eager: the fallback's collectives run between its passes
             return functools.partial(v.fallback, shard=shard)
@@ -305,8 +308,9 @@ class OptgenOptimizer(torch.optim.Optimizer):
     def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]],
                  counts: list[float] | None = None) -> dict[tuple, list[int]]:
         """Advance each parameter's step (unless ``counts``, the advanced counts, are given); group indices of
-        parameters sharing (device, step count, variant, sharding layout). Every rank of a sharded model forms the same buckets (from the DTensors' global
-        sizes), so the collectives of whole-tensor reductions match across ranks.
+        parameters sharing (device, step count, variant, sharding layout). Every rank of a sharded model forms
+        the same buckets (from the DTensors' global sizes), so the collectives of whole-tensor reductions match
+        across ranks.
 
         Under torch.compile the step count stays a tensor (no ``.item()``, no recompiles as it grows) and
         the parameters of a group share the first one's count, as they do when every one gets a gradient.
@@ -393,14 +397,12 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if v.needs_rng:
                 stream = [ids[i] for i in idx] if shard is None else shard.stream_ids([ids[i] for i in idx])
                 extra = (make_rng(self.seed, t, stream, device),)
-            kernel = self._kernel(device, variant, shard)
-            kernel(*lists, self._scalars(group, t, device), *extra)
-            if getattr(kernel, "launcher", None) is not None and shard is None:
+            launched = self._kernel(device, variant, shard)(*lists, self._scalars(group, t, device), *extra)
+            if launched is not None and shard is None:
                 planned.append(PlannedLaunch(
-                    kernel.launcher, kernel.launcher.plan_for(lists, v.needs_rng, None),
-                    tuple(None if b.arg == "grad" else lst for b, lst in zip(v.buffers, lists)),
+                    *launched, tuple(None if b.arg == "grad" else lst for b, lst in zip(v.buffers, lists)),
                     None if len(idx) == len(params) else idx, device, stream,
-                    [t for b, lst in zip(v.buffers, lists) if b.written for t in lst]))
+                    [x for b, lst in zip(v.buffers, lists) if b.written for x in lst]))
         pack = self._step_packs.get(tuple(id(s["step"]) for s in states)) if eager else None
         if pack is None or pack[0].dtype != torch.float32 or len(planned) < len(buckets) \
                 or len({key[1] for key in buckets}) > 1 or len(params) < len(group["params"]):
