@@ -126,6 +126,23 @@ def _(param, param_ecc, grad, state_m, state_m_scale, scalars) -> None:
 if triton is not None:
 
     @triton.jit
+    def flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here, offs, mask):
+        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        weight_decay = tl.load(scalars + 0)
+        c0 = tl.load(scalars + 1)
+        momentum = tl.load(scalars + 2)
+        c1 = tl.load(scalars + 3)
+        c2 = tl.load(scalars + 4)
+        p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
+        g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
+        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, numel_here, 32)
+        g_1 = g + p*weight_decay
+        m_1 = c0*g_1 + m*momentum
+        p_1 = c2*tl.where((c1 != 0), g_1 + m_1*momentum, m_1) + p
+        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, numel_here, 32)
+        ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
+
+    @triton.jit
     def flash_sgd_step_kernel(
         param_ptrs,
         param_ecc_ptrs,
@@ -140,7 +157,7 @@ if triton is not None:
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
+        """One tile of ROWS x COLS elements of one tensor."""
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -149,25 +166,15 @@ if triton is not None:
             start = tl.multiple_of(start, ROWS * COLS)
         numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel_here
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         state_m_scale = tl.multiple_of(tl.load(state_m_scale_ptrs + tensor).to(tl.pointer_type(tl.float16)), 16)
-        weight_decay = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        momentum = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
-        p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
-        g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, numel_here, 32)
-        g_1 = g + p*weight_decay
-        m_1 = c0*g_1 + m*momentum
-        p_1 = c2*tl.where((c1 != 0), g_1 + m_1*momentum, m_1) + p
-        q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, numel_here, 32)
-        ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
+        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
+            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        else:  # the tensor's last tile, cut short
+            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
@@ -263,33 +270,8 @@ def _(param, param_ecc, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_sgd_step_fp32_kernel(
-        param_ptrs,
-        param_ecc_ptrs,
-        grad_ptrs,
-        state_m_ptrs,
-        numels,
-        blocks,
-        scalars,
-        GRAD_DTYPE: tl.constexpr,
-        ROWS: tl.constexpr,
-        COLS: tl.constexpr,
-        ALIGNED: tl.constexpr,
-    ):
-        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
-        pid = tl.program_id(0)
-        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
-        tensor = tile >> 40
-        start = tile & 0xFFFFFFFFFF
-        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
-            start = tl.multiple_of(start, ROWS * COLS)
-        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
-        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel_here
-        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
-        param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
-        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
-        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+    def flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
+        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         momentum = tl.load(scalars + 2)
@@ -304,7 +286,39 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=False,
+    @triton.jit
+    def flash_sgd_step_fp32_kernel(
+        param_ptrs,
+        param_ecc_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        numels,
+        blocks,
+        scalars,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor."""
+        pid = tl.program_id(0)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
+        param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
+        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
+        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
+            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        else:  # the tensor's last tile, cut short
+            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs, offs < numel_here)
+
+    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3))
 
     @torch.library.custom_op("optgen::flash_sgd_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m'))
@@ -395,32 +409,8 @@ def _(param, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_sgd_step_native_kernel(
-        param_ptrs,
-        grad_ptrs,
-        state_m_ptrs,
-        numels,
-        blocks,
-        scalars,
-        PARAM_DTYPE: tl.constexpr,
-        GRAD_DTYPE: tl.constexpr,
-        ROWS: tl.constexpr,
-        COLS: tl.constexpr,
-        ALIGNED: tl.constexpr,
-    ):
-        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
-        pid = tl.program_id(0)
-        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
-        tensor = tile >> 40
-        start = tile & 0xFFFFFFFFFF
-        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
-            start = tl.multiple_of(start, ROWS * COLS)
-        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
-        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel_here
-        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
-        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
-        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+    def flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
+        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         momentum = tl.load(scalars + 2)
@@ -435,7 +425,38 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=False,
+    @triton.jit
+    def flash_sgd_step_native_kernel(
+        param_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        numels,
+        blocks,
+        scalars,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor."""
+        pid = tl.program_id(0)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
+        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
+        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
+            flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        else:  # the tensor's last tile, cut short
+            flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, offs < numel_here)
+
+    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))
 
     @torch.library.custom_op("optgen::flash_sgd_step_native_triton", mutates_args=('param', 'state_m'))

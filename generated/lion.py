@@ -111,32 +111,8 @@ def _(param, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def lion_step_kernel(
-        param_ptrs,
-        grad_ptrs,
-        state_m_ptrs,
-        numels,
-        blocks,
-        scalars,
-        PARAM_DTYPE: tl.constexpr,
-        GRAD_DTYPE: tl.constexpr,
-        ROWS: tl.constexpr,
-        COLS: tl.constexpr,
-        ALIGNED: tl.constexpr,
-    ):
-        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
-        pid = tl.program_id(0)
-        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
-        tensor = tile >> 40
-        start = tile & 0xFFFFFFFFFF
-        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
-            start = tl.multiple_of(start, ROWS * COLS)
-        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
-        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel_here
-        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
-        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
-        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+    def lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
+        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         weight_decay = tl.load(scalars + 2)
@@ -152,7 +128,38 @@ if triton is not None:
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)
 
-    _launcher = MultiTensorLauncher(lion_step_kernel, lion_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=False,
+    @triton.jit
+    def lion_step_kernel(
+        param_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        numels,
+        blocks,
+        scalars,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor."""
+        pid = tl.program_id(0)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
+        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
+        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
+            lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        else:  # the tensor's last tile, cut short
+            lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, offs < numel_here)
+
+    _launcher = MultiTensorLauncher(lion_step_kernel, lion_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))
 
     @torch.library.custom_op("optgen::lion_step_triton", mutates_args=('param', 'state_m'))

@@ -25,7 +25,7 @@ def _apply(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr, N: tl.constex
     elif OP == 1:
         y = q8.inverse_softsign(x)
     else:
-        y = quotient(x, N * 1.0)  # as in optgen.codecs.ecc.triton_decode
+        y = quotient(x, N * 1.0, 1.0 / N)  # as in optgen.codecs.ecc.triton_decode
     tl.store(y_ptr + offs, y, mask=mask)
 
 

@@ -2,7 +2,10 @@
 
 The kernel works on 2-D tiles of a flat tensor (rows of COLS consecutive elements, so group-wise codecs
 can reduce along a row) and covers every tensor of a param group in one launch: each program looks up
-its (tensor, first element) in a block table and its buffers in per-buffer pointer tables. Division and
+its (tensor, first element) in a block table and its buffers in per-buffer pointer tables. A whole tile
+runs the update with an all-true mask (so Triton vectorizes its loads and stores), a tensor's last partial
+tile with the real one: the same code, compiled twice (kernels with whole-tensor reductions mask every
+tile). Division and
 square root are printed as the correctly rounded ``tl.div_rn`` / ``tl.sqrt_rn`` so that the kernel
 agrees with PyTorch to the last bit or one ulp (``tl.sqrt`` and ``/`` are approximate on the GPU).
 """
@@ -79,6 +82,7 @@ class TritonKernel:
     """The pieces of the kernel and its launcher that the template lays out."""
 
     table_args: list[str]  # one pointer table per buffer: <arg>_ptrs
+    buffer_args: list[str]  # the buffers' typed pointers, named <arg>, loaded from those tables
     dtype_args: list[str]  # constexpr element types for buffers stored in the parameter's dtype
     pointer_setup: list[str]
     scalar_loads: list[str]
@@ -95,10 +99,11 @@ class TritonKernel:
 
 def render_triton_kernel(ir: IR) -> TritonKernel:
     printer = TritonPrinter()
-    table_args, dtype_args, pointer_setup = [], [], []
+    table_args, buffer_args, dtype_args, pointer_setup = [], [], [], []
     for t in ir.tensors:
         for arg, b in zip(t.arg_names, t.codec.buffers()):
             table_args.append(f"{arg}_ptrs")
+            buffer_args.append(arg)
             if b.dtype == "param" or t.role == "grad":
                 dtype = f"{arg.upper()}_DTYPE"
                 dtype_args.append(dtype)
@@ -161,6 +166,6 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
         stores += t.codec.triton_encode(t.output.name, ptrs, "offs", "mask")
     group = max(t.codec.group_size for t in ir.tensors)
     constants = list(dict.fromkeys(c for t in ir.tensors for c in t.codec.constants))
-    return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, load_reductions(ir.passes + 1) + loads,
+    return TritonKernel(table_args, buffer_args, dtype_args, pointer_setup, scalar_loads, load_reductions(ir.passes + 1) + loads,
                         body, stores, constants, group, any(t.codec.needs_rng for t in ir.tensors),
                         passes, slots, epilogue)

@@ -2,7 +2,9 @@
 
 ``tl.div_rn`` compiles to the GPU's ``div.rn.f32``: a refined reciprocal, one fused correction of the
 quotient, then a range check that calls a slow path (denormals, huge exponents). The check and the call cost
-instructions and registers at every use. ``quotient`` is the fast path alone. It is only used where it has
+instructions and registers at every use. ``quotient`` is the fast path alone, from the same first estimate of
+``1/b`` (``reciprocal_estimate``: the GPU's ``rcp.approx.ftz.f32``, within an ulp for normal ``b``; Triton's
+own ``1.0 / b`` would be a range-checked ``div.full.f32``, nine instructions). It is only used where it has
 been checked to be correctly rounded on every input its caller can pass: tests/test_exact_math.py compares
 each caller's whole input set with correctly rounded division, bit for bit. Those checks count on the GPU. The
 interpreter computes ``1.0 / b`` exactly, so a CPU run cannot catch a GPU failure. A new caller needs a new
@@ -11,6 +13,8 @@ exhaustive check on the GPU.
 
 from __future__ import annotations
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -18,11 +22,22 @@ except ImportError:  # pragma: no cover - without Triton there is nothing to def
     triton = None
 
 if triton is not None:
+    _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # read when Triton reads it: at import
 
     @triton.jit
-    def quotient(a, b):
-        """a/b by the refined reciprocal and one fused correction (exact on the callers' checked inputs only)."""
-        y = 1.0 / b
+    def reciprocal_estimate(b):
+        """1/b within an ulp for normal b (the interpreter, which has no inline assembly, gives it exactly)."""
+        if _INTERPRETED:
+            y = 1.0 / b
+        else:
+            y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [b], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        return y
+
+    @triton.jit
+    def quotient(a, b, y):
+        """a/b from an estimate y of 1/b (a constant, or ``reciprocal_estimate(b)``) by one Newton step and one
+        fused correction, as ``div.rn.f32`` does (exact on the callers' checked inputs only)."""
         y = tl.fma(y, tl.fma(-b, y, 1.0), y)
         q = a * y
         return tl.fma(y, tl.fma(-b, q, a), q)

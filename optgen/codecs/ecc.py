@@ -102,7 +102,7 @@ if triton is not None:
         neg_l = -_half_ulp_exponent_tl(p32, MANT, EMIN)
         a = neg_l >> 1
         # rho/N: an integer |rho| <= N <= 32767 over N, correctly rounded (every code checked in tests)
-        return p32 + quotient(rho, N * 1.0) * _pow2_tl(-a) * _pow2_tl(-(neg_l - a))
+        return p32 + quotient(rho, N * 1.0, 1.0 / N) * _pow2_tl(-a) * _pow2_tl(-(neg_l - a))
 
     @triton.jit
     def triton_encode(x, p_ptr, e_ptr, offs, mask, MANT: tl.constexpr, EMIN: tl.constexpr, N: tl.constexpr):

@@ -61,7 +61,7 @@ try:  # the module must import without Triton (then only the PyTorch path exists
     import triton
     import triton.language as tl
 
-    from optgen.codecs.division import quotient
+    from optgen.codecs.division import quotient, reciprocal_estimate
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
@@ -190,13 +190,15 @@ if triton is not None:
     def softsign(r):
         """2r/(1 + |r|) for |r| <= 1, as the correctly rounded quotient where |r| >= 2^-101; below, where it may
         be off, every value gives code 0 all the same (checked on every fp32 r in [-1, 1] on an H100)."""
-        return quotient(2.0 * r, 1.0 + tl.abs(r))
+        d = 1.0 + tl.abs(r)
+        return quotient(2.0 * r, d, reciprocal_estimate(d))
 
     @triton.jit
     def inverse_softsign(q):
         """q/(254 - |q|) for the integer codes q in [-127, 127], correctly rounded (checked on all of them;
         q = 0 gives 0)."""
-        return quotient(q, 254.0 - tl.abs(q))
+        d = 254.0 - tl.abs(q)
+        return quotient(q, d, reciprocal_estimate(d))
 
     @triton.jit
     def _encode(x, q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr, KIND: tl.constexpr):
