@@ -130,7 +130,7 @@ if triton is not None:
 
     @triton.jit
     def adamw_step_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         c0 = tl.load(scalars + 0)
         beta1 = tl.load(scalars + 1)
         c1 = tl.load(scalars + 2)

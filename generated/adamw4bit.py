@@ -135,7 +135,7 @@ if triton is not None:
 
     @triton.jit
     def adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         c0 = tl.load(scalars + 0)
         beta1 = tl.load(scalars + 1)
         c1 = tl.load(scalars + 2)
@@ -301,7 +301,7 @@ if triton is not None:
 
     @triton.jit
     def adamw4bit_step_fp32_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         c0 = tl.load(scalars + 0)
         beta1 = tl.load(scalars + 1)
         c1 = tl.load(scalars + 2)

@@ -137,7 +137,7 @@ if triton is not None:
 
     @triton.jit
     def adamw8bit_step_tile(param, grad, state_m, state_m_absmax, state_v, state_v_absmax, scalars, qmap_signed, qmap_unsigned, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)
@@ -308,7 +308,7 @@ if triton is not None:
 
     @triton.jit
     def adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)

@@ -138,7 +138,7 @@ if triton is not None:
 
     @triton.jit
     def flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)
@@ -308,7 +308,7 @@ if triton is not None:
 
     @triton.jit
     def flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)
@@ -470,7 +470,7 @@ if triton is not None:
 
     @triton.jit
     def flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)

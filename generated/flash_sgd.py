@@ -127,7 +127,7 @@ if triton is not None:
 
     @triton.jit
     def flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         momentum = tl.load(scalars + 2)
@@ -271,7 +271,7 @@ if triton is not None:
 
     @triton.jit
     def flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         momentum = tl.load(scalars + 2)
@@ -410,7 +410,7 @@ if triton is not None:
 
     @triton.jit
     def flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         momentum = tl.load(scalars + 2)

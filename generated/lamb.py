@@ -169,38 +169,8 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def lamb_step_kernel(
-        param_ptrs,
-        grad_ptrs,
-        state_m_ptrs,
-        state_v_ptrs,
-        numels,
-        blocks,
-        scalars,
-        red,
-        part,
-        PARAM_DTYPE: tl.constexpr,
-        GRAD_DTYPE: tl.constexpr,
-        ROWS: tl.constexpr,
-        COLS: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        PASS: tl.constexpr,
-        NRED: tl.constexpr,
-    ):
-        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
-        pid = tl.program_id(0)
-        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
-        tensor = tile >> 40
-        start = tile & 0xFFFFFFFFFF
-        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
-            start = tl.multiple_of(start, ROWS * COLS)
-        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
-        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel_here
-        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
-        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
-        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+    def lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)
@@ -242,6 +212,43 @@ if triton is not None:
             optgen_tl.store_rne(state_m + offs, m_1, mask)
             optgen_tl.store_rne(state_v + offs, v_1, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
+
+    @triton.jit
+    def lamb_step_kernel(
+        param_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        state_v_ptrs,
+        numels,
+        blocks,
+        scalars,
+        red,
+        part,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        PASS: tl.constexpr,
+        NRED: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor."""
+        pid = tl.program_id(0)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
+        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
+        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
+            lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
+        else:  # the tensor's last tile, cut short
+            lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, offs, offs < numel_here, PASS, NRED)
 
     _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),

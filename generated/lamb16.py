@@ -180,43 +180,8 @@ def _(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars) -> N
 if triton is not None:
 
     @triton.jit
-    def lamb16_step_kernel(
-        param_ptrs,
-        grad_ptrs,
-        state_m_ptrs,
-        state_m_scale_ptrs,
-        state_v_ptrs,
-        state_v_scale_ptrs,
-        numels,
-        blocks,
-        scalars,
-        red,
-        part,
-        PARAM_DTYPE: tl.constexpr,
-        GRAD_DTYPE: tl.constexpr,
-        ROWS: tl.constexpr,
-        COLS: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        PASS: tl.constexpr,
-        NRED: tl.constexpr,
-    ):
-        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
-        pid = tl.program_id(0)
-        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
-        tensor = tile >> 40
-        start = tile & 0xFFFFFFFFFF
-        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
-            start = tl.multiple_of(start, ROWS * COLS)
-        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
-        numel = tl.load(numels + 2 * tensor + 1)  # elements of the whole tensor
-        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel_here
-        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
-        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
-        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float8e4nv)), 16)
-        state_m_scale = tl.multiple_of(tl.load(state_m_scale_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float8e5)), 16)
-        state_v_scale = tl.multiple_of(tl.load(state_v_scale_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+    def lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid, tensor, start, numel_here, numel, offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)
@@ -269,6 +234,48 @@ if triton is not None:
         elif start == 0:  # epilogue: the new per-tensor scales, once the update pass is done
             tl.store(state_m_scale, tl.load(red + tensor * NRED + 4))
             tl.store(state_v_scale, tl.load(red + tensor * NRED + 5))
+
+    @triton.jit
+    def lamb16_step_kernel(
+        param_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        state_m_scale_ptrs,
+        state_v_ptrs,
+        state_v_scale_ptrs,
+        numels,
+        blocks,
+        scalars,
+        red,
+        part,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        PASS: tl.constexpr,
+        NRED: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor."""
+        pid = tl.program_id(0)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel = tl.load(numels + 2 * tensor + 1)  # elements of the whole tensor
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
+        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
+        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float8e4nv)), 16)
+        state_m_scale = tl.multiple_of(tl.load(state_m_scale_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float8e5)), 16)
+        state_v_scale = tl.multiple_of(tl.load(state_v_scale_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
+            lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid, tensor, start, numel_here, numel, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
+        else:  # the tensor's last tile, cut short
+            lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid, tensor, start, numel_here, numel, offs, offs < numel_here, PASS, NRED)
 
     _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5),
@@ -409,39 +416,8 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def lamb16_step_fp32_kernel(
-        param_ptrs,
-        grad_ptrs,
-        state_m_ptrs,
-        state_v_ptrs,
-        numels,
-        blocks,
-        scalars,
-        red,
-        part,
-        PARAM_DTYPE: tl.constexpr,
-        GRAD_DTYPE: tl.constexpr,
-        ROWS: tl.constexpr,
-        COLS: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        PASS: tl.constexpr,
-        NRED: tl.constexpr,
-    ):
-        """One tile of ROWS x COLS elements of one tensor: load every buffer once, update, store once."""
-        pid = tl.program_id(0)
-        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
-        tensor = tile >> 40
-        start = tile & 0xFFFFFFFFFF
-        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
-            start = tl.multiple_of(start, ROWS * COLS)
-        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
-        numel = tl.load(numels + 2 * tensor + 1)  # elements of the whole tensor
-        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        mask = offs < numel_here
-        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
-        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
-        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+    def lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, numel, offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)
@@ -479,6 +455,44 @@ if triton is not None:
             optgen_tl.store_rne(state_m + offs, m_1, mask)
             optgen_tl.store_rne(state_v + offs, v_2, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
+
+    @triton.jit
+    def lamb16_step_fp32_kernel(
+        param_ptrs,
+        grad_ptrs,
+        state_m_ptrs,
+        state_v_ptrs,
+        numels,
+        blocks,
+        scalars,
+        red,
+        part,
+        PARAM_DTYPE: tl.constexpr,
+        GRAD_DTYPE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        PASS: tl.constexpr,
+        NRED: tl.constexpr,
+    ):
+        """One tile of ROWS x COLS elements of one tensor."""
+        pid = tl.program_id(0)
+        tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
+        tensor = tile >> 40
+        start = tile & 0xFFFFFFFFFF
+        if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
+            start = tl.multiple_of(start, ROWS * COLS)
+        numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
+        numel = tl.load(numels + 2 * tensor + 1)  # elements of the whole tensor
+        offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
+        grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
+        state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
+        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
+            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, numel, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
+        else:  # the tensor's last tile, cut short
+            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, numel, offs, offs < numel_here, PASS, NRED)
 
     _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),

@@ -112,7 +112,7 @@ if triton is not None:
 
     @triton.jit
     def lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         weight_decay = tl.load(scalars + 2)

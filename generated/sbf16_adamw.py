@@ -135,7 +135,7 @@ if triton is not None:
 
     @triton.jit
     def sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)
@@ -298,7 +298,7 @@ if triton is not None:
 
     @triton.jit
     def sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
-        """The update of the elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
+        """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
         beta2 = tl.load(scalars + 2)

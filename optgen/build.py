@@ -35,8 +35,8 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple
     group per row) take 512 x 4 too (against 1024 x 8 or 4: FlashAdamW 3.60 -> 2.89 ms, AdamW8bit 4.90 ->
     4.31). Groups of 32 (q8) also want vector loads (the ``aligned`` hint: 1.7x); q4 and q8_dynamic do without.
     Since whole tiles run unmasked (so their loads vectorize), the hint also shortens elementwise kernels
-    (sm_90 SASS of a whole tile: AdamW 224 -> 197 instructions, StochasticAdamW 864 -> 792) but lengthens q4
-    and q8_dynamic ones; kernels with reductions keep masked tiles and take no hint.
+    (sm_90 SASS of a whole tile: AdamW 224 -> 197 instructions, StochasticAdamW 864 -> 792) but lengthens q4,
+    q8_dynamic and Lamb16 ones (Lamb16's update pass 1737 -> 1792), so kernels with reductions go without.
     """
     if group_size == 1:
         return (1024, 4, not has_reductions) if needs_rng or has_reductions else (512, 4, True)

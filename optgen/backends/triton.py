@@ -4,8 +4,7 @@ The kernel works on 2-D tiles of a flat tensor (rows of COLS consecutive element
 can reduce along a row) and covers every tensor of a param group in one launch: each program looks up
 its (tensor, first element) in a block table and its buffers in per-buffer pointer tables. A whole tile
 runs the update with an all-true mask (so Triton vectorizes its loads and stores), a tensor's last partial
-tile with the real one: the same code, compiled twice (kernels with whole-tensor reductions mask every
-tile). Division and
+tile with the real one: the same code, compiled twice. Division and
 square root are printed as the correctly rounded ``tl.div_rn`` / ``tl.sqrt_rn`` so that the kernel
 agrees with PyTorch to the last bit or one ulp (``tl.sqrt`` and ``/`` are approximate on the GPU).
 """
