@@ -250,7 +250,7 @@ if triton is not None:
         else:  # the tensor's last tile, cut short
             lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, offs, offs < numel_here, PASS, NRED)
 
-    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,
+    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),
                                    slots=['sum', 'sum'], passes=2,
                                    levels=[1, 1])

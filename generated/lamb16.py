@@ -277,7 +277,7 @@ if triton is not None:
         else:  # the tensor's last tile, cut short
             lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid, tensor, start, numel_here, numel, offs, offs < numel_here, PASS, NRED)
 
-    _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,
+    _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5),
                                    slots=['sum', 'sum', 'sum', 'sum', 'stage', 'stage'], passes=3,
                                    levels=[1, 1, 1, 1])
@@ -494,7 +494,7 @@ if triton is not None:
         else:  # the tensor's last tile, cut short
             lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, numel, offs, offs < numel_here, PASS, NRED)
 
-    _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False,
+    _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),
                                    slots=['sum', 'sum'], passes=2,
                                    levels=[1, 1])
