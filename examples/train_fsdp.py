@@ -137,6 +137,7 @@ def main() -> None:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=args.checkpoint)
         if rank == 0:
             print(f"saved {args.checkpoint} (world size {world}; loads at any world size)")
+    dist.barrier()  # no rank tears gloo down while another still has work in flight
     dist.destroy_process_group()
 
 

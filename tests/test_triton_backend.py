@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTER
 
 CLASSES = [getattr(optim, name) for name in optim.__all__]
 HYPER = {"lr": 1e-2, "weight_decay": 0.1, "momentum": 0.9, "nesterov": True}
-SHAPES = [(5, 3), (), (2048,), (3001,), (17, 129), (0, 4)]  # 2048 = one tile; 3001 and 17*129 are not
+SHAPES = [(5, 3), (), (2048,), (3001,), (17, 129), (0, 4)]  # 2048: whole tiles only (tiles hold 512 to 2048 elements); 3001 and 17*129 end in a partial one
 
 
 def _kwargs(cls: type[OptgenOptimizer]) -> dict:
