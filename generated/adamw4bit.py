@@ -134,7 +134,8 @@ def _(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars) -> N
 if triton is not None:
 
     @triton.jit
-    def adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, tensor, start, numel_here, offs, mask):
+    def adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, tensor, start,
+                            numel_here, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         c0 = tl.load(scalars + 0)
         beta1 = tl.load(scalars + 1)
@@ -188,10 +189,14 @@ if triton is not None:
         state_m_scale = tl.multiple_of(tl.load(state_m_scale_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
         state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.uint8)), 16)
         state_v_scale = tl.multiple_of(tl.load(state_v_scale_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, tensor, start,
+                                numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, tensor, start, numel_here, offs, offs < numel_here)
+            adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, tensor, start,
+                                numel_here, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=128, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5))
@@ -350,10 +355,14 @@ if triton is not None:
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
         state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            adamw4bit_step_fp32_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            adamw4bit_step_fp32_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
+                                     tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            adamw4bit_step_fp32_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, offs < numel_here)
+            adamw4bit_step_fp32_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
+                                     offs < numel_here)
 
     _launcher_fp32 = MultiTensorLauncher(adamw4bit_step_fp32_kernel, adamw4bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))

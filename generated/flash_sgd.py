@@ -126,7 +126,8 @@ def _(param, param_ecc, grad, state_m, state_m_scale, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here, offs, mask):
+    def flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here, offs,
+                            mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -171,10 +172,14 @@ if triton is not None:
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         state_m_scale = tl.multiple_of(tl.load(state_m_scale_ptrs + tensor).to(tl.pointer_type(tl.float16)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here,
+                                offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here, offs, offs < numel_here)
+            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here,
+                                offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
@@ -313,10 +318,14 @@ if triton is not None:
         param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs,
+                                     tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs, offs < numel_here)
+            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs,
+                                     offs < numel_here)
 
     _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3))
@@ -451,10 +460,14 @@ if triton is not None:
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs,
+                                       tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, offs < numel_here)
+            flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs,
+                                       offs < numel_here)
 
     _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))

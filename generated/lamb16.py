@@ -180,7 +180,8 @@ def _(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars) -> N
 if triton is not None:
 
     @triton.jit
-    def lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid, tensor, start, numel_here, numel, offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
+    def lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid, tensor,
+                         start, numel_here, numel, offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -272,10 +273,14 @@ if triton is not None:
         state_m_scale = tl.multiple_of(tl.load(state_m_scale_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
         state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float8e5)), 16)
         state_v_scale = tl.multiple_of(tl.load(state_v_scale_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid, tensor, start, numel_here, numel, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid,
+                             tensor, start, numel_here, numel, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
         else:  # the tensor's last tile, cut short
-            lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid, tensor, start, numel_here, numel, offs, offs < numel_here, PASS, NRED)
+            lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid,
+                             tensor, start, numel_here, numel, offs, offs < numel_here, PASS, NRED)
 
     _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5),
@@ -416,7 +421,8 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, numel, offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
+    def lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, numel,
+                              offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -489,10 +495,14 @@ if triton is not None:
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
         state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, numel, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here,
+                                  numel, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
         else:  # the tensor's last tile, cut short
-            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, numel, offs, offs < numel_here, PASS, NRED)
+            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here,
+                                  numel, offs, offs < numel_here, PASS, NRED)
 
     _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),

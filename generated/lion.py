@@ -154,8 +154,11 @@ if triton is not None:
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs,
+                           tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
             lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, offs < numel_here)
 

@@ -185,10 +185,14 @@ if triton is not None:
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
         state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, start, numel_here, offs,
+                                  tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, start, numel_here, offs, offs < numel_here)
+            sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, start, numel_here, offs,
+                                  offs < numel_here)
 
     _launcher = MultiTensorLauncher(sbf16_adamw_step_kernel, sbf16_adamw_step_torch, {'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))
@@ -348,10 +352,14 @@ if triton is not None:
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
         state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
-        if start + ROWS * COLS <= numel_here:  # a whole tile: the mask is all true, so loads and stores vectorize
-            sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+        # The tile function is called in both branches, not once after them: only there is the all-true mask a
+        # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
+        if start + ROWS * COLS <= numel_here:  # a whole tile
+            sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
+                                         tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, offs < numel_here)
+            sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
+                                         offs < numel_here)
 
     _launcher_native = MultiTensorLauncher(sbf16_adamw_step_native_kernel, sbf16_adamw_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))

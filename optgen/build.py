@@ -57,12 +57,24 @@ def _docstring(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _wrap_args(args: list[str], indent: int) -> str:
+    """Arguments joined by commas, broken into lines of at most 120 characters that start at column ``indent``."""
+    lines = [""]
+    for k, arg in enumerate(args):
+        piece = arg + ("," if k < len(args) - 1 else "")
+        if lines[-1] and indent + len(lines[-1]) + 1 + len(piece) > 119:
+            lines.append("")
+        lines[-1] += (" " if lines[-1] else "") + piece
+    return ("\n" + " " * indent).join(lines)
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FunctionLoader(lambda name: resources.files("optgen.templates").joinpath(name).read_text()),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     env.filters["docstring"] = _docstring
     env.filters["pyrepr"] = repr
+    env.filters["wrap_args"] = _wrap_args
     return env
 
 
