@@ -129,7 +129,7 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def adam_step_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
+    def adam_step_tile(param, grad, state_m, state_v, scalars, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         beta1 = tl.load(scalars + 1)
@@ -182,10 +182,9 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            adam_step_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
-                           tl.full((ROWS, COLS), True, tl.int1))
+            adam_step_tile(param, grad, state_m, state_v, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            adam_step_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, offs < numel_here)
+            adam_step_tile(param, grad, state_m, state_v, scalars, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(adam_step_kernel, adam_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))

@@ -137,7 +137,7 @@ if triton is not None:
 
     @triton.jit
     def adamw8bit_step_tile(param, grad, state_m, state_m_absmax, state_v, state_v_absmax, scalars, qmap_signed,
-                            qmap_unsigned, tensor, start, numel_here, offs, mask):
+                            qmap_unsigned, start, numel_here, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -198,10 +198,10 @@ if triton is not None:
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
             adamw8bit_step_tile(param, grad, state_m, state_m_absmax, state_v, state_v_absmax, scalars, qmap_signed,
-                                qmap_unsigned, tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+                                qmap_unsigned, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
             adamw8bit_step_tile(param, grad, state_m, state_m_absmax, state_v, state_v_absmax, scalars, qmap_signed,
-                                qmap_unsigned, tensor, start, numel_here, offs, offs < numel_here)
+                                qmap_unsigned, start, numel_here, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5),
@@ -312,7 +312,7 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
+    def adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -366,11 +366,9 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
-                                     tl.full((ROWS, COLS), True, tl.int1))
+            adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
-                                     offs < numel_here)
+            adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, offs, offs < numel_here)
 
     _launcher_fp32 = MultiTensorLauncher(adamw8bit_step_fp32_kernel, adamw8bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))

@@ -137,8 +137,8 @@ def _(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, sc
 if triton is not None:
 
     @triton.jit
-    def flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, tensor,
-                              start, numel_here, offs, mask):
+    def flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, start,
+                              numel_here, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -197,10 +197,10 @@ if triton is not None:
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
             flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, scalars,
-                                  tensor, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+                                  start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
             flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, scalars,
-                                  tensor, start, numel_here, offs, offs < numel_here)
+                                  start, numel_here, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(flash_adamw_step_kernel, flash_adamw_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4, 5, 6))
@@ -312,8 +312,7 @@ def _(param, param_ecc, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
-                                   mask):
+    def flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -367,11 +366,10 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, tensor, start, numel_here,
-                                       offs, tl.full((ROWS, COLS), True, tl.int1))
+            flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, offs,
+                                       tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, tensor, start, numel_here,
-                                       offs, offs < numel_here)
+            flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, offs, offs < numel_here)
 
     _launcher_fp32 = MultiTensorLauncher(flash_adamw_step_fp32_kernel, flash_adamw_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
@@ -479,7 +477,7 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
+    def flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -532,11 +530,10 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
+            flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs,
                                          tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
-                                         offs < numel_here)
+            flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs, offs < numel_here)
 
     _launcher_native = MultiTensorLauncher(flash_adamw_step_native_kernel, flash_adamw_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))

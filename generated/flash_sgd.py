@@ -126,8 +126,7 @@ def _(param, param_ecc, grad, state_m, state_m_scale, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here, offs,
-                            mask):
+    def flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -175,11 +174,11 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here,
-                                offs, tl.full((ROWS, COLS), True, tl.int1))
+            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs,
+                                tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, tensor, start, numel_here,
-                                offs, offs < numel_here)
+            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs,
+                                offs < numel_here)
 
     _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
@@ -275,7 +274,7 @@ def _(param, param_ecc, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
+    def flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -321,11 +320,10 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs,
+            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs,
                                      tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, tensor, start, numel_here, offs,
-                                     offs < numel_here)
+            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs, offs < numel_here)
 
     _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3))
@@ -418,7 +416,7 @@ def _(param, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
+    def flash_sgd_step_native_tile(param, grad, state_m, scalars, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -463,11 +461,9 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs,
-                                       tl.full((ROWS, COLS), True, tl.int1))
+            flash_sgd_step_native_tile(param, grad, state_m, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_sgd_step_native_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs,
-                                       offs < numel_here)
+            flash_sgd_step_native_tile(param, grad, state_m, scalars, offs, offs < numel_here)
 
     _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))

@@ -169,8 +169,8 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, offs, mask,
-                       PASS: tl.constexpr, NRED: tl.constexpr):
+    def lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, offs, mask, PASS: tl.constexpr,
+                       NRED: tl.constexpr):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -249,11 +249,11 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, offs,
+            lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, offs,
                            tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
         else:  # the tensor's last tile, cut short
-            lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, offs,
-                           offs < numel_here, PASS, NRED)
+            lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, offs, offs < numel_here,
+                           PASS, NRED)
 
     _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),

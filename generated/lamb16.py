@@ -181,7 +181,7 @@ if triton is not None:
 
     @triton.jit
     def lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid, tensor,
-                         start, numel_here, numel, offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
+                         start, numel, offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -277,10 +277,10 @@ if triton is not None:
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
             lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid,
-                             tensor, start, numel_here, numel, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
+                             tensor, start, numel, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
         else:  # the tensor's last tile, cut short
             lamb16_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, red, part, pid,
-                             tensor, start, numel_here, numel, offs, offs < numel_here, PASS, NRED)
+                             tensor, start, numel, offs, offs < numel_here, PASS, NRED)
 
     _launcher = MultiTensorLauncher(lamb16_step_kernel, lamb16_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3, 4, 5),
@@ -421,8 +421,8 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here, numel,
-                              offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
+    def lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, numel, offs, mask,
+                              PASS: tl.constexpr, NRED: tl.constexpr):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -498,11 +498,11 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here,
-                                  numel, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
+            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, numel, offs,
+                                  tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
         else:  # the tensor's last tile, cut short
-            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, start, numel_here,
-                                  numel, offs, offs < numel_here, PASS, NRED)
+            lamb16_step_fp32_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, numel, offs,
+                                  offs < numel_here, PASS, NRED)
 
     _launcher_fp32 = MultiTensorLauncher(lamb16_step_fp32_kernel, lamb16_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),

@@ -111,7 +111,7 @@ def _(param, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
+    def lion_step_tile(param, grad, state_m, scalars, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -157,10 +157,9 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs,
-                           tl.full((ROWS, COLS), True, tl.int1))
+            lion_step_tile(param, grad, state_m, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            lion_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, offs < numel_here)
+            lion_step_tile(param, grad, state_m, scalars, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(lion_step_kernel, lion_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))

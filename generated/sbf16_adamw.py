@@ -134,7 +134,7 @@ def _(param, grad, state_m, state_v, scalars, rng) -> None:
 if triton is not None:
 
     @triton.jit
-    def sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, start, numel_here, offs, mask):
+    def sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -188,11 +188,10 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, start, numel_here, offs,
+            sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, offs,
                                   tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, start, numel_here, offs,
-                                  offs < numel_here)
+            sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(sbf16_adamw_step_kernel, sbf16_adamw_step_torch, {'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))
@@ -301,7 +300,7 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs, mask):
+    def sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         beta1 = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -355,11 +354,10 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
+            sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs,
                                          tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, tensor, start, numel_here, offs,
-                                         offs < numel_here)
+            sbf16_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs, offs < numel_here)
 
     _launcher_native = MultiTensorLauncher(sbf16_adamw_step_native_kernel, sbf16_adamw_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))

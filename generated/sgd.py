@@ -124,7 +124,7 @@ def _(param, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def sgd_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, mask):
+    def sgd_step_tile(param, grad, state_m, scalars, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         weight_decay = tl.load(scalars + 0)
         c0 = tl.load(scalars + 1)
@@ -172,10 +172,9 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            sgd_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs,
-                          tl.full((ROWS, COLS), True, tl.int1))
+            sgd_step_tile(param, grad, state_m, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            sgd_step_tile(param, grad, state_m, scalars, tensor, start, numel_here, offs, offs < numel_here)
+            sgd_step_tile(param, grad, state_m, scalars, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(sgd_step_kernel, sgd_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))

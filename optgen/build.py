@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import re
 import sys
 import tempfile
 from importlib import resources
@@ -191,6 +192,17 @@ def _checkpoint_lines(ir: IR) -> tuple[list[str], list[str]]:
     return export, imp
 
 
+def _tile_args(kernel, uses_numel: bool) -> list[str]:
+    """The kernel's names that its tile function reads: every buffer and the scalars, then those of the
+    program's own values (tensor, first element, counts, reduction slots) that its lines mention."""
+    lines = kernel.scalar_loads + kernel.loads + kernel.body + kernel.stores + kernel.epilogue
+    lines += [line for lines_of_pass in kernel.passes for line in lines_of_pass]
+    text = "\n".join(lines + (["start == 0"] if kernel.epilogue else []))  # the template's epilogue test
+    optional = (["rng"] + [name for name, _ in kernel.constants] + ["red", "part", "pid", "tensor", "start",
+                "numel_here"] + (["numel"] if uses_numel else []))
+    return kernel.buffer_args + ["scalars"] + [a for a in optional if re.search(rf"\b{a}\b", text)]
+
+
 def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dict:
     """What the template needs for one storage layout (its init, fallback, op and kernel)."""
     torch_step = render_torch_step(ir)
@@ -198,6 +210,8 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
     elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions))
+    uses_numel = any(sympy.Symbol("numel") in e.free_symbols
+                     for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions])
     return {
         "key": key, "sfx": sfx, "const": f"{(key or 'main').upper()}_VARIANT", "label": LAYOUT_LABELS[key],
         "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}", "rng": ir.needs_rng,
@@ -206,8 +220,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
         "export_state": _checkpoint_lines(ir)[0], "import_state": _checkpoint_lines(ir)[1],
         "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
         "rows": elements // cols, "cols": cols, "warps": warps, "aligned": aligned,
-        "uses_numel": any(sympy.Symbol("numel") in e.free_symbols
-                          for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions]),
+        "uses_numel": uses_numel, "tile_args": _tile_args(kernel, uses_numel),
         "levels": [r.level for r in ir.reductions],  # the reduction pass of each reduction slot
         "written": tuple(i for i, a in enumerate(torch_step.args) if a in torch_step.mutated),
     }
