@@ -200,7 +200,8 @@ def _tile_args(kernel, uses_numel: bool) -> list[str]:
     text = "\n".join(lines + (["start == 0"] if kernel.epilogue else []))  # the template's epilogue test
     optional = (["rng"] + [name for name, _ in kernel.constants] + ["red", "part", "pid", "tensor", "start",
                 "numel_here"] + (["numel"] if uses_numel else []))
-    return kernel.buffer_args + ["scalars"] + [a for a in optional if re.search(rf"\b{a}\b", text)]
+    buffers = [a.removesuffix("_ptrs") for a in kernel.table_args]  # each table's typed pointer, in the kernel
+    return buffers + ["scalars"] + [a for a in optional if re.search(rf"\b{a}\b", text)]
 
 
 def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dict:

@@ -81,7 +81,6 @@ class TritonKernel:
     """The pieces of the kernel and its launcher that the template lays out."""
 
     table_args: list[str]  # one pointer table per buffer: <arg>_ptrs
-    buffer_args: list[str]  # the buffers' typed pointers, named <arg>, loaded from those tables
     dtype_args: list[str]  # constexpr element types for buffers stored in the parameter's dtype
     pointer_setup: list[str]
     scalar_loads: list[str]
@@ -98,11 +97,10 @@ class TritonKernel:
 
 def render_triton_kernel(ir: IR) -> TritonKernel:
     printer = TritonPrinter()
-    table_args, buffer_args, dtype_args, pointer_setup = [], [], [], []
+    table_args, dtype_args, pointer_setup = [], [], []
     for t in ir.tensors:
         for arg, b in zip(t.arg_names, t.codec.buffers()):
             table_args.append(f"{arg}_ptrs")
-            buffer_args.append(arg)
             if b.dtype == "param" or t.role == "grad":
                 dtype = f"{arg.upper()}_DTYPE"
                 dtype_args.append(dtype)
@@ -165,6 +163,6 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
         stores += t.codec.triton_encode(t.output.name, ptrs, "offs", "mask")
     group = max(t.codec.group_size for t in ir.tensors)
     constants = list(dict.fromkeys(c for t in ir.tensors for c in t.codec.constants))
-    return TritonKernel(table_args, buffer_args, dtype_args, pointer_setup, scalar_loads, load_reductions(ir.passes + 1) + loads,
+    return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, load_reductions(ir.passes + 1) + loads,
                         body, stores, constants, group, any(t.codec.needs_rng for t in ir.tensors),
                         passes, slots, epilogue)
