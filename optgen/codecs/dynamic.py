@@ -95,13 +95,30 @@ Q8_UNSIGNED_MAP = dynamic_map(False)
 Q4_SIGNED_MAP = dynamic_map(True, 3, 4)
 Q4_LINEAR_MAP = linear_map(16)
 
-TABLE_SIZE = 512  # q8 table: 256 map values, 255 midpoints, +inf
+# The q8 encode finds its code in one step: the top KEY_BITS bits of x/s (sign, exponent, 7 mantissa bits) pick a
+# bucket of fp32 values, which holds at most one midpoint of either map (checked when the table is built).
+KEY_SHIFT = 16
+KEY_BITS = 32 - KEY_SHIFT
+
+
+def _bucket_bases(mids: torch.Tensor) -> torch.Tensor:
+    """Per bucket of KEY_SHIFT-bit-aligned fp32 bit patterns: the number of midpoints below all of its values in
+    [-1, 1], as bytes (fp32 words of 4). An x/s in the bucket has that many midpoints below it, plus one if the
+    next midpoint is below it too: no bucket holds two midpoints, which this checks."""
+    first = torch.arange(2**KEY_BITS, dtype=torch.int64) << KEY_SHIFT
+    ends = torch.stack([first, first + (1 << KEY_SHIFT) - 1]).to(torch.int32).view(torch.float32)  # same bits
+    low, high = ends.amin(0), ends.amax(0)  # negative buckets run downwards
+    inside = low.abs() <= 1.0  # x/s is within [-1, 1]; the other buckets are never read
+    base = torch.where(inside, torch.bucketize(low, mids), 0)
+    if int((torch.bucketize(high.clamp(-1.0, 1.0), mids) - base)[inside].max()) > 1:
+        raise AssertionError("a bucket of the q8 table holds two midpoints: lower KEY_SHIFT")
+    return base.to(torch.uint8).view(torch.float32)
 
 
 def _q8_table_cpu(signed: bool) -> torch.Tensor:
     values = torch.tensor(Q8_SIGNED_MAP if signed else Q8_UNSIGNED_MAP, dtype=torch.float32)
     mids = (values[:-1] + values[1:]) * 0.5  # fp32, as bitsandbytes ((a + b)·0.5f in CUDA, (a + b)/2 on CPU)
-    return torch.cat([values, mids, torch.tensor([float("inf")])]).contiguous()
+    return torch.cat([values, mids, torch.tensor([float("inf")]), _bucket_bases(mids)]).contiguous()
 
 
 # the CPU tables, built once at import; device copies are made on first use and cached (also when that
@@ -122,8 +139,9 @@ def _table(kind: str, signed: bool, device: torch.device | str) -> torch.Tensor:
 
 
 def qmap_table(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The q8_dynamic kernel constant: fp32[512] on ``device`` (cached): entries 0..255 the map values in
-    ascending order, 256..510 the midpoints between neighbours, 511 = +inf (never read)."""
+    """The q8_dynamic kernel constant on ``device`` (cached): fp32 entries 0..255 the map values in ascending
+    order, 256..510 the midpoints between neighbours, 511 = +inf, then from entry 512 on one byte per bucket
+    of x/s values (``_bucket_bases``)."""
     return _table("q8", signed, device)
 
 
@@ -208,6 +226,7 @@ def torch_decode_q4(packed: torch.Tensor, scale: torch.Tensor, numel: int, signe
 # Triton: 2-D fp32 tiles [ROWS, COLS], COLS a multiple of the block
 # ----------------------------------------------------------------------------------------------------------
 if triton is not None:
+    _KEY_SHIFT = tl.constexpr(KEY_SHIFT)
     _Q4S = [tl.constexpr(v) for v in Q4_SIGNED_MAP]
     (_S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9, _S10, _S11, _S12, _S13, _S14, _S15) = _Q4S
 
@@ -221,22 +240,16 @@ if triton is not None:
     @triton.jit
     def triton_encode_q8(x, q_ptr, s_ptr, table_ptr, offs, mask, start, count, SIGNED: tl.constexpr):
         """Store the tile ``x``: codes at ``q_ptr`` (uint8), block absmax at ``s_ptr`` (fp32); ``table_ptr``
-        is ``qmap_table(SIGNED, device)``. The code is found by an 8-step branchless binary search over
-        the midpoints (entries 256..510): it counts the midpoints below x/s."""
+        is ``qmap_table(SIGNED, device)``. The code counts the midpoints (entries 256..510) below x/s: those
+        below x/s's whole bucket (a byte of the table, picked by x/s's top bits) plus the next one if it is
+        below x/s too (two independent gathers, where a binary search took eight dependent ones)."""
         r, s = _normalized(x, mask, 256)
         # The table gathers run on the flat tile: on the 2-D tile Triton gave them a column-major layout and
         # moved every tile through shared memory (23 barriers per program; now 5; kernel 16 % faster).
         r = tl.reshape(r, (r.numel,))
-        mids = table_ptr + 256
-        c = tl.zeros(r.shape, tl.int32)
-        c = tl.where(tl.load(mids + c + 127) < r, c + 128, c)
-        c = tl.where(tl.load(mids + c + 63) < r, c + 64, c)
-        c = tl.where(tl.load(mids + c + 31) < r, c + 32, c)
-        c = tl.where(tl.load(mids + c + 15) < r, c + 16, c)
-        c = tl.where(tl.load(mids + c + 7) < r, c + 8, c)
-        c = tl.where(tl.load(mids + c + 3) < r, c + 4, c)
-        c = tl.where(tl.load(mids + c + 1) < r, c + 2, c)
-        c = tl.where(tl.load(mids + c) < r, c + 1, c)
+        bases = (table_ptr + 512).to(tl.pointer_type(tl.uint8))
+        below = tl.load(bases + (r.to(tl.uint32, bitcast=True) >> _KEY_SHIFT)).to(tl.int32)
+        c = below + (tl.load(table_ptr + 256 + below) < r).to(tl.int32)
         if SIGNED:
             c = tl.where((r < 0) & (c == 127), c - 1, c)
         c = tl.reshape(c, x.shape)
@@ -328,8 +341,8 @@ class Q8Dynamic(Codec):
     Option ``signed`` (default true): the signed map for states that can be negative (m); false picks the
     unsigned map (v, which must be >= 0: a negative value takes code 0).
 
-    Kernel constant. Besides this state's two buffers the Triton code reads one table (fp32[512]: the 256
-    map values, then the 255 midpoints): ``dynamic.qmap_table(signed, device)``, a module-level tensor
+    Kernel constant. Besides this state's two buffers the Triton code reads one table (the 256 map values,
+    the 255 midpoints, and a byte per bucket of x/s): ``dynamic.qmap_table(signed, device)``, a module-level tensor
     cached per device. ``constants`` lists it as (kernel argument name, host expression with ``{device}``):
     a backend adds one pointer argument of that name per distinct entry to the kernel (shared by every
     q8_dynamic tensor with the same map) and passes the tensor at launch; the Triton renderings refer to
