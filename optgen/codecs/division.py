@@ -38,6 +38,7 @@ if triton is not None:
     def quotient(a, b, y):
         """a/b from an estimate y of 1/b (a constant, or ``reciprocal_estimate(b)``) by one Newton step and one
         fused correction, as ``div.rn.f32`` does (exact on the callers' checked inputs only)."""
-        y = tl.fma(y, tl.fma(-b, y, 1.0), y)
+        neg_b = b * -1.0  # a negation the multiply-adds absorb (Triton's ``-b`` is ``0 - b``: an extra add)
+        y = tl.fma(y, tl.fma(neg_b, y, 1.0), y)
         q = a * y
-        return tl.fma(y, tl.fma(-b, q, a), q)
+        return tl.fma(y, tl.fma(neg_b, q, a), q)

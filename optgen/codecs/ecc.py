@@ -4,7 +4,7 @@ signed integer correction scaled by that value's own ULP: ``bf16+ecc8``, ``bf16+
 Encode an fp32 master x (M mantissa bits of the narrow format, N = 127 or 32767):
   p = round_to_nearest_even(x);  E = unbiased exponent of p (1 - bias when p is 0 or subnormal)
   l = E - M - 1  (2^l is half an ULP of p);  e = x - p (exact)
-  rho = round_half_away(clamp(e * 2^-l, -1, 1) * N)
+  rho = round_half_away(e * 2^-l * N)  (|e * 2^-l| <= 1, as p is x rounded to nearest)
 Decode: x = p + (rho / N) * 2^l. Error <= ULP(p) / (4N) plus half an fp32 ulp of x (the decode rounds to
 fp32, which dominates for bf16+int16): about 1.5e-5 relative for bf16+int8, 1.2e-7 for
 bf16+int16, 1.9e-6 for fp16+int8. Powers of two are built from exponent bits and applied in two factors
@@ -73,9 +73,9 @@ def torch_encode(x: torch.Tensor, p: torch.Tensor, ecc: torch.Tensor, fmt: str, 
     p32 = _round_narrow(x, fmt)
     neg_l = -_half_ulp_exponent(p32, fmt)
     a = neg_l >> 1
-    z = torch.clamp((x - p32) * _pow2(a) * _pow2(neg_l - a), -1.0, 1.0) * float(n)
+    z = (x - p32) * _pow2(a) * _pow2(neg_l - a) * float(n)  # |z| <= n: p32 is x rounded to nearest
     rho = torch.sign(z) * torch.floor(torch.abs(z) + 0.5)
-    rho = torch.where(torch.isfinite(p32) & torch.isfinite(x), rho, 0.0)
+    rho = torch.where(torch.isfinite(p32), rho, 0.0)  # x inf or NaN gives p32 inf or NaN
     p.copy_((torch_to_bf16(p32) if fmt == "bf16" else p32.to(torch.float16)).view(p.shape))
     ecc.copy_(rho.to(ecc.dtype).view(ecc.shape))
 
@@ -115,10 +115,12 @@ if triton is not None:
         neg_l = -_half_ulp_exponent_tl(p32, MANT, EMIN)
         a = neg_l >> 1
         z = (x - p32) * _pow2_tl(a) * _pow2_tl(neg_l - a)
-        z = tl.minimum(tl.maximum(z, -1.0), 1.0) * N
-        rho = tl.where(z < 0, -tl.floor(-z + 0.5), tl.floor(z + 0.5))
-        finite = (tl.abs(p32) < float("inf")) & (tl.abs(x) < float("inf"))
-        rho = tl.where(finite, rho, 0.0)
+        z = z * N  # |z| <= N: p32 is x rounded to nearest (z is NaN or inf only where rho is set to 0 below)
+        # half away from zero: truncate z + copysign(0.5, z), the same float as sign(z) * floor(|z| + 0.5)
+        half = ((z.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F000000).to(tl.float32, bitcast=True)
+        rho = (z + half).to(tl.int32)
+        # p32 is not finite exactly where x is not finite or rounds to inf: then rho = 0
+        rho = tl.where(tl.abs(p32) < float("inf"), rho, 0)
         tl.store(p_ptr + offs, narrow, mask=mask)
         tl.store(e_ptr + offs, rho.to(e_ptr.dtype.element_ty), mask=mask)
 
