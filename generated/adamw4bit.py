@@ -199,7 +199,7 @@ if triton is not None:
                                 numel_here, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=128, num_warps=4, aligned=False,
-                                   written=(0, 2, 3, 4, 5))
+                                   max_registers=64, written=(0, 2, 3, 4, 5))
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
     def adamw4bit_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:

@@ -204,7 +204,7 @@ if triton is not None:
                                 qmap_unsigned, start, numel_here, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=False,
-                                   written=(0, 2, 3, 4, 5),
+                                   max_registers=56, written=(0, 2, 3, 4, 5),
                                    constants=lambda device: (dynamic.qmap_table(True, device), dynamic.qmap_table(False, device), ))
 
     @torch.library.custom_op("optgen::adamw8bit_step_triton", mutates_args=('param', 'state_m', 'state_m_absmax', 'state_v', 'state_v_absmax'))

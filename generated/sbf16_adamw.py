@@ -194,7 +194,7 @@ if triton is not None:
             sbf16_adamw_step_tile(param, grad, state_m, state_v, scalars, rng, tensor, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(sbf16_adamw_step_kernel, sbf16_adamw_step_torch, {'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=True,
-                                   written=(0, 2, 3))
+                                   max_registers=64, written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::sbf16_adamw_step_triton", mutates_args=('param', 'state_m', 'state_v'))
     def sbf16_adamw_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_v: list[torch.Tensor], scalars: torch.Tensor, rng: torch.Tensor) -> None:

@@ -25,8 +25,9 @@ TILE_COLS = 256  # row length of elementwise specs (grouped formats use their gr
 LAYOUT_LABELS = {"": "as specified", "fp32": "with fp32 states", "native": "fp32 states, parameter as it is"}
 
 
-def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple[int, int, bool]:
-    """(elements per program, num_warps, aligned hint) of a kernel; swept on an H100 (benchmarks/RESULTS.md).
+def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple[int, int, bool, int | None]:
+    """(elements per program, num_warps, aligned hint, register cap per thread or None) of a kernel; swept on an
+    H100 (benchmarks/RESULTS.md).
 
     Small tiles move bytes fastest: more programs fit on an SM, and each thread keeps fewer values live.
     Kernel alone, large set, one run, 4096 elements x 8 warps -> 512 x 4: AdamW 0.93 -> 0.97 of copy
@@ -40,12 +41,20 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple
     q8_dynamic and Lamb16 ones (Lamb16's update pass 1737 -> 1792), so kernels with reductions go without.
     Kernels with reductions then take 2048 x 4 (seventh session, same H100, back-to-back: Lamb16 6.02 ->
     5.05 ms, Lamb 4.46 -> 4.42; every thread computes the per-tensor factors, so more elements per thread pay).
+
+    Register caps: a kernel takes the registers of its heavier path, the masked last tile of a tensor (whose
+    loads do not vectorize: FlashAdamW's alone needs 96, its whole tile 56, the two together 64). Capped at
+    what the whole tile needs, the masked path spills instead (it runs once per tensor) and more programs fit
+    on an SM: eighth session, H100, large set, back-to-back, no cap -> cap: FlashAdamW 1.95 -> 1.85 ms (48),
+    AdamW8bit 2.25 -> 2.16 (56; 48 spills in the whole tile too: 2.31), AdamW4bit 2.99 -> 2.90 (64; 56:
+    3.04), StochasticAdamW 1.65 -> 1.55 (64).
     """
     if group_size > 1:
-        return 512, 4, group_size < 128
+        cap = 48 if group_size < 128 else 64 if group_size == 128 else 56  # q8 groups, q4, q8_dynamic
+        return 512, 4, group_size < 128, cap
     if has_reductions:
-        return 2048, 4, False
-    return (1024, 4, True) if needs_rng else (512, 4, True)
+        return 2048, 4, False, None
+    return (1024, 4, True, 64) if needs_rng else (512, 4, True, None)
 
 
 def _docstring(text: str) -> str:
@@ -210,7 +219,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     kernel = render_triton_kernel(ir)
     # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
-    elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions))
+    elements, warps, aligned, max_registers = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions))
     uses_numel = any(sympy.Symbol("numel") in e.free_symbols
                      for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions])
     return {
@@ -221,6 +230,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
         "export_state": _checkpoint_lines(ir)[0], "import_state": _checkpoint_lines(ir)[1],
         "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
         "rows": elements // cols, "cols": cols, "warps": warps, "aligned": aligned,
+        "max_registers": max_registers,
         "uses_numel": uses_numel, "tile_args": _tile_args(kernel, uses_numel),
         "levels": [r.level for r in ir.reductions],  # the reduction pass of each reduction slot
         "written": tuple(i for i, a in enumerate(torch_step.args) if a in torch_step.mutated),
