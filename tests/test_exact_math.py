@@ -1,7 +1,8 @@
 """The codecs' quotients by optgen.codecs.division.quotient (the GPU division's fast path without its
-slow-path call) against correctly rounded fp32 division, bit for bit: q8's softsign and inverse softsign (on
-the CPU, under Triton's interpreter, on a large sample; on a GPU on every fp32 |n| <= 1) and every code
-over its N of the ecc decode (rho/N, N = 127 and 32767), on both."""
+slow-path call) against correctly rounded fp32 division, bit for bit: q8's softsign and inverse softsign and
+its scale reciprocal 1/s (on the CPU, under Triton's interpreter, on a large sample; on a GPU on every fp32
+|n| <= 1 and every s in [1e-12, 2^126]) and every code over its N of the ecc decode (rho/N, N = 127 and
+32767), on both."""
 
 import pytest
 import torch
@@ -24,8 +25,10 @@ def _apply(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr, N: tl.constex
         y = q8.softsign(x)
     elif OP == 1:
         y = q8.inverse_softsign(x)
-    else:
+    elif OP == 2:
         y = quotient(x, N * 1.0, 1.0 / N)  # as in optgen.codecs.ecc.triton_decode
+    else:
+        y = q8.scale_reciprocal(x)
     tl.store(y_ptr + offs, y, mask=mask)
 
 
@@ -66,6 +69,29 @@ def test_softsign_every_input_on_gpu():
         r = part.view(torch.float32)
         check_softsign(r)
         check_softsign(-r)
+
+
+def check_scale_reciprocal(s: torch.Tensor) -> None:
+    got = apply(s, 3)
+    exact = s <= q8.RECIPROCAL_MAX
+    assert same_bits(got, torch.ones_like(s) / s)[exact].all()
+    assert (got[~exact] == 0).all()  # above 2^126, inf and NaN: 0 (the PyTorch side does the same)
+
+
+def test_scale_reciprocal():
+    gen = torch.Generator().manual_seed(2)
+    s = torch.exp2(torch.rand(1 << 20, generator=gen) * 140 - 40)  # 2^-40 (< 1e-12) .. 2^100
+    edges = torch.tensor([q8.SCALE_FLOOR, 1.0, 2.0**126, 2.0**127, 3e38, float("inf"), float("nan")])
+    check_scale_reciprocal(torch.cat([s, edges, torch.nextafter(edges[2:3], edges[3:4])]).to(DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_scale_reciprocal_every_input_on_gpu():
+    first = int(torch.tensor(q8.SCALE_FLOOR).view(torch.int32))
+    last = int(torch.tensor(float("inf")).view(torch.int32))
+    for part in torch.arange(first, last + 1, device="cuda", dtype=torch.int32).split(1 << 28):
+        check_scale_reciprocal(part.view(torch.float32))
 
 
 def test_inverse_softsign_every_code():

@@ -22,12 +22,13 @@ s > 65504 stores inf). Decode uses the stored scale ``S``:
     q8_sqrt:     x = ((q·r255)·S)²         (r255 = fp32(1/255))
 
 Rounding, identical in both backends (the Triton and PyTorch paths produce the same bits):
-- every division is correctly rounded: 1/s by ``tl.div_rn`` (PyTorch divides tensor by tensor, never by a
-  Python scalar: CUDA PyTorch turns ``x / c`` into ``x * (1/c)``); the softsign quotients 2n/(1+|n|) and
-  q/(254 − |q|) by the fast path of the GPU's own division without its slow-path call
-  (``optgen.codecs.division.quotient``, exact for these inputs: checked on every fp32 n in [-1, 1] and
-  every code on an H100, tests/test_exact_math.py; for |n| < 2^-101, where it may be off by an ulp, the
-  code is 0 either way); √ is correctly rounded
+- every division is correctly rounded (PyTorch divides tensor by tensor, never by a Python scalar: CUDA
+  PyTorch turns ``x / c`` into ``x * (1/c)``); the Triton side takes 1/s, 2n/(1+|n|) and q/(254 − |q|) by the
+  fast path of the GPU's own division without its slow-path call (``optgen.codecs.division.quotient``, exact
+  for these inputs: checked on every fp32 s in [1e-12, 2^126], every n in [-1, 1] and every code on an H100,
+  tests/test_exact_math.py; for |n| < 2^-101, where it may be off by an ulp, the code is 0 either way).
+  Above 2^126, where 1/s would be subnormal (and fp16 stores the scale as inf), both sides take 1/s = 0;
+  √ is correctly rounded
   (``tl.sqrt_rn``; PyTorch takes it in float64 and rounds to fp32, because its fp32 CPU ``sqrt`` is off by
   one ulp in ~17% of elements);
 - ``floor(k·y + 0.5)`` (k = 127 or 255, |y| <= 1) is the same whether ``k·y + 0.5`` is rounded once
@@ -67,6 +68,7 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
     tl = None
 
 SCALE_FLOOR = 1e-12  # s = max(absmax, SCALE_FLOOR), as FlashOptim
+RECIPROCAL_MAX = 2.0**126  # 1/s for larger s would be subnormal: it is taken as 0 (see the docstring)
 GROUP_SIZES = (32, 64, 128, 256)
 KINDS = ("linear", "softsign", "sqrt")
 # fp32 reciprocals used by decode, as exact Python floats (so torch and Triton multiply by the same value)
@@ -96,7 +98,8 @@ def quantize(x: torch.Tensor, group: int, kind: str) -> tuple[torch.Tensor, torc
         x = sqrt_rn(x)
     g = _groups(x, group)
     s = g.abs().amax(dim=1).clamp_min(SCALE_FLOOR)  # amax propagates NaN
-    r = g * (torch.ones_like(s) / s)[:, None]  # one division per group, as the kernel
+    inv = torch.where(s <= RECIPROCAL_MAX, torch.ones_like(s) / s, torch.zeros_like(s))  # as scale_reciprocal
+    r = g * inv[:, None]  # one division per group, as the kernel
     if kind == "softsign":
         r = (2.0 * r) / (1.0 + r.abs())
     q = round_half_up(r, 255.0 if kind == "sqrt" else 127.0)
@@ -136,6 +139,7 @@ if triton is not None:
     _R127 = tl.constexpr(R127)
     _R255 = tl.constexpr(R255)
 
+    _RECIPROCAL_MAX = tl.constexpr(RECIPROCAL_MAX)
     _FLOOR_BITS = tl.constexpr(int(torch.tensor(SCALE_FLOOR, dtype=torch.float32).view(torch.int32)))
 
     # Grouped tiles have COLS == G (one group per row, see optgen.build): then a group is a row, and every
@@ -187,6 +191,12 @@ if triton is not None:
         tl.store(ptr + groups, s, mask=live)
 
     @triton.jit
+    def scale_reciprocal(s):
+        """1/s for a group scale s >= 1e-12: correctly rounded up to 2^126 (checked on every such s on an H100),
+        0 above (its fp16 scale is inf: the group is lost anyway) and for NaN (every code is 0 then)."""
+        return tl.where(s <= _RECIPROCAL_MAX, quotient(1.0, s, reciprocal_estimate(s)), 0.0)
+
+    @triton.jit
     def softsign(r):
         """2r/(1 + |r|) for |r| <= 1, as the correctly rounded quotient where |r| >= 2^-101; below, where it may
         be off, every value gives code 0 all the same (checked on every fp32 r in [-1, 1] on an H100)."""
@@ -207,7 +217,7 @@ if triton is not None:
         if KIND == 2:
             x = tl.sqrt_rn(x)
         s = group_absmax(x, G)
-        r = x * group_broadcast(tl.div_rn(1.0, s), x, G)
+        r = x * group_broadcast(scale_reciprocal(s), x, G)
         if KIND == 1:
             r = softsign(r)
         if KIND == 2:
