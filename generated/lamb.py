@@ -192,17 +192,16 @@ if triton is not None:
             mh = tl.where((c3 != 0), c2*m_1, m_1)
             vh = tl.where((c3 != 0), c4*v_1, v_1)
             a = tl.div_rn(mh, eps + tl.sqrt_rn(vh)) + p*weight_decay
+            optgen_tl.store_rne(state_m + offs, m_1, mask)
+            optgen_tl.store_rne(state_v + offs, v_1, mask)
             tl.store(part + pid * NRED + 0, tl.sum(tl.where(mask, (p*p), 0.0)))
             tl.store(part + pid * NRED + 1, tl.sum(tl.where(mask, (a*a), 0.0)))
         elif PASS == 2:  # update and store
             r0 = tl.load(red + tensor * NRED + 0)
             r1 = tl.load(red + tensor * NRED + 1)
             p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-            m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(state_v + offs, mask=mask, other=0.0).to(tl.float32)
-            m_1 = beta1*m + c0*g
-            v_1 = beta2*v + c1*(g*g)
+            m_1 = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
+            v_1 = tl.load(state_v + offs, mask=mask, other=0.0).to(tl.float32)
             mh = tl.where((c3 != 0), c2*m_1, m_1)
             vh = tl.where((c3 != 0), c4*v_1, v_1)
             w = optgen_tl.minimum(tl.full((), 10, tl.float32), tl.sqrt_rn(r0))
@@ -210,8 +209,6 @@ if triton is not None:
             r = tl.sqrt_rn(r1)
             trust = tl.where(((r > 0)) & ((w > 0)), tl.div_rn(w, r), 1)
             p_1 = a*c5*trust + p
-            optgen_tl.store_rne(state_m + offs, m_1, mask)
-            optgen_tl.store_rne(state_v + offs, v_1, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
 
     @triton.jit

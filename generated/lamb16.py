@@ -441,6 +441,7 @@ if triton is not None:
             m_1 = beta1*m + c0*g
             v_1 = beta2*v + c1*(g*g)
             a = tl.div_rn(m_1, eps + tl.sqrt_rn(v_1)) + p*weight_decay
+            optgen_tl.store_rne(state_m + offs, m_1, mask)
             tl.store(part + pid * NRED + 0, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (p*p))), 0.0)))
             tl.store(part + pid * NRED + 1, tl.sum(tl.where(mask, optgen_tl.minimum(tl.full((), 1, tl.float32), optgen_tl.maximum(eps, (a*a))), 0.0)))
         elif PASS == 2:  # update and store
@@ -448,9 +449,8 @@ if triton is not None:
             r1 = tl.load(red + tensor * NRED + 1)
             p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-            m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
             v = tl.load(state_v + offs, mask=mask, other=0.0).to(tl.float32)
-            m_1 = beta1*m + c0*g
+            m_1 = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
             v_1 = beta2*v + c1*(g*g)
             w = tl.div_rn(tl.sqrt_rn(r0), numel.to(tl.float32))
             a = tl.div_rn(m_1, eps + tl.sqrt_rn(v_1)) + p*weight_decay
@@ -458,7 +458,6 @@ if triton is not None:
             trust = optgen_tl.minimum(tl.full((), 2, tl.float32), optgen_tl.maximum(tl.full((), 0, tl.float32), optgen_tl.pow(tl.div_rn(c2*w, big_a), trust_scale)))
             p_1 = a*c3*trust + p
             v_2 = optgen_tl.minimum(tl.full((), 10, tl.float32), v_1)
-            optgen_tl.store_rne(state_m + offs, m_1, mask)
             optgen_tl.store_rne(state_v + offs, v_2, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
 

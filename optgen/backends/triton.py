@@ -123,19 +123,42 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
         return [f"{r.symbol.name} = tl.load(red + tensor * NRED + {j})" for j, r in enumerate(ir.reductions)
                 if r.level < level]
 
-    loads = loads_for(ir.tensors)
-    loads += [f"{sym.name} = tl.load({t.arg_names[k]})" for t in ir.tensors for k, sym, _ in t.side]
-    body = [f"{st.target.name} = {tile(st.expr)}" for st in ir.statements]
+    def needed_for(wanted: set, known: set) -> tuple[list, set]:
+        """The statements that compute ``wanted`` from the inputs and the ``known`` symbols, in order, and every
+        symbol they (or ``wanted`` itself) read."""
+        needed, reads = [], set(wanted)
+        for st in reversed(ir.statements):
+            if st.target in reads and st.target not in known:
+                needed.append(st)
+                reads |= st.expr.free_symbols
+        return needed[::-1], reads
+
+    def decode_inputs(reads: set) -> list[str]:
+        """Loads of the inputs in ``reads``, and of the new values of the states stored by an earlier pass."""
+        return (loads_for([t for t in ir.tensors if t.input in reads])
+                + [line for t in early for line in t.codec.triton_decode(t.output.name, t.arg_names, "offs", "mask")
+                   if t.output in reads])
+
+    # A state stored losslessly (fp32) whose new value a reduction pass already computes is stored by that pass,
+    # if nothing after it reads the old value: later passes decode the new value instead of recomputing it and
+    # need none of its inputs (LAMB's second pass then reads neither the gradient nor the old moments).
+    sides = {out for t in ir.tensors for _, _, out in t.side if out is not None}  # new per-tensor scales
+    early: list = []
     passes = []
     for level in range(1, ir.passes + 1):
-        wanted = set().union(*(r.arg.free_symbols for r in ir.reductions if r.level == level))
-        needed = []
-        for st in reversed(ir.statements):  # the statements the reductions of this pass depend on
-            if st.target in wanted:
-                needed.append(st)
-                wanted |= st.expr.free_symbols
-        lines = loads_for([t for t in ir.tensors if t.input in wanted]) + load_reductions(level)
-        lines += [f"{st.target.name} = {tile(st.expr)}" for st in reversed(needed)]
+        known = {t.output for t in early}
+        needed, reads = needed_for(set().union(*(r.arg.free_symbols for r in ir.reductions if r.level == level)), known)
+        lines = decode_inputs(reads) + load_reductions(level)
+        lines += [f"{st.target.name} = {tile(st.expr)}" for st in needed]
+        for t in ir.written:
+            if t.role != "state" or not t.codec.lossless or t.side or t.output not in {st.target for st in needed}:
+                continue
+            later = set().union(*(r.arg.free_symbols for r in ir.reductions if r.level > level),
+                                {u.output for u in ir.written if u is not t and u not in early} | sides)
+            if t.input not in needed_for(later, known | {t.output})[1]:
+                lines += t.codec.triton_encode(t.output.name, t.arg_names, "offs", "mask")
+                early.append(t)
+                known.add(t.output)
         for j, r in enumerate(ir.reductions):
             if r.level == level:
                 if r.kind == "sum":
@@ -145,12 +168,19 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
                     lines.append(f"tl.atomic_max(red + tensor * NRED + {j}, "
                                  f"tl.max(tl.where(mask, {tile(r.arg)}, float('-inf'))))")
         passes.append(lines)
+    if early:  # the final pass computes only what it still stores
+        stored_last = {t.output for t in ir.written if t not in early} | sides
+        needed, reads = needed_for(stored_last, {t.output for t in early})
+        loads, body = decode_inputs(reads), [f"{st.target.name} = {tile(st.expr)}" for st in needed]
+    else:
+        loads, body = loads_for(ir.tensors), [f"{st.target.name} = {tile(st.expr)}" for st in ir.statements]
+    loads += [f"{sym.name} = tl.load({t.arg_names[k]})" for t in ir.tensors for k, sym, _ in t.side]
     # A new per-tensor scale cannot be written to its buffer while other programs still decode with the old
     # one: every program stores it in a staging slot (the same value), encodes with it, and an epilogue pass
     # copies it to the buffer.
     slots = [r.kind for r in ir.reductions]
     stores, epilogue = [], []
-    for t in ir.written[1:] + ir.written[:1]:
+    for t in [t for t in ir.written[1:] + ir.written[:1] if t not in early]:
         ptrs = list(t.arg_names)
         for k, _, out in t.side:
             if out is not None:

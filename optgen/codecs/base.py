@@ -41,6 +41,7 @@ class Codec:
     param_dtypes: ClassVar[tuple[str, ...]] = ("float32",)  # dtypes accepted when it stores a parameter
     group_size: ClassVar[int] = 1  # elements per scale group (Triton tiles are rows of a multiple of it)
     needs_rng: ClassVar[bool] = False  # stochastic rounding: the renderings use the per-tensor ``key``
+    lossless: ClassVar[bool] = False  # decode(encode(x)) == x for every fp32 x (a kernel may store it early)
     imports: ClassVar[tuple[str, ...]] = ()  # import lines the generated module needs for the snippets
     # Read-only tables the Triton snippets use: (kernel argument name, host expression with {device}).
     constants: tuple[tuple[str, str], ...] = ()

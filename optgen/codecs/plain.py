@@ -37,6 +37,7 @@ class Fp32(PlainCodec):
     name = "fp32"
     dtype = "float32"
     param_dtypes = ("float32",)
+    lossless = True
 
 
 class Bf16(PlainCodec):
