@@ -176,7 +176,7 @@ if triton is not None:
                                  offs < numel_here)
 
     _launcher = MultiTensorLauncher(flash_lion_step_kernel, flash_lion_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True,
-                                   max_registers=48, written=(0, 1, 3, 4))
+                                   written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_lion_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale'))
     def flash_lion_step_triton(param: list[torch.Tensor], param_ecc: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:

@@ -45,12 +45,15 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple
     Register caps: a kernel takes the registers of its heavier path, the masked last tile of a tensor (whose
     loads do not vectorize: FlashAdamW's alone needs 96, its whole tile 56, the two together 64). Capped at
     what the whole tile needs, the masked path spills instead (it runs once per tensor) and more programs fit
-    on an SM: eighth session, H100, large set, back-to-back, no cap -> cap: FlashAdamW 1.95 -> 1.85 ms (48),
-    AdamW8bit 2.25 -> 2.16 (56; 48 spills in the whole tile too: 2.31), AdamW4bit 2.99 -> 2.90 (64; 56:
-    3.04), StochasticAdamW 1.65 -> 1.55 (64).
+    on an SM. Eighth session, H100, large set, kernel alone (``tune_tile``), no cap -> cap: AdamW8bit 2.34 ->
+    2.24 ms (56; 48 spills in the whole tile too: 2.41), AdamW4bit 3.06 -> 2.99 (64; 56: 3.13),
+    StochasticAdamW 1.73 -> 1.62 (64). But any cap, even one above the kernel's own count, changes how ptxas
+    allocates: the q8-group kernels lose with every cap from 72 down but FlashAdamW's (FlashSGD, 48 registers
+    of its own, 1.35 -> 1.54 ms at 72; FlashLion 1.46 -> 1.58; FlashAdamW 2.00 -> 1.95 at 48), so they go
+    without. The caps were measured on the built-in specs only (one per format family).
     """
     if group_size > 1:
-        cap = 48 if group_size < 128 else 64 if group_size == 128 else 56  # q8 groups, q4, q8_dynamic
+        cap = None if group_size < 128 else 64 if group_size == 128 else 56  # q8 groups, q4, q8_dynamic
         return 512, 4, group_size < 128, cap
     if has_reductions:
         return 2048, 4, False, None
