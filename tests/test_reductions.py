@@ -1,7 +1,9 @@
 """Whole-tensor reductions (norm, sum, max): LAMB against a float64 transcription of cybertronai/pytorch-lamb,
 on both backends, and a custom spec that uses sum, max and numel."""
 
+import inspect
 import os
+import sys
 
 import pytest
 import torch
@@ -101,3 +103,56 @@ def test_sum_max_numel_in_a_custom_spec(tmp_path, backend):
         assert torch.allclose(p.detach().double(), expected, rtol=0, atol=1e-6 * float(b.abs().max()))
         assert float((p.detach().double() - b).abs().max()) <= 0.02 * (1 + 1e-5)
         assert torch.equal(opt.state[p]["count"], torch.ones_like(p))
+
+
+EARLY_SPEC = """
+name: early_store_probe
+class: EarlyStoreProbe
+doc: Two fp32 states that the reduction pass computes; the update also reads m's old value.
+hyperparams:
+  lr: {default: 0.1, range: "[0, inf)"}
+param: {storage: native}
+grad:  {storage: native}
+state:
+  m: {storage: fp32}
+  u: {storage: fp32}
+update: |
+  m0 = m
+  m = 0.5*m + g
+  u = u + g*g
+  n = norm(m) + norm(u)
+  p = p - lr*(m + m0)/(n + 1)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_store_only_where_no_later_pass_reads_the_old_value(tmp_path, backend):
+    """The first pass stores u (fp32, its new value computed there, its old value read nowhere after) but not m,
+    whose old value the last pass still reads; three steps match float64 on both backends."""
+    path = tmp_path / "early_store_probe.yaml"
+    path.write_text(EARLY_SPEC)
+    cls = optgen.load(path)
+    source = inspect.getsource(sys.modules[cls.__module__])
+    first_pass = source[source.index("if PASS == 1:"):source.index("elif PASS == 2:")]
+    assert "store_rne(state_u + offs" in first_pass and "state_m + offs, m_1" not in first_pass
+    torch.manual_seed(3)
+    shapes = [(3001,), (40, 50), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
+    ref = [(p.detach().double().cpu().clone(), torch.zeros(s, dtype=torch.float64), torch.zeros(s, dtype=torch.float64))
+           for p, s in zip(params, shapes)]
+    opt = cls(params, lr=0.1, backend=backend)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for k, g in enumerate(grads):
+            p64, m, u = ref[k]
+            g = g.double().cpu()
+            m_new, u_new = 0.5 * m + g, u + g * g
+            n = m_new.norm() + u_new.norm()
+            ref[k] = (p64 - 0.1 * (m_new + m) / (n + 1), m_new, u_new)
+    for p, (p64, m, u) in zip(params, ref):
+        assert torch.allclose(p.detach().double().cpu(), p64, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(opt.state[p]["m"].double().cpu(), m, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(opt.state[p]["u"].double().cpu(), u, rtol=1e-6, atol=1e-7)
