@@ -25,7 +25,8 @@ TILE_COLS = 256  # row length of elementwise specs (grouped formats use their gr
 LAYOUT_LABELS = {"": "as specified", "fp32": "with fp32 states", "native": "fp32 states, parameter as it is"}
 
 
-def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple[int, int, bool, int | None]:
+def tile_config(group_size: int, needs_rng: bool, has_reductions: bool,
+                register_cap: int | None = None) -> tuple[int, int, bool, int | None]:
     """(elements per program, num_warps, aligned hint, register cap per thread or None) of a kernel; swept on an
     H100 (benchmarks/RESULTS.md).
 
@@ -50,14 +51,22 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple
     StochasticAdamW 1.73 -> 1.62 (64). But any cap, even one above the kernel's own count, changes how ptxas
     allocates: the q8-group kernels lose with every cap from 72 down but FlashAdamW's (FlashSGD, 48 registers
     of its own, 1.35 -> 1.54 ms at 72; FlashLion 1.46 -> 1.58; FlashAdamW 2.00 -> 1.95 at 48), so they go
-    without. The caps were measured on the built-in specs only (one per format family).
+    without. So each format declares its cap (``Codec.register_cap``, measured on its built-in spec), and a
+    kernel without reductions takes it when all its grouped and stochastic-rounding formats agree
+    (``register_cap``, from ``formats_register_cap``).
     """
     if group_size > 1:
-        cap = None if group_size < 128 else 64 if group_size == 128 else 56  # q8 groups, q4, q8_dynamic
-        return 512, 4, group_size < 128, cap
+        return 512, 4, group_size < 128, None if has_reductions else register_cap
     if has_reductions:
         return 2048, 4, False, None
-    return (1024, 4, True, 64) if needs_rng else (512, 4, True, None)
+    return (1024, 4, True, register_cap) if needs_rng else (512, 4, True, register_cap)
+
+
+def formats_register_cap(codecs: list) -> int | None:
+    """The register cap the kernel's grouped and stochastic-rounding formats all declare, else None (formats
+    with another cap, or none, between them: an unmeasured mix runs uncapped)."""
+    caps = {c.register_cap for c in codecs if c.group_size > 1 or c.needs_rng}
+    return caps.pop() if len(caps) == 1 else None
 
 
 def _docstring(text: str) -> str:
@@ -222,7 +231,8 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     kernel = render_triton_kernel(ir)
     # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
-    elements, warps, aligned, max_registers = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions))
+    elements, warps, aligned, max_registers = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions),
+                                                          formats_register_cap([t.codec for t in ir.tensors]))
     uses_numel = any(sympy.Symbol("numel") in e.free_symbols
                      for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions])
     return {

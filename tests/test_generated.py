@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from optgen.build import build_file
+from optgen.build import build_file, formats_register_cap
+from optgen.codecs import get_codec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -26,3 +27,18 @@ def test_generated_module_is_up_to_date(spec, tmp_path):
 def test_generated_module_is_valid_python(spec):
     source = (ROOT / "generated" / f"{spec.stem}.py").read_text()
     compile(source, spec.stem, "exec")
+
+
+def _codecs(*names_options):
+    return [get_codec(name, options, "state", ValueError) for name, options in names_options]
+
+
+def test_register_cap_only_where_the_formats_agree():
+    """A kernel takes a register cap only when all its grouped and stochastic-rounding formats declare the same one:
+    q8 groups of any size declare none, and a mix of q8_dynamic (56) and q4 (64) runs uncapped."""
+    assert formats_register_cap(_codecs(("q8_dynamic", {}), ("q8_dynamic", {"signed": False}), ("fp32", {}))) == 56
+    assert formats_register_cap(_codecs(("q4_dynamic", {}), ("q4_linear", {}))) == 64
+    assert formats_register_cap(_codecs(("q8_softsign", {"group": 256}), ("q8_sqrt", {"group": 128}))) is None
+    assert formats_register_cap(_codecs(("q8_dynamic", {}), ("q4_linear", {}))) is None
+    assert formats_register_cap(_codecs(("q8_dynamic", {}), ("q8_softsign", {}))) is None
+    assert formats_register_cap(_codecs(("fp32", {}), ("bf16", {}))) is None

@@ -125,6 +125,60 @@ update: |
 """
 
 
+TWO_LEVEL_SPEC = """
+name: two_level_probe
+class: TwoLevelProbe
+doc: m is final in the first pass, u (which needs norm(m)) in the second; both are stored where they are computed.
+hyperparams:
+  lr: {default: 0.1, range: "[0, inf)"}
+param: {storage: native}
+grad:  {storage: native}
+state:
+  m: {storage: fp32}
+  u: {storage: fp32}
+update: |
+  m = 0.5*m + g
+  a = norm(m)
+  u = u + g*g/(a + 1)
+  b = norm(u)
+  p = p - lr*m*u/(a + b + 1)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_stores_over_two_reduction_levels(tmp_path, backend):
+    """m is stored by the first pass, u (computed from the first level's norm) by the second; the last pass reads
+    both back. Three steps against float64."""
+    path = tmp_path / "two_level_probe.yaml"
+    path.write_text(TWO_LEVEL_SPEC)
+    cls = optgen.load(path)
+    source = inspect.getsource(sys.modules[cls.__module__])
+    passes = source[source.index("if PASS == 1:"):source.index("elif PASS == 3:")].split("elif PASS == 2:")
+    assert "state_m + offs, m_1" in passes[0] and "state_u + offs, u_1" in passes[1]
+    torch.manual_seed(4)
+    shapes = [(3001,), (40, 50), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
+    ref = [(p.detach().double().cpu().clone(), torch.zeros(s, dtype=torch.float64),
+            torch.zeros(s, dtype=torch.float64)) for p, s in zip(params, shapes)]
+    opt = cls(params, lr=0.1, backend=backend)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for k, g in enumerate(grads):
+            p64, m, u = ref[k]
+            g = g.double().cpu()
+            m = 0.5 * m + g
+            a = m.norm()
+            u = u + g * g / (a + 1)
+            ref[k] = (p64 - 0.1 * m * u / (a + u.norm() + 1), m, u)
+    for p, (p64, m, u) in zip(params, ref):
+        assert torch.allclose(p.detach().double().cpu(), p64, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(opt.state[p]["m"].double().cpu(), m, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(opt.state[p]["u"].double().cpu(), u, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_early_store_only_where_no_later_pass_reads_the_old_value(tmp_path, backend):
     """The first pass stores u (fp32, its new value computed there, its old value read nowhere after) but not m,

@@ -141,7 +141,8 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
 
     # A state stored losslessly (fp32) whose new value a reduction pass already computes is stored by that pass,
     # if nothing after it reads the old value: later passes decode the new value instead of recomputing it and
-    # need none of its inputs (LAMB's second pass then reads neither the gradient nor the old moments).
+    # need none of its inputs (LAMB's second pass then reads neither the gradient nor the old moments). A step
+    # stopped between its passes (a failed all-reduce under FSDP) leaves such states updated and the rest not.
     sides = {out for t in ir.tensors for _, _, out in t.side if out is not None}  # new per-tensor scales
     early: list = []
     passes = []

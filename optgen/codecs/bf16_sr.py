@@ -80,6 +80,7 @@ class Bf16SR(Codec):
     roles = frozenset({"param", "state"})
     param_dtypes = ("bfloat16",)
     needs_rng = True
+    register_cap = 64
     imports = ("from optgen.codecs import bf16_sr",)
 
     def buffers(self) -> list[Buffer]:

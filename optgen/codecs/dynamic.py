@@ -108,8 +108,8 @@ def _bucket_bases(mids: torch.Tensor) -> torch.Tensor:
     first = torch.arange(2**KEY_BITS, dtype=torch.int64) << KEY_SHIFT
     ends = torch.stack([first, first + (1 << KEY_SHIFT) - 1]).to(torch.int32).view(torch.float32)  # same bits
     low, high = ends.amin(0), ends.amax(0)  # negative buckets run downwards
-    inside = low.abs() <= 1.0  # x/s is within [-1, 1]; the other buckets are never read
-    base = torch.where(inside, torch.bucketize(low, mids), 0)
+    inside = (low <= 1.0) & (high >= -1.0)  # the buckets x/s (in [-1, 1]) can fall in; the others are never read
+    base = torch.where(inside, torch.bucketize(low.clamp(-1.0, 1.0), mids), 0)
     if int((torch.bucketize(high.clamp(-1.0, 1.0), mids) - base)[inside].max()) > 1:
         raise AssertionError("a bucket of the q8 table holds two midpoints: lower KEY_SHIFT")
     return base.to(torch.uint8).view(torch.float32)
@@ -350,6 +350,7 @@ class Q8Dynamic(Codec):
     """
 
     name = "q8_dynamic"
+    register_cap = 56
     roles = frozenset({"state"})
     group_size = Q8_BLOCK
     imports = ("from optgen.codecs import dynamic",)
@@ -394,6 +395,7 @@ class Q4Codec(Codec):
 
     roles = frozenset({"state"})
     group_size = Q4_BLOCK
+    register_cap = 64
     imports = ("from optgen.codecs import dynamic",)
     signed: bool
     numel_expr = "param[i].numel()"

@@ -115,12 +115,12 @@ if triton is not None:
         neg_l = -_half_ulp_exponent_tl(p32, MANT, EMIN)
         a = neg_l >> 1
         z = (x - p32) * _pow2_tl(a) * _pow2_tl(neg_l - a)
-        z = z * N  # |z| <= N: p32 is x rounded to nearest (z is NaN or inf only where rho is set to 0 below)
+        # |z| <= N (p32 is x rounded to nearest) where p32 is finite; p32 is not finite exactly where x is not
+        # finite or rounds to inf, and there rho = 0
+        z = tl.where(tl.abs(p32) < float("inf"), z * N, 0.0)
         # half away from zero: truncate z + copysign(0.5, z), the same float as sign(z) * floor(|z| + 0.5)
         half = ((z.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F000000).to(tl.float32, bitcast=True)
         rho = (z + half).to(tl.int32)
-        # p32 is not finite exactly where x is not finite or rounds to inf: then rho = 0
-        rho = tl.where(tl.abs(p32) < float("inf"), rho, 0)
         tl.store(p_ptr + offs, narrow, mask=mask)
         tl.store(e_ptr + offs, rho.to(e_ptr.dtype.element_ty), mask=mask)
 

@@ -215,7 +215,8 @@ class MultiTensorLauncher:
                 extra: dict[str, int]) -> None:
         with _on(device):
             # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
-            cap = {} if self.max_registers is None else {"maxnreg": self.max_registers}
+            # a register cap is an NVIDIA option (Triton's AMD backend rejects the keyword)
+            cap = {} if self.max_registers is None or torch.version.hip else {"maxnreg": self.max_registers}
             self.kernel[(n_blocks,)](*args, **constexprs, **extra, **cap, ROWS=self.rows, COLS=self.cols,
                                      ALIGNED=self.aligned, num_warps=self.num_warps, enable_fp_fusion=False)
 
