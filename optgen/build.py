@@ -25,10 +25,8 @@ TILE_COLS = 256  # row length of elementwise specs (grouped formats use their gr
 LAYOUT_LABELS = {"": "as specified", "fp32": "with fp32 states", "native": "fp32 states, parameter as it is"}
 
 
-def tile_config(group_size: int, needs_rng: bool, has_reductions: bool,
-                register_cap: int | None = None) -> tuple[int, int, bool, int | None]:
-    """(elements per program, num_warps, aligned hint, register cap per thread or None) of a kernel; swept on an
-    H100 (benchmarks/RESULTS.md).
+def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple[int, int, bool]:
+    """(elements per program, num_warps, aligned hint) of a kernel; swept on an H100 (benchmarks/RESULTS.md).
 
     Small tiles move bytes fastest: more programs fit on an SM, and each thread keeps fewer values live.
     Kernel alone, large set, one run, 4096 elements x 8 warps -> 512 x 4: AdamW 0.93 -> 0.97 of copy
@@ -42,8 +40,19 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool,
     q8_dynamic and Lamb16 ones (Lamb16's update pass 1737 -> 1792), so kernels with reductions go without.
     Kernels with reductions then take 2048 x 4 (seventh session, same H100, back-to-back: Lamb16 6.02 ->
     5.05 ms, Lamb 4.46 -> 4.42; every thread computes the per-tensor factors, so more elements per thread pay).
+    """
+    if group_size > 1:
+        return 512, 4, group_size < 128
+    if has_reductions:
+        return 2048, 4, False
+    return (1024, 4, True) if needs_rng else (512, 4, True)
 
-    Register caps: a kernel takes the registers of its heavier path, the masked last tile of a tensor (whose
+
+def formats_register_cap(codecs: list) -> int | None:
+    """The register cap per thread (Triton's ``maxnreg``) of a kernel without reductions: the one its grouped and
+    stochastic-rounding formats all declare, else None (an unmeasured mix runs uncapped).
+
+    A kernel takes the registers of its heavier path, the masked last tile of a tensor (whose
     loads do not vectorize: FlashAdamW's alone needs 96, its whole tile 56, the two together 64). Capped at
     what the whole tile needs, the masked path spills instead (it runs once per tensor) and more programs fit
     on an SM. Eighth session, H100, large set, kernel alone (``tune_tile``), no cap -> cap: AdamW8bit 2.34 ->
@@ -51,20 +60,8 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool,
     StochasticAdamW 1.73 -> 1.62 (64). But any cap, even one above the kernel's own count, changes how ptxas
     allocates: the q8-group kernels lose with every cap from 72 down but FlashAdamW's (FlashSGD, 48 registers
     of its own, 1.35 -> 1.54 ms at 72; FlashLion 1.46 -> 1.58; FlashAdamW 2.00 -> 1.95 at 48), so they go
-    without. So each format declares its cap (``Codec.register_cap``, measured on its built-in spec), and a
-    kernel without reductions takes it when all its grouped and stochastic-rounding formats agree
-    (``register_cap``, from ``formats_register_cap``).
+    without. So each format declares its cap (``Codec.register_cap``, measured on its built-in spec).
     """
-    if group_size > 1:
-        return 512, 4, group_size < 128, None if has_reductions else register_cap
-    if has_reductions:
-        return 2048, 4, False, None
-    return (1024, 4, True, register_cap) if needs_rng else (512, 4, True, register_cap)
-
-
-def formats_register_cap(codecs: list) -> int | None:
-    """The register cap the kernel's grouped and stochastic-rounding formats all declare, else None (formats
-    with another cap, or none, between them: an unmeasured mix runs uncapped)."""
     caps = {c.register_cap for c in codecs if c.group_size > 1 or c.needs_rng}
     return caps.pop() if len(caps) == 1 else None
 
@@ -231,8 +228,8 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     kernel = render_triton_kernel(ir)
     # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
-    elements, warps, aligned, max_registers = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions),
-                                                          formats_register_cap([t.codec for t in ir.tensors]))
+    elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions))
+    max_registers = None if ir.reductions else formats_register_cap([t.codec for t in ir.tensors])
     uses_numel = any(sympy.Symbol("numel") in e.free_symbols
                      for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions])
     return {

@@ -42,7 +42,7 @@ class Codec:
     group_size: ClassVar[int] = 1  # elements per scale group (Triton tiles are rows of a multiple of it)
     needs_rng: ClassVar[bool] = False  # stochastic rounding: the renderings use the per-tensor ``key``
     lossless: ClassVar[bool] = False  # decode(encode(x)) == x for every fp32 x (a kernel may store it early)
-    # Triton register cap per thread that the format's kernels were measured faster with (optgen.build.tile_config)
+    # Triton register cap per thread its kernels were measured faster with (optgen.build.formats_register_cap)
     register_cap: ClassVar[int | None] = None
     imports: ClassVar[tuple[str, ...]] = ()  # import lines the generated module needs for the snippets
     # Read-only tables the Triton snippets use: (kernel argument name, host expression with {device}).
