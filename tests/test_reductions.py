@@ -2,6 +2,7 @@
 on both backends, and a custom spec that uses sum, max and numel."""
 
 import inspect
+import itertools
 import os
 import sys
 
@@ -145,17 +146,37 @@ update: |
 """
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_early_stores_over_two_reduction_levels(tmp_path, backend):
-    """m is stored by the first pass, u (computed from the first level's norm) by the second; the last pass reads
-    both back. Three steps against float64."""
-    path = tmp_path / "two_level_probe.yaml"
-    path.write_text(TWO_LEVEL_SPEC)
-    cls = optgen.load(path)
+EARLY_SPEC = """
+name: early_store_probe
+class: EarlyStoreProbe
+doc: Two fp32 states that the reduction pass computes; the update also reads m's old value.
+hyperparams:
+  lr: {default: 0.1, range: "[0, inf)"}
+param: {storage: native}
+grad:  {storage: native}
+state:
+  m: {storage: fp32}
+  u: {storage: fp32}
+update: |
+  m0 = m
+  m = 0.5*m + g
+  u = u + g*g
+  n = norm(m) + norm(u)
+  p = p - lr*(m + m0)/(n + 1)
+"""
+
+
+def _first_passes(cls, count: int) -> list[str]:
+    """The generated tile function's first ``count`` passes, as text."""
     source = inspect.getsource(sys.modules[cls.__module__])
-    passes = source[source.index("if PASS == 1:"):source.index("elif PASS == 3:")].split("elif PASS == 2:")
-    assert "state_m + offs, m_1" in passes[0] and "state_u + offs, u_1" in passes[1]
-    torch.manual_seed(4)
+    ends = [source.index(f"PASS == {k}:") for k in range(1, count + 2)]
+    return [source[a:b] for a, b in itertools.pairwise(ends)]
+
+
+def _three_steps_against_float64(cls, backend, seed, step64):
+    """Three steps of a spec with fp32 states m and u and lr 0.1 on three shapes (one ends in a partial tile),
+    against ``step64(p, m, u, g) -> (p, m, u)`` in float64."""
+    torch.manual_seed(seed)
     shapes = [(3001,), (40, 50), (1,)]
     params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
     ref = [(p.detach().double().cpu().clone(), torch.zeros(s, dtype=torch.float64),
@@ -166,17 +187,30 @@ def test_early_stores_over_two_reduction_levels(tmp_path, backend):
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-        for k, g in enumerate(grads):
-            p64, m, u = ref[k]
-            g = g.double().cpu()
-            m = 0.5 * m + g
-            a = m.norm()
-            u = u + g * g / (a + 1)
-            ref[k] = (p64 - 0.1 * m * u / (a + u.norm() + 1), m, u)
+        ref = [step64(*r, g.double().cpu()) for r, g in zip(ref, grads)]
     for p, (p64, m, u) in zip(params, ref):
         assert torch.allclose(p.detach().double().cpu(), p64, rtol=1e-6, atol=1e-7)
         assert torch.allclose(opt.state[p]["m"].double().cpu(), m, rtol=1e-6, atol=1e-7)
         assert torch.allclose(opt.state[p]["u"].double().cpu(), u, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_stores_over_two_reduction_levels(tmp_path, backend):
+    """m is stored by the first pass, u (computed from the first level's norm) by the second; the last pass reads
+    both back. Three steps against float64."""
+    path = tmp_path / "two_level_probe.yaml"
+    path.write_text(TWO_LEVEL_SPEC)
+    cls = optgen.load(path)
+    passes = _first_passes(cls, 2)
+    assert "state_m + offs, m_1" in passes[0] and "state_u + offs, u_1" in passes[1]
+
+    def step64(p, m, u, g):
+        m = 0.5 * m + g
+        a = m.norm()
+        u = u + g * g / (a + 1)
+        return p - 0.1 * m * u / (a + u.norm() + 1), m, u
+
+    _three_steps_against_float64(cls, backend, 4, step64)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,27 +220,11 @@ def test_early_store_only_where_no_later_pass_reads_the_old_value(tmp_path, back
     path = tmp_path / "early_store_probe.yaml"
     path.write_text(EARLY_SPEC)
     cls = optgen.load(path)
-    source = inspect.getsource(sys.modules[cls.__module__])
-    first_pass = source[source.index("if PASS == 1:"):source.index("elif PASS == 2:")]
+    first_pass = _first_passes(cls, 1)[0]
     assert "store_rne(state_u + offs" in first_pass and "state_m + offs, m_1" not in first_pass
-    torch.manual_seed(3)
-    shapes = [(3001,), (40, 50), (1,)]
-    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
-    ref = [(p.detach().double().cpu().clone(), torch.zeros(s, dtype=torch.float64), torch.zeros(s, dtype=torch.float64))
-           for p, s in zip(params, shapes)]
-    opt = cls(params, lr=0.1, backend=backend)
-    for _ in range(3):
-        grads = [torch.randn_like(p) for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        for k, g in enumerate(grads):
-            p64, m, u = ref[k]
-            g = g.double().cpu()
-            m_new, u_new = 0.5 * m + g, u + g * g
-            n = m_new.norm() + u_new.norm()
-            ref[k] = (p64 - 0.1 * (m_new + m) / (n + 1), m_new, u_new)
-    for p, (p64, m, u) in zip(params, ref):
-        assert torch.allclose(p.detach().double().cpu(), p64, rtol=1e-6, atol=1e-7)
-        assert torch.allclose(opt.state[p]["m"].double().cpu(), m, rtol=1e-6, atol=1e-7)
-        assert torch.allclose(opt.state[p]["u"].double().cpu(), u, rtol=1e-6, atol=1e-7)
+
+    def step64(p, m, u, g):
+        m_new, u_new = 0.5 * m + g, u + g * g
+        return p - 0.1 * (m_new + m) / (m_new.norm() + u_new.norm() + 1), m_new, u_new
+
+    _three_steps_against_float64(cls, backend, 3, step64)
