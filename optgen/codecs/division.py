@@ -22,12 +22,12 @@ except ImportError:  # pragma: no cover - without Triton there is nothing to def
     triton = None
 
 if triton is not None:
-    _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # read when Triton reads it: at import
+    INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # read when Triton reads it: at import
 
     @triton.jit
     def reciprocal_estimate(b):
         """1/b within an ulp for normal b (the interpreter, which has no inline assembly, gives it exactly)."""
-        if _INTERPRETED:
+        if INTERPRETED:
             y = 1.0 / b
         else:
             y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [b], dtype=tl.float32,

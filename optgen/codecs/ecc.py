@@ -7,8 +7,9 @@ Encode an fp32 master x (M mantissa bits of the narrow format, N = 127 or 32767)
   rho = round_half_away(e * 2^-l * N)  (|e * 2^-l| <= 1, as p is x rounded to nearest)
 Decode: x = p + (rho / N) * 2^l. Error <= ULP(p) / (4N) plus half an fp32 ulp of x (the decode rounds to
 fp32, which dominates for bf16+int16): about 1.5e-5 relative for bf16+int8, 1.2e-7 for
-bf16+int16, 1.9e-6 for fp16+int8. Powers of two are built from exponent bits and applied in two factors
-(2^-l alone can overflow fp32). A non-finite p keeps rho = 0. Both backends run the same fp32 operations
+bf16+int16, 1.9e-6 for fp16+int8. Powers of two are built from the exponent bits of p: decode multiplies by
+2^l = 2^E * 2^-(M+1), encode by 2^(1-E) (normal for every E) and then by the exact constant 2^M * N (2^-l
+alone can overflow fp32); every product but the last is exact. A non-finite p keeps rho = 0. Both backends run the same fp32 operations
 (the Triton launcher disables FMA contraction, which would change z*N + 0.5 near ties); bf16 moves as bits
 (optgen.codecs.rounding: the interpreter's bf16 casts mangle subnormals); the interpreter's fp16 casts
 match torch (checked on every fp16 pattern and on ties/subnormals in tests/test_codecs_bf16_exact.py).
@@ -43,15 +44,21 @@ MAX_EXP = {"bf16": 127, "fp16": 15}  # exponent of the largest finite value
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch
-def _pow2(k: torch.Tensor) -> torch.Tensor:
-    """2^k as fp32 for integer k in [-126, 127], built from its exponent bits."""
-    return ((k + 127).to(torch.int32) << 23).view(torch.float32)
+def _exponent_bits(p32: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The exponent field of p32 (as int32 bits, mantissa 0), at least the narrow format's smallest normal's:
+    the bits of 2^E, E the exponent the ULP of p32 in the narrow format is taken from."""
+    return torch.clamp(p32.view(torch.int32) & 0x7F800000, min=(FORMATS[fmt][1] + 127) << 23)
 
 
-def _half_ulp_exponent(p32: torch.Tensor, fmt: str) -> torch.Tensor:
-    mant, emin = FORMATS[fmt]
-    biased = (p32.view(torch.int32) >> 23) & 0xFF
-    return torch.clamp(biased - 127, min=emin) - mant - 1
+def _half_ulp(p32: torch.Tensor, fmt: str) -> torch.Tensor:
+    """2^(E - M - 1), half an ULP of p32 in the narrow format (finite, also for an inf or NaN p32)."""
+    bits = torch.clamp(_exponent_bits(p32, fmt), max=0x7F000000)  # E <= 127 for an inf or NaN p32
+    return bits.view(torch.float32) * 2.0 ** -(FORMATS[fmt][0] + 1)
+
+
+def _inverse_exponent(p32: torch.Tensor, fmt: str) -> torch.Tensor:
+    """2^(1 - E) (normal for every E in [-126, 127]; 0 for an inf or NaN p32)."""
+    return (0x7F800000 - _exponent_bits(p32, fmt)).view(torch.float32)
 
 
 def _round_narrow(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -62,18 +69,14 @@ def _round_narrow(x: torch.Tensor, fmt: str) -> torch.Tensor:
 def torch_decode(p: torch.Tensor, ecc: torch.Tensor, fmt: str, n: int) -> torch.Tensor:
     """The fp32 master weight (flat) from the narrow value and its correction."""
     p32 = p.reshape(-1).float()
-    neg_l = -_half_ulp_exponent(p32, fmt)
-    a = neg_l >> 1
     frac = ecc.reshape(-1).float() / torch.full((), float(n), device=p32.device)
-    return p32 + frac * _pow2(-a) * _pow2(-(neg_l - a))
+    return p32 + frac * _half_ulp(p32, fmt)
 
 
 def torch_encode(x: torch.Tensor, p: torch.Tensor, ecc: torch.Tensor, fmt: str, n: int) -> None:
     """Store the fp32 master x (flat) as narrow value + correction, in place."""
     p32 = _round_narrow(x, fmt)
-    neg_l = -_half_ulp_exponent(p32, fmt)
-    a = neg_l >> 1
-    z = (x - p32) * _pow2(a) * _pow2(neg_l - a) * float(n)  # |z| <= n: p32 is x rounded to nearest
+    z = (x - p32) * _inverse_exponent(p32, fmt) * float(2 ** FORMATS[fmt][0] * n)  # |z| <= n: p32 is x rounded
     rho = torch.sign(z) * torch.floor(torch.abs(z) + 0.5)
     rho = torch.where(torch.isfinite(p32), rho, 0.0)  # x inf or NaN gives p32 inf or NaN
     p.copy_((torch_to_bf16(p32) if fmt == "bf16" else p32.to(torch.float16)).view(p.shape))
@@ -84,13 +87,8 @@ def torch_encode(x: torch.Tensor, p: torch.Tensor, ecc: torch.Tensor, fmt: str, 
 if triton is not None:
 
     @triton.jit
-    def _pow2_tl(k):
-        return ((k + 127) << 23).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _half_ulp_exponent_tl(p32, MANT: tl.constexpr, EMIN: tl.constexpr):
-        biased = (p32.to(tl.int32, bitcast=True) >> 23) & 0xFF
-        return tl.maximum(biased - 127, EMIN) - MANT - 1
+    def _exponent_bits_tl(p32, EMIN: tl.constexpr):
+        return tl.maximum(p32.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23)
 
     @triton.jit
     def triton_decode(p_ptr, e_ptr, offs, mask, MANT: tl.constexpr, EMIN: tl.constexpr, N: tl.constexpr):
@@ -99,10 +97,9 @@ if triton is not None:
         else:
             p32 = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         rho = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.float32)
-        neg_l = -_half_ulp_exponent_tl(p32, MANT, EMIN)
-        a = neg_l >> 1
+        exponent = tl.minimum(_exponent_bits_tl(p32, EMIN), 0x7F000000).to(tl.float32, bitcast=True)
         # rho/N: an integer |rho| <= N <= 32767 over N, correctly rounded (every code checked in tests)
-        return p32 + quotient(rho, N * 1.0, 1.0 / N) * _pow2_tl(-a) * _pow2_tl(-(neg_l - a))
+        return p32 + quotient(rho, N * 1.0, 1.0 / N) * (exponent * (0.5 ** (MANT + 1)))
 
     @triton.jit
     def triton_encode(x, p_ptr, e_ptr, offs, mask, MANT: tl.constexpr, EMIN: tl.constexpr, N: tl.constexpr):
@@ -112,12 +109,11 @@ if triton is not None:
         else:
             narrow = x.to(tl.float16)
             p32 = narrow.to(tl.float32)
-        neg_l = -_half_ulp_exponent_tl(p32, MANT, EMIN)
-        a = neg_l >> 1
-        z = (x - p32) * _pow2_tl(a) * _pow2_tl(neg_l - a)
+        inverse = (0x7F800000 - _exponent_bits_tl(p32, EMIN)).to(tl.float32, bitcast=True)
+        z = (x - p32) * inverse * ((2**MANT) * N)
         # |z| <= N (p32 is x rounded to nearest) where p32 is finite; p32 is not finite exactly where x is not
         # finite or rounds to inf, and there rho = 0
-        z = tl.where(tl.abs(p32) < float("inf"), z * N, 0.0)
+        z = tl.where(tl.abs(p32) < float("inf"), z, 0.0)
         # half away from zero: truncate z + copysign(0.5, z), the same float as sign(z) * floor(|z| + 0.5)
         half = ((z.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F000000).to(tl.float32, bitcast=True)
         rho = (z + half).to(tl.int32)

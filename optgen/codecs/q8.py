@@ -62,7 +62,7 @@ try:  # the module must import without Triton (then only the PyTorch path exists
     import triton
     import triton.language as tl
 
-    from optgen.codecs.division import quotient, reciprocal_estimate
+    from optgen.codecs.division import INTERPRETED, quotient, reciprocal_estimate
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
@@ -211,6 +211,18 @@ if triton is not None:
         return quotient(q, d, reciprocal_estimate(d))
 
     @triton.jit
+    def floor_code(y):
+        """floor(y) as an int32 code, 0 for NaN: on the GPU one ``cvt.rmi.s32.f32`` (PTX converts NaN to 0), in
+        place of a floor, a NaN test and a conversion (the interpreter runs those three)."""
+        if INTERPRETED:
+            q = tl.floor(y)
+            code = tl.where(q == q, q, 0.0).to(tl.int32)  # noqa: PLR0124
+        else:
+            code = tl.inline_asm_elementwise("cvt.rmi.s32.f32 $0, $1;", "=r,r", [y], dtype=tl.int32, is_pure=True,
+                                             pack=1)
+        return code
+
+    @triton.jit
     def _encode(x, q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr, KIND: tl.constexpr):
         # KIND: 0 linear, 1 softsign, 2 sqrt
         x = tl.where(mask, x, 0.0)
@@ -221,14 +233,9 @@ if triton is not None:
         if KIND == 1:
             r = softsign(r)
         if KIND == 2:
-            q = tl.floor(r * 255.0 + 0.5)
+            tl.store(q_ptr + offs, floor_code(r * 255.0 + 0.5).to(tl.uint8), mask=mask)
         else:
-            q = tl.floor(r * 127.0 + 0.5)
-        q = tl.where(q == q, q, 0.0)  # noqa: PLR0124 (NaN -> code 0)
-        if KIND == 2:
-            tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
-        else:
-            tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+            tl.store(q_ptr + offs, floor_code(r * 127.0 + 0.5).to(tl.int8), mask=mask)
         store_group_values(s_ptr, s.to(tl.float16), start, count, x, G)
 
     @triton.jit
