@@ -1,7 +1,7 @@
 """Tile-shape sweep for the generated multi-tensor kernel (GPU): which (rows, cols, num_warps) and register cap
 (Triton's ``maxnreg``) move bytes fastest.
 
-    python -m benchmarks.tune_tile [--spec adamw] [--sets large,gpt2] [--tiles all|default]
+    python -m benchmarks.tune_tile [--spec adamw] [--sets large,gpt2] [--tiles all|default|512x4,1024x8]
                                    [--max-registers none,64,72,80]      (from the repository root)
 
 Times the kernel alone (tables cached, CUDA events, median) on the large parameter set of step_bench.py,
@@ -42,8 +42,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--spec", default="adamw")
     parser.add_argument("--sets", default="large,gpt2")
-    parser.add_argument("--tiles", choices=["all", "default"], default="all",
-                        help="every tile of ELEMENTS_WARPS, or only the generated kernel's own")
+    parser.add_argument("--tiles", default="all",
+                        help="'all' (every tile of ELEMENTS_WARPS), 'default' (the generated kernel's own), or a "
+                             "comma-separated list of ELEMENTSxWARPS")
     parser.add_argument("--max-registers", default="default",
                         help="comma-separated caps per thread to try: numbers, 'none', or 'default' (the kernel's)")
     args = parser.parse_args()
@@ -72,7 +73,8 @@ def main() -> None:
         print("| rows | cols | warps | max registers | kernel ms | frac copy BW |\n|---|---|---|---|---|---|")
         default = (launcher.rows, launcher.cols, launcher.num_warps, launcher.max_registers)
         cols = launcher.cols  # fixed by the storage format's group size
-        tiles = ELEMENTS_WARPS if args.tiles == "all" else [(launcher.block, launcher.num_warps)]
+        tiles = (ELEMENTS_WARPS if args.tiles == "all" else [(launcher.block, launcher.num_warps)]
+                 if args.tiles == "default" else [tuple(map(int, t.split("x"))) for t in args.tiles.split(",")])
         caps = [default[3] if c == "default" else None if c == "none" else int(c) for c in args.max_registers.split(",")]
         for (elements, warps), cap in itertools.product(tiles, caps):
             rows = elements // cols
