@@ -671,3 +671,51 @@ update: |
     want = p.detach().double() - 0.1 * p.grad.double()  # n starts at 0: the first step moves p by lr*g
     cls([p], lr=0.1).step()
     assert float((p.detach().double() - want).abs().max()) <= 0.1 * float(p.grad.abs().max()) / 127
+
+
+def test_step_hooks_run_as_torch_runs_them():
+    """Instance and global step hooks run once per step, in torch's order, with (optimizer, args, kwargs); a
+    pre-hook may replace the arguments; torch does not wrap the step a second time."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    params = rand_params(11)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = AdamW(params, lr=1e-2)
+    assert type(opt).step is optgen.runtime.optimizer.OptgenOptimizer.step  # not re-wrapped by torch
+    calls, losses = [], []
+
+    def closure():
+        losses.append(1.0)
+        return torch.tensor(3.0)
+
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", o, a[1:], k))),
+        opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o, a[1:], k)) or ((a[0], closure), k)),
+        opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o, a[1:], k))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", o, a[1:], k))),
+    ]
+    try:
+        before = [p.detach().clone() for p in params]
+        loss = opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert [c[0] for c in calls] == ["global pre", "pre", "post", "global post"]
+    assert all(c[1] is opt for c in calls)
+    assert calls[0][2] == () and calls[2][2] == (closure,)  # the post hooks see the replaced arguments
+    assert losses == [1.0] and float(loss) == 3.0  # the step ran the closure the pre-hook put in
+    assert all(not torch.equal(b, p) for b, p in zip(before, params))
+    opt.step()
+    assert len(calls) == 4  # removed hooks stay removed
+
+
+def test_step_is_labelled_for_the_profiler():
+    params = rand_params(12)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = AdamW(params, lr=1e-2)
+    opt.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert any(e.name == "Optimizer.step#AdamW.step" for e in prof.events())

@@ -19,6 +19,7 @@ import torch
 
 from optgen.runtime import distributed
 from optgen.runtime.group_plan import GroupPlan, PlanBook, PlannedLaunch, next_count
+from optgen.runtime.step_hooks import with_step_hooks
 from optgen.runtime.transfer import host_to_device, make_rng, refuse_graph_capture, to_device
 
 BACKENDS = ("triton", "inductor", "eager")
@@ -464,6 +465,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                         p.grad.requires_grad_(False)
                     p.grad.zero_()
 
+    @with_step_hooks
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if not torch.compiler.is_compiling():
