@@ -30,8 +30,9 @@ from optgen.runtime.transfer import host_to_device, to_device
 try:
     import triton
     import triton.language as tl
+    from triton.compiler import CompiledKernel as _CompiledKernel
 except ImportError:  # pragma: no cover - without Triton only the PyTorch fallback runs
-    tl = None
+    tl = _CompiledKernel = None
 
 
 class MultiTensorLauncher:
@@ -42,7 +43,8 @@ class MultiTensorLauncher:
     cache_size = 64
 
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, rows: int,
-                 cols: int, num_warps: int = 8, aligned: bool = False, max_registers: int | None = None,
+                 cols: int, num_warps: int = 8, aligned: bool = False, slice_rows: int | None = None,
+                 max_registers: int | None = None,
                  constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None,
                  slots: tuple[str, ...] = (), passes: int = 1, levels: tuple[int, ...] = (),
                  written: tuple[int, ...] = ()) -> None:
@@ -53,6 +55,7 @@ class MultiTensorLauncher:
         self.cols = cols
         self.num_warps = num_warps
         self.aligned = aligned  # the kernel may assume tiles start at multiples of rows * cols (vector loads)
+        self.slice_rows = slice_rows  # rows per slice of a tensor's partial last tile (the kernel's SLICE); None: whole
         self.max_registers = max_registers  # a cap per thread (Triton's maxnreg): more programs fit on an SM
         self.constants = constants  # read-only tables (e.g. a quantization map) passed after the scalars
         # Per-tensor slots (whole-tensor reductions filled in extra passes, staged scales) and
@@ -65,6 +68,7 @@ class MultiTensorLauncher:
                                     if kind == "sum" and lv == k) for k in range(1, passes + 1))
         self.written = tuple(written)  # the lists the kernel writes (staged copies are copied back)
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self._compiled: dict[tuple, tuple[Any, list[Any]]] = {}  # see _launch
 
     @property
     def block(self) -> int:
@@ -214,11 +218,29 @@ class MultiTensorLauncher:
     def _launch(self, args: list[Any], n_blocks: int, constexprs: dict[str, Any], device: torch.device,
                 extra: dict[str, int]) -> None:
         with _on(device):
+            # Triton's launch call binds and specializes every argument and looks the kernel up in its cache:
+            # tens of µs of host time before the GPU starts. The kernel it compiled is launched directly after
+            # the first call, under the same constexprs and the same 16-byte alignment of every tensor argument
+            # (what its specialization depends on), and the same tile and compile options (tune_tile sets them).
+            key = (device, self.rows, self.cols, self.num_warps, self.max_registers, self.aligned, self.slice_rows,
+                   *constexprs.values(),
+                   *extra.values(), *(a.data_ptr() % 16 == 0 for a in args))
+            direct = self._compiled.get(key)
+            if direct is not None:
+                compiled, tail = direct
+                compiled[(n_blocks, 1, 1)](*args, *tail)
+                return
             # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
             # a register cap is an NVIDIA option (Triton's AMD backend rejects the keyword)
             cap = {} if self.max_registers is None or torch.version.hip else {"maxnreg": self.max_registers}
-            self.kernel[(n_blocks,)](*args, **constexprs, **extra, **cap, ROWS=self.rows, COLS=self.cols,
-                                     ALIGNED=self.aligned, num_warps=self.num_warps, enable_fp_fusion=False)
+            named = {**constexprs, **extra, "ROWS": self.rows, "COLS": self.cols, "ALIGNED": self.aligned}
+            if self.slice_rows is not None:
+                named["SLICE"] = min(self.slice_rows, self.rows)
+            compiled = self.kernel[(n_blocks,)](*args, **named, **cap, num_warps=self.num_warps,
+                                                enable_fp_fusion=False)
+            tail = self.kernel.arg_names[len(args):]  # the constexprs follow the arguments in every kernel
+            if _CompiledKernel is not None and isinstance(compiled, _CompiledKernel) and set(tail) == set(named):
+                self._compiled[key] = (compiled, [named[name] for name in tail])
 
 
 if tl is not None:
