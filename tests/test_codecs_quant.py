@@ -582,6 +582,24 @@ def test_q4_torchao_rounding_rule():
     assert packed[:2].tolist() == [(15 << 4) | 0, (1 << 4) | 15]
 
 
+def test_q4_thresholds_give_torchaos_codes():
+    """The Triton encode's signed q4 code (the number of ``q4_thresholds`` <= x/s) equals torchao's rule (the
+    PyTorch path, through quantize_q4) on every fp32 within 4096 ulps of each threshold and map value, at -1, 0
+    and 1, and on random x/s in [-1, 1]."""
+    thresholds = torch.tensor(dynamic.Q4_SIGNED_THRESHOLDS)
+    assert len(thresholds) == 15 and bool((thresholds[1:] > thresholds[:-1]).all())
+    around = torch.tensor(dynamic.Q4_SIGNED_THRESHOLDS + dynamic.Q4_SIGNED_MAP + [-1.0, 0.0])
+    bits = around.view(torch.int32)[:, None] + torch.arange(-4096, 4097, dtype=torch.int32)[None, :]
+    near = bits.reshape(-1).view(torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    r = torch.cat([near[near.abs() <= 1], torch.rand(100_000, generator=gen) * 2 - 1, torch.tensor([-1.0, 1.0])])
+    blocks = torch.cat([torch.ones(r.numel(), 1), r[:, None].expand(-1, 127)], 1)  # s = 1 in every block: x/s = r
+    packed, scale = dynamic.quantize_q4(blocks.reshape(-1), True)
+    assert bool((scale == 1).all())
+    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1, 128)[:, 1].long()
+    assert torch.equal(codes, (r[:, None] >= thresholds[None, :]).sum(1))
+
+
 @pytest.mark.parametrize("numel", [1, 31, 33, 257])
 def test_dynamic_partial_blocks(numel):
     gen = torch.Generator().manual_seed(100 + numel)

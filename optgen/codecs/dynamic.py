@@ -22,7 +22,8 @@ Which code an element gets (all comparisons in fp32, x/s correctly rounded in bo
   differ by one step. Signed map only: like bitsandbytes' 8-bit optimizers, a negative value whose nearest
   code is 0 takes the next code below (the smallest negative value), so a negative state never becomes 0.
 - q4_*: torchao's rule: c = the largest index with M[c] <= x/s (0 below M[0]); then c + 1 if
-  fp32(x/s − M[c]) >= fp32(M[c+1] − M[c])·0.5 ("ties up"; the top code stays).
+  fp32(x/s − M[c]) >= fp32(M[c+1] − M[c])·0.5 ("ties up"; the top code stays). The Triton kernel gets the
+  same signed code as the number of 15 precomputed fp32 thresholds <= x/s (``q4_thresholds``).
 The block scale: bitsandbytes stores the raw absmax (0 for a zero block); here it is max(absmax, 1e-12)
 as torchao does, so x/s is never 0/0. A NaN input makes its block's scale NaN (visible when decoded) and
 its own code is that of 0.
@@ -94,6 +95,36 @@ Q8_SIGNED_MAP = dynamic_map(True)
 Q8_UNSIGNED_MAP = dynamic_map(False)
 Q4_SIGNED_MAP = dynamic_map(True, 3, 4)
 Q4_LINEAR_MAP = linear_map(16)
+
+
+def _ordered(x: torch.Tensor) -> int:
+    """An fp32 scalar as an integer in the order of the values (-0.0 and 0.0 both give 0)."""
+    bits = int(x.view(torch.int32))
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
+
+
+def _from_ordered(k: int) -> torch.Tensor:
+    return torch.tensor(k if k >= 0 else -k - 2**31, dtype=torch.int32).view(torch.float32)
+
+
+def q4_thresholds(qmap: list[float]) -> list[float]:
+    """The 15 fp32 values at which torchao's rule moves to the next code: T[c] is the least fp32 r in
+    [M[c], M[c+1]] with fp32(r - M[c]) >= fp32(M[c+1] - M[c])·0.5 (M[c+1] itself passes). As fp32(r - M[c])
+    never decreases with r, the rule's code is the number of thresholds <= r (0 below M[0], 15 from 1.0 up).
+    Found by binary search over the fp32 values of the interval, in order."""
+    m = torch.tensor(qmap, dtype=torch.float32)
+    out = []
+    for c in range(15):
+        half = (m[c + 1] - m[c]) * 0.5
+        lo, hi = _ordered(m[c]), _ordered(m[c + 1])
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if bool(_from_ordered(mid) - m[c] >= half) else (mid + 1, hi)
+        out.append(float(_from_ordered(lo)))
+    return out
+
+
+Q4_SIGNED_THRESHOLDS = q4_thresholds(Q4_SIGNED_MAP)
 
 # The q8 encode finds its code in one step: the top KEY_BITS bits of x/s (sign, exponent, 7 mantissa bits) pick a
 # bucket of fp32 values, which holds at most one midpoint of either map (checked when the table is built).
@@ -229,6 +260,8 @@ if triton is not None:
     _KEY_SHIFT = tl.constexpr(KEY_SHIFT)
     _Q4S = [tl.constexpr(v) for v in Q4_SIGNED_MAP]
     (_S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9, _S10, _S11, _S12, _S13, _S14, _S15) = _Q4S
+    _Q4T = [tl.constexpr(v) for v in Q4_SIGNED_THRESHOLDS]
+    (_T0, _T1, _T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12, _T13, _T14) = _Q4T
 
     @triton.jit
     def _normalized(x, mask, B: tl.constexpr):
@@ -288,16 +321,21 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _q4_count(r, SIGNED: tl.constexpr):
-        """Number of map values M[1..15] <= r."""
+    def _q4_code(r, SIGNED: tl.constexpr):
+        """torchao's code for x/s = r: the number of thresholds <= r (``q4_thresholds``) for the signed map; for
+        the linear one (j + 1)/16 <= r  <=>  j <= 16r - 1 (16r is exact) picks M[down], then the rule."""
         if SIGNED:
-            c = ((r >= _S1).to(tl.int32) + (r >= _S2).to(tl.int32) + (r >= _S3).to(tl.int32)
-                 + (r >= _S4).to(tl.int32) + (r >= _S5).to(tl.int32) + (r >= _S6).to(tl.int32)
-                 + (r >= _S7).to(tl.int32) + (r >= _S8).to(tl.int32) + (r >= _S9).to(tl.int32)
-                 + (r >= _S10).to(tl.int32) + (r >= _S11).to(tl.int32) + (r >= _S12).to(tl.int32)
-                 + (r >= _S13).to(tl.int32) + (r >= _S14).to(tl.int32) + (r >= _S15).to(tl.int32))
-        else:  # (j + 1)/16 <= r  <=>  j <= 16r - 1, and 16r is exact
-            c = tl.minimum(tl.maximum(tl.floor(r * 16.0).to(tl.int32) - 1, 0), 15)
+            c = ((r >= _T0).to(tl.int32) + (r >= _T1).to(tl.int32) + (r >= _T2).to(tl.int32)
+                 + (r >= _T3).to(tl.int32) + (r >= _T4).to(tl.int32) + (r >= _T5).to(tl.int32)
+                 + (r >= _T6).to(tl.int32) + (r >= _T7).to(tl.int32) + (r >= _T8).to(tl.int32)
+                 + (r >= _T9).to(tl.int32) + (r >= _T10).to(tl.int32) + (r >= _T11).to(tl.int32)
+                 + (r >= _T12).to(tl.int32) + (r >= _T13).to(tl.int32) + (r >= _T14).to(tl.int32))
+        else:
+            down_i = tl.minimum(tl.maximum(tl.floor(r * 16.0).to(tl.int32) - 1, 0), 15)
+            up_i = tl.minimum(down_i + 1, 15)
+            down = _q4_value(down_i, SIGNED)
+            up = _q4_value(up_i, SIGNED)
+            c = tl.where((r - down) >= (up - down) * 0.5, up_i, down_i)
         return c
 
     @triton.jit
@@ -313,11 +351,7 @@ if triton is not None:
         """Store the tile ``x``: packed codes at ``q_ptr`` (uint8, byte k holds elements 2k (high nibble)
         and 2k+1), block scales at ``s_ptr`` (fp32)."""
         r, s = _normalized(x, mask, 128)
-        down_i = _q4_count(r, SIGNED)
-        up_i = tl.minimum(down_i + 1, 15)
-        down = _q4_value(down_i, SIGNED)
-        up = _q4_value(up_i, SIGNED)
-        c = tl.where((r - down) >= (up - down) * 0.5, up_i, down_i)
+        c = _q4_code(r, SIGNED)
         hi, lo = tl.split(group_view(c, 2))  # (even, odd) element pairs
         byte, live = _packed_bytes(offs, mask)
         tl.store(q_ptr + byte, ((hi << 4) | lo).to(tl.uint8), mask=live)
