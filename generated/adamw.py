@@ -165,7 +165,6 @@ if triton is not None:
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
-        SLICE: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor."""
         pid = tl.program_id(0)
@@ -184,14 +183,10 @@ if triton is not None:
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
             adamw_step_tile(param, grad, state_m, state_v, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
-        else:  # the tensor's last tile, cut short: in slices of SLICE rows, each with its own mask. A whole tile
-            # with a mask would need more registers than the unmasked path, and the kernel takes its heavier path's.
-            for k in range(ROWS // SLICE):  # a loop, not unrolled: unrolled slices get interleaved
-                start_k = start + k * SLICE * COLS
-                offs_k = start_k + tl.arange(0, SLICE)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-                adamw_step_tile(param, grad, state_m, state_v, scalars, offs_k, offs_k < numel_here)
+        else:  # the tensor's last tile, cut short
+            adamw_step_tile(param, grad, state_m, state_v, scalars, offs, offs < numel_here)
 
-    _launcher = MultiTensorLauncher(adamw_step_kernel, adamw_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True, slice_rows=1,
+    _launcher = MultiTensorLauncher(adamw_step_kernel, adamw_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::adamw_step_triton", mutates_args=('param', 'state_m', 'state_v'))

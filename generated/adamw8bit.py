@@ -208,7 +208,7 @@ if triton is not None:
                 adamw8bit_step_tile(param, grad, state_m, state_m_absmax, state_v, state_v_absmax, scalars,
                                     qmap_signed, qmap_unsigned, start_k, numel_here, offs_k, offs_k < numel_here)
 
-    _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=False, slice_rows=1,
+    _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=4, cols=256, num_warps=4, aligned=False, slice_rows=1,
                                    max_registers=56, written=(0, 2, 3, 4, 5),
                                    constants=lambda device: (dynamic.qmap_table(True, device), dynamic.qmap_table(False, device), ))
 
@@ -354,7 +354,6 @@ if triton is not None:
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
-        SLICE: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor."""
         pid = tl.program_id(0)
@@ -373,14 +372,10 @@ if triton is not None:
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
             adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
-        else:  # the tensor's last tile, cut short: in slices of SLICE rows, each with its own mask. A whole tile
-            # with a mask would need more registers than the unmasked path, and the kernel takes its heavier path's.
-            for k in range(ROWS // SLICE):  # a loop, not unrolled: unrolled slices get interleaved
-                start_k = start + k * SLICE * COLS
-                offs_k = start_k + tl.arange(0, SLICE)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-                adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, offs_k, offs_k < numel_here)
+        else:  # the tensor's last tile, cut short
+            adamw8bit_step_fp32_tile(param, grad, state_m, state_v, scalars, offs, offs < numel_here)
 
-    _launcher_fp32 = MultiTensorLauncher(adamw8bit_step_fp32_kernel, adamw8bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True, slice_rows=1,
+    _launcher_fp32 = MultiTensorLauncher(adamw8bit_step_fp32_kernel, adamw8bit_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::adamw8bit_step_fp32_triton", mutates_args=('param', 'state_m', 'state_v'))

@@ -207,7 +207,7 @@ if triton is not None:
                 flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, scalars,
                                       start_k, numel_here, offs_k, offs_k < numel_here)
 
-    _launcher = MultiTensorLauncher(flash_adamw_step_kernel, flash_adamw_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True, slice_rows=8,
+    _launcher = MultiTensorLauncher(flash_adamw_step_kernel, flash_adamw_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=4, aligned=True, slice_rows=8,
                                    written=(0, 1, 3, 4, 5, 6))
 
     @torch.library.custom_op("optgen::flash_adamw_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
@@ -353,7 +353,6 @@ if triton is not None:
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
-        SLICE: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor."""
         pid = tl.program_id(0)
@@ -374,15 +373,10 @@ if triton is not None:
         if start + ROWS * COLS <= numel_here:  # a whole tile
             flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, offs,
                                        tl.full((ROWS, COLS), True, tl.int1))
-        else:  # the tensor's last tile, cut short: in slices of SLICE rows, each with its own mask. A whole tile
-            # with a mask would need more registers than the unmasked path, and the kernel takes its heavier path's.
-            for k in range(ROWS // SLICE):  # a loop, not unrolled: unrolled slices get interleaved
-                start_k = start + k * SLICE * COLS
-                offs_k = start_k + tl.arange(0, SLICE)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-                flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, offs_k,
-                                           offs_k < numel_here)
+        else:  # the tensor's last tile, cut short
+            flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, offs, offs < numel_here)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_adamw_step_fp32_kernel, flash_adamw_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True, slice_rows=1,
+    _launcher_fp32 = MultiTensorLauncher(flash_adamw_step_fp32_kernel, flash_adamw_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_adamw_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_v'))
@@ -524,7 +518,6 @@ if triton is not None:
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
-        SLICE: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor."""
         pid = tl.program_id(0)
@@ -544,14 +537,10 @@ if triton is not None:
         if start + ROWS * COLS <= numel_here:  # a whole tile
             flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs,
                                          tl.full((ROWS, COLS), True, tl.int1))
-        else:  # the tensor's last tile, cut short: in slices of SLICE rows, each with its own mask. A whole tile
-            # with a mask would need more registers than the unmasked path, and the kernel takes its heavier path's.
-            for k in range(ROWS // SLICE):  # a loop, not unrolled: unrolled slices get interleaved
-                start_k = start + k * SLICE * COLS
-                offs_k = start_k + tl.arange(0, SLICE)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-                flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs_k, offs_k < numel_here)
+        else:  # the tensor's last tile, cut short
+            flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs, offs < numel_here)
 
-    _launcher_native = MultiTensorLauncher(flash_adamw_step_native_kernel, flash_adamw_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True, slice_rows=1,
+    _launcher_native = MultiTensorLauncher(flash_adamw_step_native_kernel, flash_adamw_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::flash_adamw_step_native_triton", mutates_args=('param', 'state_m', 'state_v'))

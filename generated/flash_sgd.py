@@ -156,7 +156,6 @@ if triton is not None:
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
-        SLICE: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor."""
         pid = tl.program_id(0)
@@ -177,15 +176,11 @@ if triton is not None:
         if start + ROWS * COLS <= numel_here:  # a whole tile
             flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs,
                                 tl.full((ROWS, COLS), True, tl.int1))
-        else:  # the tensor's last tile, cut short: in slices of SLICE rows, each with its own mask. A whole tile
-            # with a mask would need more registers than the unmasked path, and the kernel takes its heavier path's.
-            for k in range(ROWS // SLICE):  # a loop, not unrolled: unrolled slices get interleaved
-                start_k = start + k * SLICE * COLS
-                offs_k = start_k + tl.arange(0, SLICE)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-                flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start_k, numel_here,
-                                    offs_k, offs_k < numel_here)
+        else:  # the tensor's last tile, cut short
+            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs,
+                                offs < numel_here)
 
-    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=16, cols=32, num_warps=4, aligned=True, slice_rows=8,
+    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_sgd_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale'))
@@ -308,7 +303,6 @@ if triton is not None:
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
-        SLICE: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor."""
         pid = tl.program_id(0)
@@ -328,14 +322,10 @@ if triton is not None:
         if start + ROWS * COLS <= numel_here:  # a whole tile
             flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs,
                                      tl.full((ROWS, COLS), True, tl.int1))
-        else:  # the tensor's last tile, cut short: in slices of SLICE rows, each with its own mask. A whole tile
-            # with a mask would need more registers than the unmasked path, and the kernel takes its heavier path's.
-            for k in range(ROWS // SLICE):  # a loop, not unrolled: unrolled slices get interleaved
-                start_k = start + k * SLICE * COLS
-                offs_k = start_k + tl.arange(0, SLICE)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-                flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs_k, offs_k < numel_here)
+        else:  # the tensor's last tile, cut short
+            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs, offs < numel_here)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True, slice_rows=1,
+    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3))
 
     @torch.library.custom_op("optgen::flash_sgd_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m'))
@@ -455,7 +445,6 @@ if triton is not None:
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
-        SLICE: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor."""
         pid = tl.program_id(0)
@@ -473,14 +462,10 @@ if triton is not None:
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
             flash_sgd_step_native_tile(param, grad, state_m, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
-        else:  # the tensor's last tile, cut short: in slices of SLICE rows, each with its own mask. A whole tile
-            # with a mask would need more registers than the unmasked path, and the kernel takes its heavier path's.
-            for k in range(ROWS // SLICE):  # a loop, not unrolled: unrolled slices get interleaved
-                start_k = start + k * SLICE * COLS
-                offs_k = start_k + tl.arange(0, SLICE)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-                flash_sgd_step_native_tile(param, grad, state_m, scalars, offs_k, offs_k < numel_here)
+        else:  # the tensor's last tile, cut short
+            flash_sgd_step_native_tile(param, grad, state_m, scalars, offs, offs < numel_here)
 
-    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True, slice_rows=1,
+    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))
 
     @torch.library.custom_op("optgen::flash_sgd_step_native_triton", mutates_args=('param', 'state_m'))

@@ -40,23 +40,37 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple
     q8_dynamic and Lamb16 ones (Lamb16's update pass 1737 -> 1792), so kernels with reductions go without.
     Kernels with reductions then take 2048 x 4 (seventh session, same H100, back-to-back: Lamb16 6.02 ->
     5.05 ms, Lamb 4.46 -> 4.42; every thread computes the per-tensor factors, so more elements per thread pay).
+    Ninth session: grouped formats take 1024 x 4, eight elements per thread, which halves each thread's fixed
+    work (pointers, scalars, group indices) per element. Kernel alone, H100, large set, 512 -> 1024: FlashSGD
+    1.227 -> 1.158 ms, FlashLion 1.383 -> 1.272, FlashAdam 1.813 -> 1.608, AdamW8bit 2.426 -> 2.268, AdamW4bit
+    2.557 -> 2.523; FlashAdamW 1.883 -> 1.753 with its partial tile in slices (``masked_slice_rows``).
     """
     if group_size > 1:
-        return 512, 4, group_size < 128
+        return 1024, 4, group_size < 128
     if has_reductions:
         return 2048, 4, False
     return (1024, 4, True) if needs_rng else (512, 4, True)
 
 
-def masked_slice_rows(rows: int, cols: int, warps: int, has_reductions: bool) -> int | None:
-    """Rows per slice of a tensor's last, partial tile (None: it runs whole), about two elements per thread.
+def masked_slice_rows(rows: int, cols: int, warps: int, buffers: int, has_reductions: bool) -> int | None:
+    """Rows per slice of a tensor's last, partial tile, about two elements per thread; None: it runs whole.
 
     Its loads do not vectorize, so a whole partial tile needs more registers than the full tiles, and the kernel
     is allocated for its heavier path: FlashAdamW's 32 x 32 tile needs 70 registers unmasked, 95 with the masked
-    path (sm_90). In slices the partial tile takes fewer than the full one. Reduction passes store one partial
-    sum per program, so their partial tiles run whole."""
+    path (sm_90), 80 with the masked path in a loop over slices. But the loop costs registers of its own: at
+    512 x 4, back to back on an H100, slices made FlashSGD 1.155 -> 1.306 ms (32 -> 48 registers), FlashLion
+    1.303 -> 1.377, FlashAdam 1.738 -> 1.872. So only kernels that hold many values per thread (buffers times
+    elements per thread, at least 48: at 1024 x 4 FlashAdamW, FlashAdam, AdamW8bit and AdamW4bit, not FlashSGD
+    or FlashLion) slice it; there FlashAdamW's kernel took 1.753 ms against 1.862 whole (kernel alone).
+    AdamW8bit and AdamW4bit, capped at 56 and 64 registers, spill at 1024 x 4 even so (sm_90: 48 and 120 bytes
+    of stack; 72 and 144 with whole partial tiles), and were faster there than at 512 x 4 all the same (kernel
+    alone, AdamW8bit: 2.246 against 2.655 ms sliced, 2.298 against 2.400 whole). Reduction passes store one
+    partial sum per program, so their partial tiles run whole."""
+    per_thread = rows * cols // (32 * warps)
     slice_rows = max(1, 64 * warps // cols)
-    return None if has_reductions or slice_rows >= rows else slice_rows
+    if has_reductions or slice_rows >= rows or buffers * per_thread < 48:
+        return None
+    return slice_rows
 
 
 def formats_register_cap(codecs: list) -> int | None:
@@ -241,7 +255,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
     elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions))
     max_registers = None if ir.reductions else formats_register_cap([t.codec for t in ir.tensors])
-    slice_rows = masked_slice_rows(elements // cols, cols, warps, bool(ir.reductions))
+    slice_rows = masked_slice_rows(elements // cols, cols, warps, len(kernel.table_args), bool(ir.reductions))
     uses_numel = any(sympy.Symbol("numel") in e.free_symbols
                      for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions])
     return {
