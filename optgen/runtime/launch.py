@@ -31,6 +31,11 @@ try:
     import triton
     import triton.language as tl
     from triton.compiler import CompiledKernel as _CompiledKernel
+
+    # A compiled kernel is launched directly (see _launch) with every argument, constexprs included, as Triton's
+    # own launch passes them from 3.6 on (read in 3.6 and 3.9); older versions launch through Triton's call.
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
+        _CompiledKernel = None
 except ImportError:  # pragma: no cover - without Triton only the PyTorch fallback runs
     tl = _CompiledKernel = None
 
