@@ -228,8 +228,7 @@ class MultiTensorLauncher:
             # the first call, under the same constexprs and the same 16-byte alignment of every tensor argument
             # (what its specialization depends on), and the same tile and compile options (tune_tile sets them).
             key = (device, self.rows, self.cols, self.num_warps, self.max_registers, self.aligned, self.slice_rows,
-                   *constexprs.values(),
-                   *extra.values(), *(a.data_ptr() % 16 == 0 for a in args))
+                   *constexprs.values(), *extra.values(), *(a.data_ptr() % 16 == 0 for a in args))
             direct = self._compiled.get(key)
             if direct is not None:
                 compiled, tail = direct
