@@ -52,7 +52,7 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple
     return (1024, 4, True) if needs_rng else (512, 4, True)
 
 
-def masked_slice_rows(rows: int, cols: int, warps: int, buffers: int, has_reductions: bool) -> int | None:
+def masked_slice_rows(rows: int, cols: int, warps: int, buffers: int, has_slots: bool) -> int | None:
     """Rows per slice of a tensor's last, partial tile, about two elements per thread; None: it runs whole.
 
     Its loads do not vectorize, so a whole partial tile needs more registers than the full tiles, and the kernel
@@ -64,11 +64,12 @@ def masked_slice_rows(rows: int, cols: int, warps: int, buffers: int, has_reduct
     or FlashLion) slice it; there FlashAdamW's kernel took 1.753 ms against 1.862 whole (kernel alone).
     AdamW8bit and AdamW4bit, capped at 56 and 64 registers, spill at 1024 x 4 even so (sm_90: 48 and 120 bytes
     of stack; 72 and 144 with whole partial tiles), and were faster there than at 512 x 4 all the same (kernel
-    alone, AdamW8bit: 2.246 against 2.655 ms sliced, 2.298 against 2.400 whole). Reduction passes store one
-    partial sum per program, so their partial tiles run whole."""
+    alone, AdamW8bit: 2.246 against 2.655 ms sliced, 2.298 against 2.400 whole). Kernels with per-tensor slots
+    (reductions, staged scales) store one value per program or test ``start == 0``, so their partial tiles run
+    whole."""
     per_thread = rows * cols // (32 * warps)
     slice_rows = max(1, 64 * warps // cols)
-    if has_reductions or slice_rows >= rows or buffers * per_thread < 48:
+    if has_slots or slice_rows >= rows or buffers * per_thread < 48:
         return None
     return slice_rows
 
@@ -255,7 +256,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
     elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions))
     max_registers = None if ir.reductions else formats_register_cap([t.codec for t in ir.tensors])
-    slice_rows = masked_slice_rows(elements // cols, cols, warps, len(kernel.table_args), bool(ir.reductions))
+    slice_rows = masked_slice_rows(elements // cols, cols, warps, len(kernel.table_args), bool(kernel.slots))
     uses_numel = any(sympy.Symbol("numel") in e.free_symbols
                      for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions])
     return {

@@ -719,3 +719,55 @@ def test_step_is_labelled_for_the_profiler():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step()
     assert any(e.name == "Optimizer.step#AdamW.step" for e in prof.events())
+
+
+def test_step_hooks_run_once_through_a_subclass_step():
+    """A subclass's own step() is wrapped by torch, which runs the hooks; the step it calls must not run them
+    again."""
+
+    class Subclassed(AdamW):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    params = rand_params(13)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = Subclassed(params, lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_steps_like_the_original(how):
+    """copy.deepcopy and pickle keep the settings (backend, seed, min_quantized_size) and the states; the copy
+    then steps exactly as the original does."""
+    from optgen.optim import StochasticAdamW
+
+    gen = torch.Generator().manual_seed(14)
+    params = [torch.randn(s, generator=gen).to(torch.bfloat16).requires_grad_() for s in ((64, 80), (33,))]
+    opt = StochasticAdamW(params, lr=1e-2, backend="eager", seed=123, min_quantized_size=0)
+    grads = [[torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in params] for _ in range(3)]
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
+    opt.step()
+    if how == "deepcopy":
+        twin = copy.deepcopy(opt)
+    else:
+        buffer = io.BytesIO()
+        torch.save(opt, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    assert (twin.backend, twin.seed, twin.min_quantized_size) == ("eager", 123, 0)
+    for step_grads in grads[1:]:
+        for p, q, g in zip(params, twin_params, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+        for k in opt.state[p]:
+            assert torch.equal(opt.state[p][k], twin.state[q][k]), k

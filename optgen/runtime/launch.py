@@ -225,10 +225,11 @@ class MultiTensorLauncher:
         with _on(device):
             # Triton's launch call binds and specializes every argument and looks the kernel up in its cache:
             # tens of µs of host time before the GPU starts. The kernel it compiled is launched directly after
-            # the first call, under the same constexprs and the same 16-byte alignment of every tensor argument
-            # (what its specialization depends on), and the same tile and compile options (tune_tile sets them).
+            # the first call, under the same constexprs and the same dtype and 16-byte alignment of every tensor
+            # argument (what its specialization depends on), and the same tile and compile options (tune_tile
+            # sets them).
             key = (device, self.rows, self.cols, self.num_warps, self.max_registers, self.aligned, self.slice_rows,
-                   *constexprs.values(), *extra.values(), *(a.data_ptr() % 16 == 0 for a in args))
+                   *constexprs.values(), *extra.values(), *((a.dtype, a.data_ptr() % 16 == 0) for a in args))
             direct = self._compiled.get(key)
             if direct is not None:
                 compiled, tail = direct

@@ -173,6 +173,19 @@ class OptgenOptimizer(torch.optim.Optimizer):
         self._validate_group(defaults)
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's (defaults, state, param groups) and this optimizer's settings, for copy.deepcopy and pickle;
+        caches, launch plans and an attached gradient release are not copied: a copy makes its own."""
+        return {**super().__getstate__(), "backend": self.backend, "min_quantized_size": self.min_quantized_size,
+                "seed": self.seed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by load_state_dict, with state and param groups only
+        self.__dict__.setdefault("_release", None)
+        self.__dict__.setdefault("_step_packs", {})
+        self.__dict__.setdefault("_layout_groups", {})
+        self.__dict__.setdefault("_plans", PlanBook())
+
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any]) -> None:
         errors = self.violated_checks(group)

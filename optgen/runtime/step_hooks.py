@@ -24,6 +24,8 @@ def with_step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = args[0]
+        if type(self).step is not wrapper:  # a subclass's own step(), which torch wrapped, ran the hooks already
+            return step(*args, **kwargs)
         if torch.compiler.is_compiling() or not torch._C._autograd._profiler_enabled():
             return _hooked(step, self, args, kwargs)
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
