@@ -187,7 +187,10 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
             if out is not None:
                 slot = f"red + tensor * NRED + {len(slots)}"
                 slots.append("stage")
-                stores.append(f"tl.store({slot}, {out.name})")
+                # a scale from scalars alone is a tile in the body (``tile``): the slot takes its scalar form
+                defined = next((st.expr for st in ir.statements if st.target == out), None)
+                value = printer.doprint(defined) if defined is not None and not defined.free_symbols - host else out.name
+                stores.append(f"tl.store({slot}, {value})")
                 stores.append("tl.debug_barrier()  # the whole program sees the staged value before encoding")
                 epilogue.append(f"tl.store({t.arg_names[k]}, tl.load({slot}))")
                 ptrs[k] = f"({slot})"
