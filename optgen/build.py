@@ -34,7 +34,8 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple
     partial sums) and stochastic rounding (whose hash makes every element heavier) do best at 1024 x 4: Lamb
     0.57 -> 0.61, Lamb16 0.20 -> 0.22; StochasticAdamW 2.6x faster than at 4096 x 8. Grouped formats (one
     group per row) took 512 x 4 then (against 1024 x 8 or 4, with the kernels of that time: FlashAdamW 3.60 ->
-    2.89 ms, AdamW8bit 4.90 -> 4.31; see below for now). Groups of 32 (q8) also want vector loads (the ``aligned`` hint: 1.7x); q4 and q8_dynamic do without.
+    2.89 ms, AdamW8bit 4.90 -> 4.31; see below for now). Groups of 32 (q8) also want vector loads (the
+    ``aligned`` hint: 1.7x); q4 and q8_dynamic do without.
     Since whole tiles run unmasked (so their loads vectorize), the hint also shortens elementwise kernels
     (sm_90 SASS of a whole tile: AdamW 224 -> 197 instructions, StochasticAdamW 864 -> 792) but lengthens q4,
     q8_dynamic and Lamb16 ones (Lamb16's update pass 1737 -> 1792), so kernels with reductions go without.

@@ -9,10 +9,11 @@ Decode: x = p + (rho / N) * 2^l. Error <= ULP(p) / (4N) plus half an fp32 ulp of
 fp32, which dominates for bf16+int16): about 1.5e-5 relative for bf16+int8, 1.2e-7 for
 bf16+int16, 1.9e-6 for fp16+int8. Powers of two are built from the exponent bits of p: decode multiplies by
 2^l = 2^E * 2^-(M+1), encode by 2^(1-E) (normal for every E) and then by the exact constant 2^M * N (2^-l
-alone can overflow fp32); every product but the last is exact. A non-finite p keeps rho = 0. Both backends run the same fp32 operations
-(the Triton launcher disables FMA contraction, which would change z*N + 0.5 near ties); bf16 moves as bits
-(optgen.codecs.rounding: the interpreter's bf16 casts mangle subnormals); the interpreter's fp16 casts
-match torch (checked on every fp16 pattern and on ties/subnormals in tests/test_codecs_bf16_exact.py).
+alone can overflow fp32); every product but the last is exact. A non-finite p keeps rho = 0. Both backends
+run the same fp32 operations (the Triton launcher disables FMA contraction, which would change z*N + 0.5
+near ties); bf16 moves as bits (optgen.codecs.rounding: the interpreter's bf16 casts mangle subnormals); the
+interpreter's fp16 casts match torch (checked on every fp16 pattern and on ties/subnormals in
+tests/test_codecs_bf16_exact.py).
 
 The codes equal the float64 encode (``reference_encode``) except where the exact z*N lies within the fp32
 rounding of z*N (and of z*N + 0.5) of a half-integer: there a code may be one step off (counted in tests).

@@ -3,8 +3,8 @@
 Every optimizer's ``step`` is wrapped by torch (``Optimizer.profile_hook_step``): it runs the step pre- and post-
 hooks (``register_step_pre_hook`` and the global ones) and labels the step with ``record_function``. The label
 costs ~12 µs of host time per step even with no profiler running (CPU, torch 2.13: entering and leaving it),
-the entry before the kernel launch. This wrapper does the same, labelling only while the autograd profiler is on (``torch.profiler``
-turns it on); torch leaves a step marked ``hooked`` unwrapped.
+the entry before the kernel launch. This wrapper does the same, labelling only while the autograd profiler is
+on (``torch.profiler`` turns it on); torch leaves a step marked ``hooked`` unwrapped.
 """
 
 from __future__ import annotations
