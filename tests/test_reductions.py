@@ -82,11 +82,16 @@ update: |
 """
 
 
+def _load(tmp_path, spec: str) -> type:
+    """The optimizer class of a spec given as text (written to a file, as optgen.load reads one)."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec)
+    return optgen.load(path)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sum_max_numel_in_a_custom_spec(tmp_path, backend):
-    path = tmp_path / "clipped_sgd.yaml"
-    path.write_text(SPEC)
-    cls = optgen.load(path)
+    cls = _load(tmp_path, SPEC)
     torch.manual_seed(1)
     shapes = [(3001,), (40, 50), (1,)]
     params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
@@ -104,26 +109,6 @@ def test_sum_max_numel_in_a_custom_spec(tmp_path, backend):
         assert torch.allclose(p.detach().double(), expected, rtol=0, atol=1e-6 * float(b.abs().max()))
         assert float((p.detach().double() - b).abs().max()) <= 0.02 * (1 + 1e-5)
         assert torch.equal(opt.state[p]["count"], torch.ones_like(p))
-
-
-EARLY_SPEC = """
-name: early_store_probe
-class: EarlyStoreProbe
-doc: Two fp32 states that the reduction pass computes; the update also reads m's old value.
-hyperparams:
-  lr: {default: 0.1, range: "[0, inf)"}
-param: {storage: native}
-grad:  {storage: native}
-state:
-  m: {storage: fp32}
-  u: {storage: fp32}
-update: |
-  m0 = m
-  m = 0.5*m + g
-  u = u + g*g
-  n = norm(m) + norm(u)
-  p = p - lr*(m + m0)/(n + 1)
-"""
 
 
 TWO_LEVEL_SPEC = """
@@ -198,9 +183,7 @@ def _three_steps_against_float64(cls, backend, seed, step64):
 def test_early_stores_over_two_reduction_levels(tmp_path, backend):
     """m is stored by the first pass, u (computed from the first level's norm) by the second; the last pass reads
     both back. Three steps against float64."""
-    path = tmp_path / "two_level_probe.yaml"
-    path.write_text(TWO_LEVEL_SPEC)
-    cls = optgen.load(path)
+    cls = _load(tmp_path, TWO_LEVEL_SPEC)
     passes = _first_passes(cls, 2)
     assert "state_m + offs, m_1" in passes[0] and "state_u + offs, u_1" in passes[1]
 
@@ -217,9 +200,7 @@ def test_early_stores_over_two_reduction_levels(tmp_path, backend):
 def test_early_store_only_where_no_later_pass_reads_the_old_value(tmp_path, backend):
     """The first pass stores u (fp32, its new value computed there, its old value read nowhere after) but not m,
     whose old value the last pass still reads; three steps match float64 on both backends."""
-    path = tmp_path / "early_store_probe.yaml"
-    path.write_text(EARLY_SPEC)
-    cls = optgen.load(path)
+    cls = _load(tmp_path, EARLY_SPEC)
     first_pass = _first_passes(cls, 1)[0]
     assert "store_rne(state_u + offs" in first_pass and "state_m + offs, m_1" not in first_pass
 
@@ -251,9 +232,7 @@ def test_per_tensor_scale_from_scalars_alone(tmp_path, backend):
     """An fp8-norm scale set from hyper-parameters alone (no reduction) is staged like a computed one: the
     Triton kernel stores its scalar, not a tile (which failed to compile), and both backends agree with a
     float64 transcription that rounds m to e4m3 at scale 4*lr."""
-    path = tmp_path / "fixed_scale_probe.yaml"
-    path.write_text(FIXED_SCALE_SPEC)
-    cls = optgen.load(path)
+    cls = _load(tmp_path, FIXED_SCALE_SPEC)
     torch.manual_seed(2)
     params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(3001,), (40, 50)]]
     opt = cls(params, lr=0.01, backend=backend, min_quantized_size=0)
