@@ -74,9 +74,8 @@ def main() -> None:
             for consts in passes:
                 launcher = variant.triton_launcher
                 try:
-                    cap = {} if launcher.max_registers is None else {"maxnreg": launcher.max_registers}
                     kernel = triton.compile(ASTSource(launcher.kernel, sig, consts), target=target,
-                                            options={"enable_fp_fusion": False, "num_warps": launcher.num_warps, **cap})
+                                            options=launcher.compile_options())
                     compiled += 1
                     if report:
                         print(f"{name}[{key or 'main'}] pass {consts.get('PASS', 1)}: {launcher.rows}x{launcher.cols}, "

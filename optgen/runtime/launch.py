@@ -220,6 +220,12 @@ class MultiTensorLauncher:
                 for *_, rows, red in runs:
                     red.copy_(whole_red.index_select(0, rows))
 
+    def compile_options(self) -> dict[str, Any]:
+        """Triton's compile options for the kernel. No FMA contraction: the kernel must round like PyTorch's
+        separate multiply and add. A register cap is an NVIDIA option (Triton's AMD backend rejects it)."""
+        cap = {} if self.max_registers is None or torch.version.hip else {"maxnreg": self.max_registers}
+        return {"num_warps": self.num_warps, "enable_fp_fusion": False, **cap}
+
     def _launch(self, args: list[Any], n_blocks: int, constexprs: dict[str, Any], device: torch.device,
                 extra: dict[str, int]) -> None:
         with _on(device):
@@ -235,14 +241,10 @@ class MultiTensorLauncher:
                 compiled, tail = direct
                 compiled[(n_blocks, 1, 1)](*args, *tail)
                 return
-            # No FMA contraction: the kernel must round like PyTorch's separate multiply and add.
-            # a register cap is an NVIDIA option (Triton's AMD backend rejects the keyword)
-            cap = {} if self.max_registers is None or torch.version.hip else {"maxnreg": self.max_registers}
             named = {**constexprs, **extra, "ROWS": self.rows, "COLS": self.cols, "ALIGNED": self.aligned}
             if self.slice_rows is not None:
                 named["SLICE"] = min(self.slice_rows, self.rows)
-            compiled = self.kernel[(n_blocks,)](*args, **named, **cap, num_warps=self.num_warps,
-                                                enable_fp_fusion=False)
+            compiled = self.kernel[(n_blocks,)](*args, **named, **self.compile_options())
             tail = self.kernel.arg_names[len(args):]  # the constexprs follow the arguments in every kernel
             if _CompiledKernel is not None and isinstance(compiled, _CompiledKernel) and set(tail) == set(named):
                 self._compiled[key] = (compiled, [named[name] for name in tail])
