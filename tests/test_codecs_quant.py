@@ -525,6 +525,29 @@ def test_q8_dynamic_ties_and_sign_rule():
     assert cu[2] == 0 or dynamic.Q8_UNSIGNED_MAP[int(cu[2])] < 2e-9
 
 
+def test_dynamic_huge_scales_keep_codes_in_range():
+    """A block max >= 2^126 has a subnormal reciprocal, and s·fp32(1/s) can exceed 1 (by at most two ulps):
+    the block max still takes the top code and decodes to s, and -s the lowest code (the Triton side of these
+    blocks is in ``triton_cases``)."""
+    scales = _huge_scales()
+    for s in scales[:2]:
+        t = torch.tensor(s)
+        assert 1.0 < float(t * (torch.ones_like(t) / t)) <= 1.0 + 2 * 2.0**-23
+    x = torch.cat([torch.tensor([1.0, -1.0, 0.5, -0.25, 1e-3] + [0.0] * 251) * s for s in scales])
+    codes, absmax = dynamic.quantize_q8(x, True)
+    assert absmax.tolist() == scales
+    dec = dynamic.dequantize_q8(codes, absmax, True).view(3, 256)
+    assert (codes.view(3, 256)[:, 0] == 255).all() and (codes.view(3, 256)[:, 1] == 0).all()
+    assert dec[:, 0].tolist() == scales  # (the signed map has no -1.0: code 0 is its lowest value)
+    ucodes, _ = dynamic.quantize_q8(x.abs(), False)
+    assert (ucodes.view(3, 256)[:, 0] == 255).all()
+    for signed in (True, False):
+        y = x if signed else x.abs()
+        packed, scale = dynamic.quantize_q4(y.view(3, 256)[:, :128].reshape(-1), signed)
+        top = (packed.view(3, 64)[:, 0] >> 4)
+        assert (top == 15).all() and scale.tolist() == scales
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_q4_vs_float64(signed):
     gen = torch.Generator().manual_seed(31 + signed)
@@ -856,7 +879,18 @@ def triton_cases() -> list[dict]:
                 x[1024:1280] *= 1e-30
             cases.append({"name": name, "options": options, "x": x, "tile": tiles[j % len(tiles)]})
         cases.append({"name": name, "options": options, "x": _tie_values(name, options), "tile": tiles[0]})
+        if name in ("q8_dynamic", "q4_dynamic", "q4_linear"):  # fp32 block scales whose reciprocal is subnormal
+            x = _heavy(3 * group, gen, positive=positive)
+            x = x / x.abs().max() * torch.tensor(_huge_scales()).repeat_interleave(group)
+            cases.append({"name": name, "options": options, "x": x, "tile": tiles[0]})
     return cases
+
+
+def _huge_scales() -> list[float]:
+    """Three fp32 block maxima >= 2^126 (1/s subnormal) for which s·fp32(1/s) > 1, and FLT_MAX."""
+    s = (torch.arange(2**12, dtype=torch.int32) * 97 + (253 << 23)).view(torch.float32)  # [2^126, 2^127)
+    over = s[s * (torch.ones_like(s) / s) > 1.0]
+    return [float(over[0]), float(over[-1]), float(torch.finfo(torch.float32).max)]
 
 
 def _around(v: torch.Tensor, k: int = 2) -> torch.Tensor:

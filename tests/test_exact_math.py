@@ -1,15 +1,15 @@
 """The codecs' quotients by optgen.codecs.division.quotient (the GPU division's fast path without its
-slow-path call) against correctly rounded fp32 division, bit for bit: q8's softsign and inverse softsign and
-its scale reciprocal 1/s (on the CPU, under Triton's interpreter, on a large sample; on a GPU on every fp32
-|n| <= 1 and every s in [1e-12, 2^126]) and every code over its N of the ecc decode (rho/N, N = 127 and
-32767), on both."""
+slow-path call) against correctly rounded fp32 division, bit for bit: q8's softsign and inverse softsign,
+its scale reciprocal 1/s and q8_dynamic's block reciprocal (on the CPU, under Triton's interpreter, on a
+large sample; on a GPU on every fp32 |n| <= 1 and every s >= 1e-12) and every code over its N of the ecc
+decode (rho/N, N = 127 and 32767), on both."""
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from optgen.codecs import q8
+from optgen.codecs import dynamic, q8
 from optgen.codecs.division import quotient
 
 CUDA = torch.cuda.is_available()
@@ -27,8 +27,10 @@ def _apply(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr, N: tl.constex
         y = q8.inverse_softsign(x)
     elif OP == 2:
         y = quotient(x, N * 1.0, 1.0 / N)  # as in optgen.codecs.ecc.triton_decode
-    else:
+    elif OP == 3:
         y = q8.scale_reciprocal(x)
+    else:
+        y = dynamic.block_reciprocal(x)
     tl.store(y_ptr + offs, y, mask=mask)
 
 
@@ -76,6 +78,10 @@ def check_scale_reciprocal(s: torch.Tensor) -> None:
     exact = s <= q8.RECIPROCAL_MAX
     assert same_bits(got, torch.ones_like(s) / s)[exact].all()
     assert (got[~exact] == 0).all()  # above 2^126, inf and NaN: 0 (the PyTorch side does the same)
+    # q8_dynamic's block reciprocal: the PyTorch formula's bits for every finite s (inf and NaN give NaN there)
+    finite = torch.isfinite(s)
+    got = apply(s, 4)
+    assert same_bits(got, dynamic.reciprocal(s))[finite].all() and torch.isnan(got[~finite]).all()
 
 
 def test_scale_reciprocal():

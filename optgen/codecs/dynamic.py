@@ -13,17 +13,21 @@ The maps are built the way bitsandbytes' ``create_dynamic_map`` builds them (``d
   0.6625, 0.8875}, 0 and 1.0.
 - 4-bit linear (torchao): {1/16, 2/16, ..., 1}, no zero.
 
-Which code an element gets (all comparisons in fp32, x/s correctly rounded in both backends):
+Which code an element gets (all comparisons in fp32, on r = x·i, the same in both backends; one division
+per block rather than per element): i = fp32(1/s), correctly rounded, for s <= 2^126; above, where 1/s is
+subnormal, i = fp32(fp32(1/(s/4))/4). r is within about an fp32 ulp of x/s, and |r| <= 1 for s <= 2^126;
+above, the block max may give |r| up to two ulps above 1, which still takes the top (bottom) code. The references do not divide exactly either: bitsandbytes' CUDA
+kernel uses the approximate ``__fdividef`` per element, torchao's compiled step Triton's approximate ``/``.
 - q8_dynamic follows bitsandbytes: the nearest map value, decided against the 255 fp32 midpoints
-  fp32(M[i] + M[i+1])·0.5; code = number of midpoints strictly below x/s, so a value exactly on a midpoint
+  fp32(M[i] + M[i+1])·0.5; code = number of midpoints strictly below r, so a value exactly on a midpoint
   takes the LOWER code. This is what bitsandbytes' default (CPU) backend does (``torch.bucketize`` over the
   same midpoints); its CUDA ``quantize_2D`` sends an exact tie to whichever neighbour its binary-search
   pivot is, so at exact ties (and because it divides with ``__fdividef``) a CUDA bitsandbytes code can
   differ by one step. Signed map only: like bitsandbytes' 8-bit optimizers, a negative value whose nearest
   code is 0 takes the next code below (the smallest negative value), so a negative state never becomes 0.
-- q4_*: torchao's rule: c = the largest index with M[c] <= x/s (0 below M[0]); then c + 1 if
-  fp32(x/s − M[c]) >= fp32(M[c+1] − M[c])·0.5 ("ties up"; the top code stays). The Triton kernel gets the
-  same signed code as the number of 15 precomputed fp32 thresholds <= x/s (``q4_thresholds``).
+- q4_*: torchao's rule: c = the largest index with M[c] <= r (0 below M[0]); then c + 1 if
+  fp32(r − M[c]) >= fp32(M[c+1] − M[c])·0.5 ("ties up"; the top code stays). The Triton kernel gets the
+  same signed code as the number of 15 precomputed fp32 thresholds <= r (``q4_thresholds``).
 The block scale: bitsandbytes stores the raw absmax (0 for a zero block); here it is max(absmax, 1e-12)
 as torchao does, so x/s is never 0/0. A NaN input makes its block's scale NaN (visible when decoded) and
 its own code is that of 0.
@@ -47,12 +51,14 @@ try:  # the module must import without Triton (then only the PyTorch path exists
     import triton
     import triton.language as tl
 
+    from optgen.codecs.division import quotient, reciprocal_estimate
     from optgen.codecs.q8 import group_absmax, group_broadcast, group_view, load_group_values, store_group_values
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
 
 SCALE_FLOOR = 1e-12
+RECIPROCAL_MAX = 2.0**126  # above, 1/s is taken as (1/(s/4))/4 (see block_reciprocal)
 Q8_BLOCK = 256
 Q4_BLOCK = 128
 
@@ -184,12 +190,20 @@ def q4_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # PyTorch: flat 1-D fp32 values; no .item(), no data-dependent branching (torch.compile friendly)
 # ----------------------------------------------------------------------------------------------------------
+def reciprocal(s: torch.Tensor) -> torch.Tensor:
+    """The blocks' i (see the module docstring): fp32(1/s) for s <= 2^126, fp32(fp32(1/(s/4))/4) above."""
+    small = s <= RECIPROCAL_MAX
+    a = torch.where(small, s, s * 0.25)
+    inv = torch.ones_like(a) / a
+    return torch.where(small, inv, inv * 0.25)
+
+
 def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized blocks x/s ([nblocks, block], padded with zeros, NaN -> 0) and the scales s."""
+    """Normalized blocks r = x·i ([nblocks, block], padded with zeros, NaN -> 0) and the scales s."""
     x = x.reshape(-1).float()
     g = F.pad(x, (0, (-x.numel()) % block)).view(-1, block)
     s = g.abs().amax(dim=1).clamp_min(SCALE_FLOOR)  # amax propagates NaN
-    r = g / s[:, None]
+    r = g * reciprocal(s)[:, None]  # one division per block, as the kernel
     return torch.where(torch.isnan(r), torch.zeros_like(r), r), s
 
 
@@ -258,16 +272,27 @@ def torch_decode_q4(packed: torch.Tensor, scale: torch.Tensor, numel: int, signe
 # ----------------------------------------------------------------------------------------------------------
 if triton is not None:
     _KEY_SHIFT = tl.constexpr(KEY_SHIFT)
+    _RECIPROCAL_MAX = tl.constexpr(RECIPROCAL_MAX)
     _Q4S = [tl.constexpr(v) for v in Q4_SIGNED_MAP]
     (_S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9, _S10, _S11, _S12, _S13, _S14, _S15) = _Q4S
     _Q4T = [tl.constexpr(v) for v in Q4_SIGNED_THRESHOLDS]
     (_T0, _T1, _T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12, _T13, _T14) = _Q4T
 
     @triton.jit
+    def block_reciprocal(s):
+        """``reciprocal(s)`` without ``tl.div_rn``'s slow path: by the division fast path, exact for every divisor
+        in [1e-12, 2^126] (checked on every one on a GPU, tests/test_exact_math.py), as both divisors are there.
+        NaN for an inf or NaN s (PyTorch gives 0 for inf): either way every code of the block is that of 0."""
+        small = s <= _RECIPROCAL_MAX
+        a = tl.where(small, s, s * 0.25)
+        inv = quotient(1.0, a, reciprocal_estimate(a))
+        return tl.where(small, inv, inv * 0.25)
+
+    @triton.jit
     def _normalized(x, mask, B: tl.constexpr):
         x = tl.where(mask, x, 0.0)
         s = group_absmax(x, B)
-        r = tl.div_rn(x, group_broadcast(s, x, B))
+        r = x * group_broadcast(block_reciprocal(s), x, B)
         return tl.where(r == r, r, 0.0), s  # noqa: PLR0124 (r != r: NaN)
 
     @triton.jit
