@@ -5,7 +5,7 @@ Update, per element in fp32 math (t = step, from 1):
     g = g + weight_decay*p
     m = beta1*m + (1 - beta1)*g
     v = beta2*v + (1 - beta2)*g*g
-    p = p - lr*(m/(1 - beta1**t))/(sqrt(v/(1 - beta2**t)) + eps)
+    p = p - lr*(m/(1 - beta1**t))/(sqrt(v)/sqrt(1 - beta2**t) + eps)
 
 Storage: parameter bf16+ecc8, gradient native, m q8_softsign, v q8_sqrt.
 Bytes per parameter (fp32 parameters and gradients where stored natively): 7.125.
@@ -44,7 +44,7 @@ def host_scalars(hp: dict, t: int) -> list:
         1 - beta1,  # c0
         beta2,  # beta2
         1 - beta2,  # c1
-        1/(1 - beta2**t),  # c2
+        hm.rsqrt(1 - beta2**t),  # c2
         eps,  # eps
         -lr/(1 - beta1**t),  # c3
     ]
@@ -118,7 +118,7 @@ def flash_adam_step_torch(param: list[torch.Tensor], param_ecc: list[torch.Tenso
         g_1 = g + p*weight_decay
         m_1 = beta1*m + c0*g_1
         v_1 = beta2*v + c1*g_1**2
-        p_1 = c3*m_1/(eps + optgen_torch.sqrt_rn(c2*v_1)) + p
+        p_1 = c3*m_1/(c2*optgen_torch.sqrt_rn(v_1) + eps) + p
         q8.torch_encode(m_1, state_m[i], state_m_scale[i], 32, 'softsign')
         q8.torch_encode(v_1, state_v[i], state_v_scale[i], 32, 'sqrt')
         ecc.torch_encode(p_1, param[i], param_ecc[i], 'bf16', 127)
@@ -155,7 +155,7 @@ if triton is not None:
         g_1 = g + p*weight_decay
         m_1 = beta1*m + c0*g_1
         v_1 = beta2*v + c1*(g_1*g_1)
-        p_1 = tl.div_rn(c3*m_1, eps + tl.sqrt_rn(c2*v_1)) + p
+        p_1 = tl.div_rn(c3*m_1, c2*tl.sqrt_rn(v_1) + eps) + p
         q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, numel_here, 32)
         q8.triton_encode_sqrt(v_1, state_v, state_v_scale, offs, mask, start, numel_here, 32)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
@@ -298,7 +298,7 @@ def flash_adam_step_fp32_torch(param: list[torch.Tensor], param_ecc: list[torch.
         g_1 = g + p*weight_decay
         m_1 = beta1*m + c0*g_1
         v_1 = beta2*v + c1*g_1**2
-        p_1 = c3*m_1/(eps + optgen_torch.sqrt_rn(c2*v_1)) + p
+        p_1 = c3*m_1/(c2*optgen_torch.sqrt_rn(v_1) + eps) + p
         state_m[i].copy_(m_1.view(state_m[i].shape))
         state_v[i].copy_(v_1.view(state_v[i].shape))
         ecc.torch_encode(p_1, param[i], param_ecc[i], 'bf16', 127)
@@ -334,7 +334,7 @@ if triton is not None:
         g_1 = g + p*weight_decay
         m_1 = beta1*m + c0*g_1
         v_1 = beta2*v + c1*(g_1*g_1)
-        p_1 = tl.div_rn(c3*m_1, eps + tl.sqrt_rn(c2*v_1)) + p
+        p_1 = tl.div_rn(c3*m_1, c2*tl.sqrt_rn(v_1) + eps) + p
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         ecc.triton_encode(p_1, param, param_ecc, offs, mask, 7, -126, 127)
@@ -463,7 +463,7 @@ def flash_adam_step_native_torch(param: list[torch.Tensor], grad: list[torch.Ten
         g_1 = g + p*weight_decay
         m_1 = beta1*m + c0*g_1
         v_1 = beta2*v + c1*g_1**2
-        p_1 = c3*m_1/(eps + optgen_torch.sqrt_rn(c2*v_1)) + p
+        p_1 = c3*m_1/(c2*optgen_torch.sqrt_rn(v_1) + eps) + p
         state_m[i].copy_(m_1.view(state_m[i].shape))
         state_v[i].copy_(v_1.view(state_v[i].shape))
         param[i].copy_(p_1.view(param[i].shape))
@@ -499,7 +499,7 @@ if triton is not None:
         g_1 = g + p*weight_decay
         m_1 = beta1*m + c0*g_1
         v_1 = beta2*v + c1*(g_1*g_1)
-        p_1 = tl.div_rn(c3*m_1, eps + tl.sqrt_rn(c2*v_1)) + p
+        p_1 = tl.div_rn(c3*m_1, c2*tl.sqrt_rn(v_1) + eps) + p
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         optgen_tl.store_rne(param + offs, p_1, mask)

@@ -5,7 +5,7 @@ Update, per element in fp32 math (t = step, from 1):
     m = beta1*m + (1 - beta1)*g
     v = beta2*v + (1 - beta2)*g*g
     p = p*(1 - lr*weight_decay)
-    p = p - lr*(m/(1 - beta1**t))/(sqrt(v/(1 - beta2**t)) + eps)
+    p = p - lr*(m/(1 - beta1**t))/(sqrt(v)/sqrt(1 - beta2**t) + eps)
 
 Storage: parameter bf16+ecc8, gradient native, m q8_softsign, v q8_sqrt.
 Bytes per parameter (fp32 parameters and gradients where stored natively): 7.125.
@@ -44,7 +44,7 @@ def host_scalars(hp: dict, t: int) -> list:
         beta2,  # beta2
         1 - beta2,  # c1
         -lr*weight_decay + 1,  # c2
-        1/(1 - beta2**t),  # c3
+        hm.rsqrt(1 - beta2**t),  # c3
         eps,  # eps
         -lr/(1 - beta1**t),  # c4
     ]
@@ -118,7 +118,7 @@ def flash_adamw_step_torch(param: list[torch.Tensor], param_ecc: list[torch.Tens
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*g**2
         p_1 = c2*p
-        p_2 = c4*m_1/(eps + optgen_torch.sqrt_rn(c3*v_1)) + p_1
+        p_2 = c4*m_1/(c3*optgen_torch.sqrt_rn(v_1) + eps) + p_1
         q8.torch_encode(m_1, state_m[i], state_m_scale[i], 32, 'softsign')
         q8.torch_encode(v_1, state_v[i], state_v_scale[i], 32, 'sqrt')
         ecc.torch_encode(p_2, param[i], param_ecc[i], 'bf16', 127)
@@ -155,7 +155,7 @@ if triton is not None:
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*(g*g)
         p_1 = c2*p
-        p_2 = tl.div_rn(c4*m_1, eps + tl.sqrt_rn(c3*v_1)) + p_1
+        p_2 = tl.div_rn(c4*m_1, c3*tl.sqrt_rn(v_1) + eps) + p_1
         q8.triton_encode_softsign(m_1, state_m, state_m_scale, offs, mask, start, numel_here, 32)
         q8.triton_encode_sqrt(v_1, state_v, state_v_scale, offs, mask, start, numel_here, 32)
         ecc.triton_encode(p_2, param, param_ecc, offs, mask, 7, -126, 127)
@@ -298,7 +298,7 @@ def flash_adamw_step_fp32_torch(param: list[torch.Tensor], param_ecc: list[torch
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*g**2
         p_1 = c2*p
-        p_2 = c4*m_1/(eps + optgen_torch.sqrt_rn(c3*v_1)) + p_1
+        p_2 = c4*m_1/(c3*optgen_torch.sqrt_rn(v_1) + eps) + p_1
         state_m[i].copy_(m_1.view(state_m[i].shape))
         state_v[i].copy_(v_1.view(state_v[i].shape))
         ecc.torch_encode(p_2, param[i], param_ecc[i], 'bf16', 127)
@@ -334,7 +334,7 @@ if triton is not None:
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*(g*g)
         p_1 = c2*p
-        p_2 = tl.div_rn(c4*m_1, eps + tl.sqrt_rn(c3*v_1)) + p_1
+        p_2 = tl.div_rn(c4*m_1, c3*tl.sqrt_rn(v_1) + eps) + p_1
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         ecc.triton_encode(p_2, param, param_ecc, offs, mask, 7, -126, 127)
@@ -463,7 +463,7 @@ def flash_adamw_step_native_torch(param: list[torch.Tensor], grad: list[torch.Te
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*g**2
         p_1 = c2*p
-        p_2 = c4*m_1/(eps + optgen_torch.sqrt_rn(c3*v_1)) + p_1
+        p_2 = c4*m_1/(c3*optgen_torch.sqrt_rn(v_1) + eps) + p_1
         state_m[i].copy_(m_1.view(state_m[i].shape))
         state_v[i].copy_(v_1.view(state_v[i].shape))
         param[i].copy_(p_2.view(param[i].shape))
@@ -499,7 +499,7 @@ if triton is not None:
         m_1 = beta1*m + c0*g
         v_1 = beta2*v + c1*(g*g)
         p_1 = c2*p
-        p_2 = tl.div_rn(c4*m_1, eps + tl.sqrt_rn(c3*v_1)) + p_1
+        p_2 = tl.div_rn(c4*m_1, c3*tl.sqrt_rn(v_1) + eps) + p_1
         optgen_tl.store_rne(state_m + offs, m_1, mask)
         optgen_tl.store_rne(state_v + offs, v_1, mask)
         optgen_tl.store_rne(param + offs, p_2, mask)
