@@ -36,7 +36,7 @@ try:
     import triton.language as tl
 
     from optgen.codecs.division import quotient
-    from optgen.codecs.rounding import tl_load_bf16, tl_round_bf16_f32, tl_to_bf16
+    from optgen.codecs.rounding import tl_from_bf16, tl_load_bf16, tl_round_bf16
 except ImportError:  # pragma: no cover - without Triton only the PyTorch functions exist
     triton = None
 
@@ -105,8 +105,8 @@ if triton is not None:
     @triton.jit
     def triton_encode(x, p_ptr, e_ptr, offs, mask, MANT: tl.constexpr, EMIN: tl.constexpr, N: tl.constexpr):
         if MANT == 7:
-            p32 = tl_round_bf16_f32(x, 0, False)
-            narrow = tl_to_bf16(p32)
+            narrow = tl_round_bf16(x, 0, False)
+            p32 = tl_from_bf16(narrow)
         else:
             narrow = x.to(tl.float16)
             p32 = narrow.to(tl.float32)
