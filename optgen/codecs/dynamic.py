@@ -349,12 +349,13 @@ if triton is not None:
     def _q4_code(r, SIGNED: tl.constexpr):
         """torchao's code for x/s = r: the number of thresholds <= r (``q4_thresholds``) for the signed map; for
         the linear one (j + 1)/16 <= r  <=>  j <= 16r - 1 (16r is exact) picks M[down], then the rule."""
-        if SIGNED:
-            c = ((r >= _T0).to(tl.int32) + (r >= _T1).to(tl.int32) + (r >= _T2).to(tl.int32)
-                 + (r >= _T3).to(tl.int32) + (r >= _T4).to(tl.int32) + (r >= _T5).to(tl.int32)
-                 + (r >= _T6).to(tl.int32) + (r >= _T7).to(tl.int32) + (r >= _T8).to(tl.int32)
-                 + (r >= _T9).to(tl.int32) + (r >= _T10).to(tl.int32) + (r >= _T11).to(tl.int32)
-                 + (r >= _T12).to(tl.int32) + (r >= _T13).to(tl.int32) + (r >= _T14).to(tl.int32))
+        if SIGNED:  # a binary search over the sorted thresholds: four comparisons, not fifteen
+            b3 = r >= _T7
+            b2 = r >= tl.where(b3, _T11, _T3)
+            b1 = r >= tl.where(b3, tl.where(b2, _T13, _T9), tl.where(b2, _T5, _T1))
+            b0 = r >= tl.where(b3, tl.where(b2, tl.where(b1, _T14, _T12), tl.where(b1, _T10, _T8)),
+                               tl.where(b2, tl.where(b1, _T6, _T4), tl.where(b1, _T2, _T0)))
+            c = b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
         else:
             down_i = tl.minimum(tl.maximum(tl.floor(r * 16.0).to(tl.int32) - 1, 0), 15)
             up_i = tl.minimum(down_i + 1, 15)
