@@ -16,8 +16,9 @@ The maps are built the way bitsandbytes' ``create_dynamic_map`` builds them (``d
 Which code an element gets (all comparisons in fp32, on r = x·i, the same in both backends; one division
 per block rather than per element): i = fp32(1/s), correctly rounded, for s <= 2^126; above, where 1/s is
 subnormal, i = fp32(fp32(1/(s/4))/4). r is within about an fp32 ulp of x/s, and |r| <= 1 for s <= 2^126;
-above, the block max may give |r| up to two ulps above 1, which still takes the top (bottom) code. The references do not divide exactly either: bitsandbytes' CUDA
-kernel uses the approximate ``__fdividef`` per element, torchao's compiled step Triton's approximate ``/``.
+above, the block max may give |r| up to two ulps above 1, which still takes the top (bottom) code. The
+references do not divide exactly either: bitsandbytes' CUDA kernel uses the approximate ``__fdividef`` per
+element, torchao's compiled step Triton's approximate ``/``.
 - q8_dynamic follows bitsandbytes: the nearest map value, decided against the 255 fp32 midpoints
   fp32(M[i] + M[i+1])·0.5; code = number of midpoints strictly below r, so a value exactly on a midpoint
   takes the LOWER code. This is what bitsandbytes' default (CPU) backend does (``torch.bucketize`` over the
