@@ -260,6 +260,7 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     slice_rows = masked_slice_rows(elements // cols, cols, warps, len(kernel.table_args), bool(kernel.slots))
     uses_numel = any(sympy.Symbol("numel") in e.free_symbols
                      for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions])
+    tile_args = _tile_args(kernel, uses_numel)
     return {
         "key": key, "sfx": sfx, "const": f"{(key or 'main').upper()}_VARIANT", "label": LAYOUT_LABELS[key],
         "fn": f"{name}_step{sfx}", "op_name": f"{op_base}{sfx}", "rng": ir.needs_rng,
@@ -269,8 +270,8 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
         "dtype_lists": {d: torch_step.args.index(d.removesuffix("_DTYPE").lower()) for d in kernel.dtype_args},
         "rows": elements // cols, "cols": cols, "warps": warps, "aligned": aligned,
         "max_registers": max_registers,
-        "uses_numel": uses_numel, "tile_args": _tile_args(kernel, uses_numel), "slice_rows": slice_rows,
-        "slice_args": ["start_k" if a == "start" else a for a in _tile_args(kernel, uses_numel)],
+        "uses_numel": uses_numel, "tile_args": tile_args, "slice_rows": slice_rows,
+        "slice_args": ["start_k" if a == "start" else a for a in tile_args],
         "levels": [r.level for r in ir.reductions],  # the reduction pass of each reduction slot
         "written": tuple(i for i, a in enumerate(torch_step.args) if a in torch_step.mutated),
     }
