@@ -40,9 +40,8 @@ def signature(cls, launcher) -> tuple[dict, list[dict]]:
             sig[name] = "*fp32"
         else:
             sig[name] = "constexpr"
-            consts[name] = {"ROWS": launcher.rows, "COLS": launcher.cols, "NRED": max(1, len(launcher.slots)),
-                            "PASS": 1, "ALIGNED": launcher.aligned,
-                            "SLICE": min(launcher.slice_rows or 1, launcher.rows)}.get(name, dtype)
+            consts[name] = {**launcher.tile_constexprs(), "NRED": max(1, len(launcher.slots)),
+                            "PASS": 1}.get(name, dtype)
     passes = range(1, launcher.passes + 1) if launcher.slots else [1]
     return sig, [{**consts, **({"PASS": k} if "PASS" in consts else {})} for k in passes]
 

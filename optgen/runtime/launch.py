@@ -220,6 +220,13 @@ class MultiTensorLauncher:
                 for *_, rows, red in runs:
                     red.copy_(whole_red.index_select(0, rows))
 
+    def tile_constexprs(self) -> dict[str, Any]:
+        """The kernel's tile constexprs: ROWS, COLS, ALIGNED, and SLICE where the partial tile runs in slices."""
+        named = {"ROWS": self.rows, "COLS": self.cols, "ALIGNED": self.aligned}
+        if self.slice_rows is not None:
+            named["SLICE"] = min(self.slice_rows, self.rows)  # tune_tile may shrink the tile below a slice
+        return named
+
     def compile_options(self) -> dict[str, Any]:
         """Triton's compile options for the kernel. No FMA contraction: the kernel must round like PyTorch's
         separate multiply and add. A register cap is an NVIDIA option (Triton's AMD backend rejects it)."""
@@ -241,9 +248,7 @@ class MultiTensorLauncher:
                 compiled, tail = direct
                 compiled[(n_blocks, 1, 1)](*args, *tail)
                 return
-            named = {**constexprs, **extra, "ROWS": self.rows, "COLS": self.cols, "ALIGNED": self.aligned}
-            if self.slice_rows is not None:
-                named["SLICE"] = min(self.slice_rows, self.rows)
+            named = {**constexprs, **extra, **self.tile_constexprs()}
             compiled = self.kernel[(n_blocks,)](*args, **named, **self.compile_options())
             tail = self.kernel.arg_names[len(args):]  # the constexprs follow the arguments in every kernel
             if _CompiledKernel is not None and isinstance(compiled, _CompiledKernel) and set(tail) == set(named):
