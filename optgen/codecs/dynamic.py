@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from optgen.codecs.base import Buffer, Codec
+from optgen.codecs.q8 import RECIPROCAL_MAX  # above it 1/s is subnormal: taken as (1/(s/4))/4 here
 
 try:  # the module must import without Triton (then only the PyTorch path exists)
     import triton
@@ -59,7 +60,6 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
     tl = None
 
 SCALE_FLOOR = 1e-12
-RECIPROCAL_MAX = 2.0**126  # above, 1/s is taken as (1/(s/4))/4 (see block_reciprocal)
 Q8_BLOCK = 256
 Q4_BLOCK = 128
 
