@@ -164,14 +164,21 @@ class OptgenOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.min_quantized_size = min_quantized_size
         self.seed = int(torch.initial_seed() % 2**31) if seed is None else seed  # stochastic rounding
-        self._release: Any = None  # the GradientRelease handle while gradient release is attached
-        self._step_packs: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._layout_groups: dict[tuple, tuple[dict[tuple, list[int]], list[torch.Tensor]]] = {}
-        self._plans = PlanBook()  # each param group's eager Triton step, prepared
+        self.__dict__.update(self._runtime_attributes())
         for rule in self.hyperparam_rules:
             defaults[rule.name] = rule.validate(defaults[rule.name])
         self._validate_group(defaults)
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _runtime_attributes() -> dict[str, Any]:
+        """What an optimizer holds beside torch's state and its settings, fresh: caches rebuilt as it steps."""
+        return {
+            "_release": None,  # the GradientRelease handle while gradient release is attached
+            "_step_packs": {},  # packed step counts (_advance_packed): {ids of the views: (packed, views)}
+            "_layout_groups": {},  # _layout_groups_of's cache: {key: (indices by layout, the parameters)}
+            "_plans": PlanBook(),  # each param group's eager Triton step, prepared
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's (defaults, state, param groups) and this optimizer's settings, for copy.deepcopy and pickle;
@@ -181,10 +188,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # also called by load_state_dict, with state and param groups only
-        self.__dict__.setdefault("_release", None)
-        self.__dict__.setdefault("_step_packs", {})
-        self.__dict__.setdefault("_layout_groups", {})
-        self.__dict__.setdefault("_plans", PlanBook())
+        for name, value in self._runtime_attributes().items():
+            self.__dict__.setdefault(name, value)
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any]) -> None:
