@@ -36,6 +36,7 @@ import torch
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _numel = torch.Tensor.numel
+_getitem = dict.__getitem__
 
 
 def next_count(count: float) -> int:
@@ -68,9 +69,13 @@ class GroupPlan:
     param_contiguous: tuple[bool, ...]
     grad_ptrs: tuple[int, ...]
     grad_contiguous: tuple[bool, ...]
-    # per state key: the dicts that have it, the values they held, and the addresses of those values where the
-    # kernels use them (None for the others, e.g. the step counts: the general path also goes by identity there)
-    held: tuple[tuple[str, list[dict[str, Any]], list[Any], tuple[int, ...] | None], ...]
+    # every (dict, key) of the group's states and the value it held, as three flat lists (one pass checks them);
+    # the values the kernels use and their addresses (not the step counts: the general path goes by identity there)
+    state_dicts: list[dict[str, Any]]
+    state_keys: list[str]
+    state_values: list[Any]
+    kernel_values: list[torch.Tensor]
+    kernel_ptrs: tuple[int, ...]
     steps: torch.Tensor  # the packed fp32 step counts: every ``state["step"]`` of the group is a view of it
     launches: tuple[PlannedLaunch, ...]
     written: list[torch.Tensor]
@@ -84,15 +89,13 @@ class GroupPlan:
         grads = [p.grad for p in params]
         states = [optimizer.state[p] for p in params]
         launched = {id(t) for launch in launches for lst in launch.lists if lst is not None for t in lst}
-        held = []
-        for k in sorted({k for s in states for k in s}):
-            dicts = [s for s in states if k in s]
-            values = [s[k] for s in dicts]
-            in_kernel = all(id(v) in launched for v in values)
-            held.append((k, dicts, values, tuple(map(_data_ptr, values)) if in_kernel else None))
+        pairs = [(s, k) for s in states for k in s]
+        values = [s[k] for s, k in pairs]
+        in_kernel = [v for v in values if id(v) in launched]
         return cls(group, params, list(ids), tuple(map(_data_ptr, params)), tuple(map(_numel, params)),
                    tuple(map(_is_contiguous, params)), tuple(map(_data_ptr, grads)), tuple(map(_is_contiguous, grads)),
-                   tuple(held), steps, tuple(launches), [t for launch in launches for t in launch.written],
+                   [s for s, _ in pairs], [k for _, k in pairs], values, in_kernel, tuple(map(_data_ptr, in_kernel)),
+                   steps, tuple(launches), [t for launch in launches for t in launch.written],
                    optimizer.backend, optimizer.min_quantized_size)
 
     def holds(self, optimizer: Any, params: list[torch.Tensor], grads: list[torch.Tensor | None],
@@ -106,9 +109,8 @@ class GroupPlan:
                     and tuple(map(_data_ptr, params)) == self.param_ptrs
                     and tuple(map(_numel, params)) == self.param_numels
                     and tuple(map(_is_contiguous, params)) == self.param_contiguous
-                    and all(all(map(operator.is_, map(operator.itemgetter(k), dicts), values))
-                            and (ptrs is None or tuple(map(_data_ptr, values)) == ptrs)
-                            for k, dicts, values, ptrs in self.held)
+                    and all(map(operator.is_, map(_getitem, self.state_dicts, self.state_keys), self.state_values))
+                    and tuple(map(_data_ptr, self.kernel_values)) == self.kernel_ptrs
                     and optimizer.backend == self.backend and optimizer.min_quantized_size == self.min_quantized_size)
         except (RuntimeError, TypeError, KeyError):  # a missing (None) or sparse gradient, a state key deleted
             return False
