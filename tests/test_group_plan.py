@@ -163,6 +163,18 @@ def test_plan_follows_a_step_count_set_by_hand():
     assert float(twins.planned.state[twins.a[1]]["step"]) == 3.0
 
 
+def test_plan_follows_a_step_count_replaced_by_another_tensor():
+    twins = Twins()
+    twins.run(2)
+    twins.planned.state[twins.a[1]]["step"] = torch.tensor(7.0)  # a new object: the plan's packed count is stale
+    twins.general.state[twins.b[1]]["step"] = torch.tensor(7.0)
+    twins.run()
+    twins.assert_equal()
+    assert twins.general_path_calls == 2
+    assert float(twins.planned.state[twins.a[1]]["step"]) == 8.0
+    assert float(twins.planned.state[twins.a[0]]["step"]) == 3.0
+
+
 def test_plan_follows_load_state_dict_and_backend():
     twins = Twins()
     twins.run()
