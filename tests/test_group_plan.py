@@ -246,6 +246,26 @@ def test_one_group_per_parameter():
     assert twins.general_path_calls == 24  # a table changed other than by new states drops every plan
 
 
+def test_groups_with_a_tensor_lr_or_their_own_counts_beside_planned_ones():
+    """The planned groups' scalars go to the device in one tensor, a view per group; a group with a tensor lr
+    gets its own; each group keeps its own lr and step count."""
+    twins = Twins(shapes=[(k + 1, 3) for k in range(6)], group_per_param=True)
+    twins.run(2)
+    for opt, params in ((twins.planned, twins.a), (twins.general, twins.b)):
+        opt.param_groups[1]["lr"] = torch.tensor(0.02)
+        opt.state[params[3]]["step"].fill_(40.0)
+    twins.run(2)
+    twins.assert_equal()
+    assert float(twins.planned.state[twins.a[3]]["step"]) == 42.0
+    assert float(twins.planned.state[twins.a[2]]["step"]) == 4.0
+    for opt in (twins.planned, twins.general):
+        opt.param_groups[1]["lr"].fill_(0.005)
+        opt.param_groups[4]["lr"] = 0.03
+    twins.run()
+    twins.assert_equal()
+    assert twins.general_path_calls == 6  # the first step, once per group: every later step was planned
+
+
 def test_plan_follows_a_parameter_reshaped_at_the_same_address():
     """Parameters and gradients stay where they were; only sizes and strides change."""
     for change in ("transpose", "square transpose", "cut"):

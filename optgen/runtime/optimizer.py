@@ -297,12 +297,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 state.update(self.variants[self.variant_of(p)].init_state(distributed.local(p).detach()))
         return states
 
-    def _scalars(self, group: dict[str, Any], t: Any, device: torch.device) -> torch.Tensor:
-        """The kernel's scalars as one fp32 tensor on ``device``, computed in float64.
-
-        A tensor lr or step count (torch.compile) stays a tensor, promoted to float64 first: in fp32,
-        ``1 - 0.999**t`` alone would be off by 1e-5 relative.
-        """
+    def _scalar_values(self, group: dict[str, Any], t: Any) -> list[Any]:
+        """The kernel's scalars for ``group`` at step ``t``, computed in float64: numbers, or tensors where a
+        hyper-parameter or ``t`` is one (promoted to float64 first: in fp32, ``1 - 0.999**t`` alone would be off
+        by 1e-5 relative)."""
         def f64(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
                 return v.to(torch.float64)
@@ -310,10 +308,16 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
         hp = {k: f64(v) for k, v in group.items() if k != "params"}
         try:
-            values = self.host_scalars(hp, f64(t))
+            return self.host_scalars(hp, f64(t))
         except ZeroDivisionError:  # e.g. lr=0.0, which DCP sets to create the states: IEEE inf, as on a device
             hp = {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, float) else v for k, v in hp.items()}
-            values = self.host_scalars(hp, f64(t))
+            return self.host_scalars(hp, f64(t))
+
+    def _scalars(self, group: dict[str, Any], t: Any, device: torch.device,
+                 values: list[Any] | None = None) -> torch.Tensor:
+        """The kernel's scalars (``values``, else ``_scalar_values(group, t)``) as one fp32 tensor on ``device``."""
+        if values is None:
+            values = self._scalar_values(group, t)
         if not any(isinstance(v, torch.Tensor) for v in values):
             return to_device(values, torch.float32, device)
         # A tensor lr or step stays a tensor. In eager, values already on ``device`` (a CUDA lr) stay there and
@@ -428,21 +432,50 @@ class OptgenOptimizer(torch.optim.Optimizer):
             return None
         return GroupPlan.build(self, group, ids, pack[0], planned)
 
-    def _step_planned(self, group: dict[str, Any], plan: GroupPlan, grads: list[torch.Tensor]) -> None:
-        """The step of ``_step_group`` with what ``plan`` holds: compute the scalars, launch, then advance the
-        counts (the kernels do not read them, and the launch comes sooner) and bump the version counters; these
-        two also when a launch raises, as on the general path."""
+    def _planned_scalars(self, planned: list[tuple[dict[str, Any], GroupPlan]]
+                         ) -> dict[int, tuple[int, dict[torch.device, torch.Tensor]]]:
+        """For each planned group (by ``id`` of its plan): its next step count t and its scalars on each device it
+        launches on. The numbers of all the groups go to a device in one tensor, one view per group: one copy to a
+        GPU rather than one per group (a model with a group per parameter has hundreds). A group whose counts
+        differ (set by hand) is left out: it takes the general path; one with a tensor hyper-parameter gets its
+        own copy."""
+        if not planned:
+            return {}
         refuse_graph_capture()  # before any state changes
-        counts = plan.steps.tolist()
-        if counts.count(counts[0]) != len(counts):  # a count was set by hand: one launch per count
+        prepared: dict[int, tuple[int, dict[torch.device, torch.Tensor]]] = {}
+        rows: dict[torch.device, list[tuple[int, list[Any]]]] = {}
+        for group, plan in planned:
+            counts = plan.steps.tolist()
+            if counts.count(counts[0]) != len(counts):
+                continue
+            t = next_count(counts[0])
+            values = self._scalar_values(group, t)
+            devices = {launch.device for launch in plan.launches}
+            if any(isinstance(v, torch.Tensor) for v in values):
+                prepared[id(plan)] = (t, {d: self._scalars(group, t, d, values) for d in devices})
+                continue
+            prepared[id(plan)] = (t, {})
+            for device in devices:
+                rows.setdefault(device, []).append((id(plan), values))
+        for device, entries in rows.items():
+            flat = to_device([v for _, values in entries for v in values], torch.float32, device)
+            views = flat.split([len(values) for _, values in entries]) if len(entries) > 1 else (flat,)
+            for (key, _), view in zip(entries, views):
+                prepared[key][1][device] = view
+        return prepared
+
+    def _step_planned(self, group: dict[str, Any], plan: GroupPlan, grads: list[torch.Tensor],
+                      prepared: tuple[int, dict[torch.device, torch.Tensor]] | None) -> None:
+        """The step of ``_step_group`` with what ``plan`` holds and the step count and scalars ``prepared`` for it
+        (``_planned_scalars``; None: a count was set by hand): launch, then advance the counts (the kernels do not
+        read them, and the launch comes sooner) and bump the version counters; these two also when a launch
+        raises, as on the general path."""
+        if prepared is None:  # one launch per count
             self._step_group(group, plan.params, plan.ids, plan.steps.add_(1).tolist())
             return
-        t = next_count(counts[0])
-        scalars: dict[torch.device, torch.Tensor] = {}
+        t, scalars = prepared
         try:
             for launch in plan.launches:
-                if launch.device not in scalars:
-                    scalars[launch.device] = self._scalars(group, t, launch.device)
                 rng = None if launch.stream_ids is None else make_rng(self.seed, t, launch.stream_ids, launch.device)
                 gs = grads if launch.positions is None else [grads[i] for i in launch.positions]
                 lists = [gs if lst is None else lst for lst in launch.lists]
@@ -506,9 +539,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
             work.append((group, plan, grads) if plan is not None else
                         (group, None, self._params_with_grad(group, first_id)))
             first_id += len(group["params"])
+        prepared = self._planned_scalars([(group, plan) for group, plan, _ in work if plan is not None]) \
+            if eager else {}
         for group, plan, found in work:
             if plan is not None:
-                self._step_planned(group, plan, found)
+                self._step_planned(group, plan, found, prepared.get(id(plan)))
             elif found[0]:
                 plan = self._step_group(group, *found)
                 if plan is not None and eager:
