@@ -458,8 +458,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
             for device in devices:
                 rows.setdefault(device, []).append((id(plan), values))
         for device, entries in rows.items():
-            flat = to_device([v for _, values in entries for v in values], torch.float32, device)
-            views = flat.split([len(values) for _, values in entries]) if len(entries) > 1 else (flat,)
+            # rows padded to 16 bytes: every view keeps the alignment the kernels are specialized on (an unaligned
+            # view would compile a second kernel)
+            padded = [values + [0.0] * (-len(values) % 4) for _, values in entries]
+            flat = to_device([v for row in padded for v in row], torch.float32, device)
+            views = flat.split([len(row) for row in padded]) if len(entries) > 1 else (flat,)
             for (key, _), view in zip(entries, views):
                 prepared[key][1][device] = view
         return prepared
