@@ -203,7 +203,7 @@ if triton is not None:
                 adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, start_k,
                                     numel_here, offs_k, offs_k < numel_here)
 
-    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=128, num_warps=4, aligned=False, slice_rows=2,
+    _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=128, num_warps=4, aligned=True, slice_rows=2,
                                    max_registers=64, written=(0, 2, 3, 4, 5))
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))

@@ -25,8 +25,10 @@ TILE_COLS = 256  # row length of elementwise specs (grouped formats use their gr
 LAYOUT_LABELS = {"": "as specified", "fp32": "with fp32 states", "native": "fp32 states, parameter as it is"}
 
 
-def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple[int, int, bool]:
+def tile_config(group_size: int, needs_rng: bool, has_reductions: bool,
+                aligned_groups: bool = True) -> tuple[int, int, bool]:
     """(elements per program, num_warps, aligned hint) of a kernel; swept on an H100 (benchmarks/RESULTS.md).
+    ``aligned_groups``: whether every grouped format of the kernel takes the hint (``Codec.aligned_hint``).
 
     Small tiles move bytes fastest: more programs fit on an SM, and each thread keeps fewer values live.
     Kernel alone, large set, one run, 4096 elements x 8 warps -> 512 x 4: AdamW 0.93 -> 0.97 of copy
@@ -35,7 +37,8 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple
     0.57 -> 0.61, Lamb16 0.20 -> 0.22; StochasticAdamW 2.6x faster than at 4096 x 8. Grouped formats (one
     group per row) took 512 x 4 then (against 1024 x 8 or 4, with the kernels of that time: FlashAdamW 3.60 ->
     2.89 ms, AdamW8bit 4.90 -> 4.31; see below for now). Groups of 32 (q8) also want vector loads (the
-    ``aligned`` hint: 1.7x); q4 and q8_dynamic do without.
+    ``aligned`` hint: 1.7x); q4 and q8_dynamic did without. Twelfth session, with the kernels of then, back to
+    back: AdamW4bit 2.30-2.32 -> 2.15-2.16 ms with the hint, so q4 takes it; q8_dynamic still does without.
     Since whole tiles run unmasked (so their loads vectorize), the hint also shortens elementwise kernels
     (sm_90 SASS of a whole tile: AdamW 224 -> 197 instructions, StochasticAdamW 864 -> 792) but lengthens q4,
     q8_dynamic and Lamb16 ones (Lamb16's update pass 1737 -> 1792), so kernels with reductions go without.
@@ -47,7 +50,7 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool) -> tuple
     2.557 -> 2.523; FlashAdamW 1.883 -> 1.753 with its partial tile in slices (``masked_slice_rows``).
     """
     if group_size > 1:
-        return 1024, 4, group_size < 128
+        return 1024, 4, aligned_groups
     if has_reductions:
         return 2048, 4, False
     return (1024, 4, True) if needs_rng else (512, 4, True)
@@ -91,6 +94,12 @@ def formats_register_cap(codecs: list) -> int | None:
     """
     caps = {c.register_cap for c in codecs if c.group_size > 1 or c.needs_rng}
     return caps.pop() if len(caps) == 1 else None
+
+
+def formats_aligned(codecs: list) -> bool:
+    """Whether a kernel with grouped formats takes the ``aligned`` hint: only if each of them does
+    (``Codec.aligned_hint``, measured on its built-in spec; see ``tile_config``)."""
+    return all(c.aligned_hint for c in codecs if c.group_size > 1)
 
 
 def _docstring(text: str) -> str:
@@ -255,7 +264,8 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     kernel = render_triton_kernel(ir)
     # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
-    elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions))
+    elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions),
+                                           formats_aligned([t.codec for t in ir.tensors]))
     max_registers = None if ir.reductions else formats_register_cap([t.codec for t in ir.tensors])
     slice_rows = masked_slice_rows(elements // cols, cols, warps, len(kernel.table_args), bool(kernel.slots))
     uses_numel = any(sympy.Symbol("numel") in e.free_symbols

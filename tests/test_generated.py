@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from optgen.build import build_file, formats_register_cap
+from optgen.build import build_file, formats_aligned, formats_register_cap
 from optgen.codecs import get_codec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,3 +42,12 @@ def test_register_cap_only_where_the_formats_agree():
     assert formats_register_cap(_codecs(("q8_dynamic", {}), ("q4_linear", {}))) is None
     assert formats_register_cap(_codecs(("q8_dynamic", {}), ("q8_softsign", {}))) is None
     assert formats_register_cap(_codecs(("fp32", {}), ("bf16", {}))) is None
+
+
+def test_aligned_hint_only_where_every_grouped_format_takes_it():
+    """Vector loads (the ``aligned`` hint) for q4 and q8 groups below 128, not with q8_dynamic in the kernel."""
+    assert formats_aligned(_codecs(("q4_dynamic", {}), ("q4_linear", {}), ("fp32", {})))
+    assert formats_aligned(_codecs(("q8_softsign", {}), ("q8_sqrt", {"group": 64})))
+    assert not formats_aligned(_codecs(("q8_softsign", {"group": 128})))
+    assert not formats_aligned(_codecs(("q8_dynamic", {}), ("q8_dynamic", {"signed": False})))
+    assert not formats_aligned(_codecs(("q4_dynamic", {}), ("q8_dynamic", {})))

@@ -44,6 +44,9 @@ class Codec:
     lossless: ClassVar[bool] = False  # decode(encode(x)) == x for every fp32 x (a kernel may store it early)
     # Triton register cap per thread its kernels were measured faster with (optgen.build.formats_register_cap)
     register_cap: ClassVar[int | None] = None
+    # Whether a kernel holding this grouped format may tell Triton its tiles are aligned (vector loads), as measured
+    # on its built-in spec (optgen.build.tile_config)
+    aligned_hint: ClassVar[bool] = True
     imports: ClassVar[tuple[str, ...]] = ()  # import lines the generated module needs for the snippets
     # Read-only tables the Triton snippets use: (kernel argument name, host expression with {device}).
     constants: tuple[tuple[str, str], ...] = ()

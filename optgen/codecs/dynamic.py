@@ -412,6 +412,7 @@ class Q8Dynamic(Codec):
 
     name = "q8_dynamic"
     register_cap = 56
+    aligned_hint = False  # its table gathers keep a one-element layout: the hint adds layout conversions
     roles = frozenset({"state"})
     group_size = Q8_BLOCK
     imports = ("from optgen.codecs import dynamic",)

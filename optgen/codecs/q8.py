@@ -298,6 +298,10 @@ class Q8Grouped(Codec):
                        f"got {group!r}")
         self.group_size = int(group)  # instance attribute shadows the ClassVar default
 
+    @property
+    def aligned_hint(self) -> bool:  # type: ignore[override]
+        return self.group_size < 128  # measured with groups of 32 (FlashAdamW: 1.7x); 128 and 256 went without
+
     def buffers(self) -> list[Buffer]:
         return [Buffer("", self.code_dtype), Buffer("scale", "float16", 0.0, "groups")]
 
