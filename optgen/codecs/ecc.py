@@ -35,7 +35,6 @@ try:
     import triton
     import triton.language as tl
 
-    from optgen.codecs.conversion import int_to_float
     from optgen.codecs.division import quotient
     from optgen.codecs.rounding import tl_from_bf16, tl_load_bf16, tl_round_bf16
 except ImportError:  # pragma: no cover - without Triton only the PyTorch functions exist
@@ -98,7 +97,7 @@ if triton is not None:
             p32 = tl_load_bf16(p_ptr + offs, mask)
         else:
             p32 = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        rho = int_to_float(tl.load(e_ptr + offs, mask=mask, other=0))
+        rho = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.float32)
         exponent = tl.minimum(_exponent_bits_tl(p32, EMIN), 0x7F000000).to(tl.float32, bitcast=True)
         # rho/N: an integer |rho| <= N <= 32767 over N, correctly rounded (every code checked in tests)
         return p32 + quotient(rho, N * 1.0, 1.0 / N) * (exponent * (0.5 ** (MANT + 1)))

@@ -62,7 +62,6 @@ try:  # the module must import without Triton (then only the PyTorch path exists
     import triton
     import triton.language as tl
 
-    from optgen.codecs.conversion import int_to_float
     from optgen.codecs.division import INTERPRETED, quotient, reciprocal_estimate
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
@@ -241,7 +240,7 @@ if triton is not None:
 
     @triton.jit
     def _decode(q_ptr, s_ptr, offs, mask, start, count, G: tl.constexpr, KIND: tl.constexpr):
-        q = int_to_float(tl.load(q_ptr + offs, mask=mask, other=0))
+        q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
         s = load_group_values(s_ptr, start, count, q, G)
         if KIND == 1:
             out = inverse_softsign(q) * s
