@@ -26,7 +26,7 @@ LAYOUT_LABELS = {"": "as specified", "fp32": "with fp32 states", "native": "fp32
 
 
 def tile_config(group_size: int, needs_rng: bool, has_reductions: bool,
-                aligned_groups: bool = True) -> tuple[int, int, bool]:
+                aligned_groups: bool) -> tuple[int, int, bool]:
     """(elements per program, num_warps, aligned hint) of a kernel; swept on an H100 (benchmarks/RESULTS.md).
     ``aligned_groups``: whether every grouped format of the kernel takes the hint (``Codec.aligned_hint``).
 
@@ -265,9 +265,10 @@ def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dic
     kernel = render_triton_kernel(ir)
     # Grouped formats: one row per group, so a group's scale is a plain row reduction (no reshape).
     cols = kernel.group_size if kernel.group_size > 1 else TILE_COLS
+    codecs = [t.codec for t in ir.tensors]
     elements, warps, aligned = tile_config(kernel.group_size, ir.needs_rng, bool(ir.reductions),
-                                           formats_aligned([t.codec for t in ir.tensors]))
-    max_registers = None if ir.reductions else formats_register_cap([t.codec for t in ir.tensors])
+                                           formats_aligned(codecs))
+    max_registers = None if ir.reductions else formats_register_cap(codecs)
     slice_rows = masked_slice_rows(elements // cols, cols, warps, len(kernel.table_args), bool(kernel.slots))
     uses_numel = any(sympy.Symbol("numel") in e.free_symbols
                      for e in [st.expr for st in ir.statements] + [r.arg for r in ir.reductions])
