@@ -129,16 +129,8 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def adam_step_tile(param, grad, state_m, state_v, scalars, offs, mask):
+    def adam_step_tile(param, grad, state_m, state_v, weight_decay, beta1, c0, beta2, c1, c2, eps, c3, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        weight_decay = tl.load(scalars + 0)
-        beta1 = tl.load(scalars + 1)
-        c0 = tl.load(scalars + 2)
-        beta2 = tl.load(scalars + 3)
-        c1 = tl.load(scalars + 4)
-        c2 = tl.load(scalars + 5)
-        eps = tl.load(scalars + 6)
-        c3 = tl.load(scalars + 7)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -160,13 +152,31 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        weight_decay,
+        beta1,
+        c0,
+        beta2,
+        c1,
+        c2,
+        eps,
+        c3,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        weight_decay = optgen_tl.scalar_arg(weight_decay, scalars, 0, SCALARS_TENSOR)
+        beta1 = optgen_tl.scalar_arg(beta1, scalars, 1, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 2, SCALARS_TENSOR)
+        beta2 = optgen_tl.scalar_arg(beta2, scalars, 3, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 4, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 5, SCALARS_TENSOR)
+        eps = optgen_tl.scalar_arg(eps, scalars, 6, SCALARS_TENSOR)
+        c3 = optgen_tl.scalar_arg(c3, scalars, 7, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -182,11 +192,13 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            adam_step_tile(param, grad, state_m, state_v, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
+            adam_step_tile(param, grad, state_m, state_v, weight_decay, beta1, c0, beta2, c1, c2, eps, c3, offs,
+                           tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            adam_step_tile(param, grad, state_m, state_v, scalars, offs, offs < numel_here)
+            adam_step_tile(param, grad, state_m, state_v, weight_decay, beta1, c0, beta2, c1, c2, eps, c3, offs,
+                           offs < numel_here)
 
-    _launcher = MultiTensorLauncher(adam_step_kernel, adam_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher = MultiTensorLauncher(adam_step_kernel, adam_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=8, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::adam_step_triton", mutates_args=('param', 'state_m', 'state_v'))

@@ -137,17 +137,9 @@ def _(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, sc
 if triton is not None:
 
     @triton.jit
-    def flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, scalars, start,
-                              numel_here, offs, mask):
+    def flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, beta1, c0, beta2,
+                              c1, c2, c3, eps, c4, start, numel_here, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        beta1 = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        beta2 = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
-        c3 = tl.load(scalars + 5)
-        eps = tl.load(scalars + 6)
-        c4 = tl.load(scalars + 7)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, numel_here, 32)
@@ -172,13 +164,31 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        beta1,
+        c0,
+        beta2,
+        c1,
+        c2,
+        c3,
+        eps,
+        c4,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
         SLICE: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        beta1 = optgen_tl.scalar_arg(beta1, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        beta2 = optgen_tl.scalar_arg(beta2, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
+        c3 = optgen_tl.scalar_arg(c3, scalars, 5, SCALARS_TENSOR)
+        eps = optgen_tl.scalar_arg(eps, scalars, 6, SCALARS_TENSOR)
+        c4 = optgen_tl.scalar_arg(c4, scalars, 7, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -197,17 +207,18 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, scalars,
-                                  start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+            flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, beta1, c0,
+                                  beta2, c1, c2, c3, eps, c4, start, numel_here, offs,
+                                  tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short: in slices of SLICE rows, each with its own mask. A whole tile
             # with a mask would need more registers than the unmasked path, and the kernel takes its heavier path's.
             for k in range(ROWS // SLICE):  # a loop, not unrolled: unrolled slices get interleaved
                 start_k = start + k * SLICE * COLS
                 offs_k = start_k + tl.arange(0, SLICE)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-                flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, scalars,
-                                      start_k, numel_here, offs_k, offs_k < numel_here)
+                flash_adamw_step_tile(param, param_ecc, grad, state_m, state_m_scale, state_v, state_v_scale, beta1,
+                                      c0, beta2, c1, c2, c3, eps, c4, start_k, numel_here, offs_k, offs_k < numel_here)
 
-    _launcher = MultiTensorLauncher(flash_adamw_step_kernel, flash_adamw_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=4, aligned=True, slice_rows=8,
+    _launcher = MultiTensorLauncher(flash_adamw_step_kernel, flash_adamw_step_torch, {'GRAD_DTYPE': 2}, scalar_count=8, rows=32, cols=32, num_warps=4, aligned=True, slice_rows=8,
                                    written=(0, 1, 3, 4, 5, 6))
 
     @torch.library.custom_op("optgen::flash_adamw_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
@@ -317,16 +328,9 @@ def _(param, param_ecc, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, offs, mask):
+    def flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, eps, c4,
+                                   offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        beta1 = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        beta2 = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
-        c3 = tl.load(scalars + 5)
-        eps = tl.load(scalars + 6)
-        c4 = tl.load(scalars + 7)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -349,12 +353,30 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        beta1,
+        c0,
+        beta2,
+        c1,
+        c2,
+        c3,
+        eps,
+        c4,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        beta1 = optgen_tl.scalar_arg(beta1, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        beta2 = optgen_tl.scalar_arg(beta2, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
+        c3 = optgen_tl.scalar_arg(c3, scalars, 5, SCALARS_TENSOR)
+        eps = optgen_tl.scalar_arg(eps, scalars, 6, SCALARS_TENSOR)
+        c4 = optgen_tl.scalar_arg(c4, scalars, 7, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -371,12 +393,13 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, offs,
-                                       tl.full((ROWS, COLS), True, tl.int1))
+            flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, eps, c4,
+                                       offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, scalars, offs, offs < numel_here)
+            flash_adamw_step_fp32_tile(param, param_ecc, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, eps, c4,
+                                       offs, offs < numel_here)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_adamw_step_fp32_kernel, flash_adamw_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher_fp32 = MultiTensorLauncher(flash_adamw_step_fp32_kernel, flash_adamw_step_fp32_torch, {'GRAD_DTYPE': 2}, scalar_count=8, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_adamw_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_v'))
@@ -482,16 +505,8 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs, mask):
+    def flash_adamw_step_native_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, eps, c4, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        beta1 = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        beta2 = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
-        c3 = tl.load(scalars + 5)
-        eps = tl.load(scalars + 6)
-        c4 = tl.load(scalars + 7)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -513,13 +528,31 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        beta1,
+        c0,
+        beta2,
+        c1,
+        c2,
+        c3,
+        eps,
+        c4,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        beta1 = optgen_tl.scalar_arg(beta1, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        beta2 = optgen_tl.scalar_arg(beta2, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
+        c3 = optgen_tl.scalar_arg(c3, scalars, 5, SCALARS_TENSOR)
+        eps = optgen_tl.scalar_arg(eps, scalars, 6, SCALARS_TENSOR)
+        c4 = optgen_tl.scalar_arg(c4, scalars, 7, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -535,12 +568,13 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs,
+            flash_adamw_step_native_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, eps, c4, offs,
                                          tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_adamw_step_native_tile(param, grad, state_m, state_v, scalars, offs, offs < numel_here)
+            flash_adamw_step_native_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, eps, c4, offs,
+                                         offs < numel_here)
 
-    _launcher_native = MultiTensorLauncher(flash_adamw_step_native_kernel, flash_adamw_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher_native = MultiTensorLauncher(flash_adamw_step_native_kernel, flash_adamw_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=8, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2, 3))
 
     @torch.library.custom_op("optgen::flash_adamw_step_native_triton", mutates_args=('param', 'state_m', 'state_v'))

@@ -119,14 +119,9 @@ def _(param, param_ecc, grad, state_m, state_m_scale, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_lion_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs, mask):
+    def flash_lion_step_tile(param, param_ecc, grad, state_m, state_m_scale, beta1, c0, beta2, c1, c2, c3, start,
+                             numel_here, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        beta1 = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        beta2 = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
-        c3 = tl.load(scalars + 5)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, numel_here, 32)
@@ -147,12 +142,26 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        beta1,
+        c0,
+        beta2,
+        c1,
+        c2,
+        c3,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        beta1 = optgen_tl.scalar_arg(beta1, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        beta2 = optgen_tl.scalar_arg(beta2, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
+        c3 = optgen_tl.scalar_arg(c3, scalars, 5, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -169,13 +178,13 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_lion_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs,
-                                 tl.full((ROWS, COLS), True, tl.int1))
+            flash_lion_step_tile(param, param_ecc, grad, state_m, state_m_scale, beta1, c0, beta2, c1, c2, c3, start,
+                                 numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_lion_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs,
-                                 offs < numel_here)
+            flash_lion_step_tile(param, param_ecc, grad, state_m, state_m_scale, beta1, c0, beta2, c1, c2, c3, start,
+                                 numel_here, offs, offs < numel_here)
 
-    _launcher = MultiTensorLauncher(flash_lion_step_kernel, flash_lion_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=4, aligned=True,
+    _launcher = MultiTensorLauncher(flash_lion_step_kernel, flash_lion_step_torch, {'GRAD_DTYPE': 2}, scalar_count=6, rows=32, cols=32, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_lion_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale'))
@@ -270,14 +279,8 @@ def _(param, param_ecc, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_lion_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs, mask):
+    def flash_lion_step_fp32_tile(param, param_ecc, grad, state_m, beta1, c0, beta2, c1, c2, c3, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        beta1 = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        beta2 = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
-        c3 = tl.load(scalars + 5)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -297,12 +300,26 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        beta1,
+        c0,
+        beta2,
+        c1,
+        c2,
+        c3,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        beta1 = optgen_tl.scalar_arg(beta1, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        beta2 = optgen_tl.scalar_arg(beta2, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
+        c3 = optgen_tl.scalar_arg(c3, scalars, 5, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -318,12 +335,13 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_lion_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs,
+            flash_lion_step_fp32_tile(param, param_ecc, grad, state_m, beta1, c0, beta2, c1, c2, c3, offs,
                                       tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_lion_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs, offs < numel_here)
+            flash_lion_step_fp32_tile(param, param_ecc, grad, state_m, beta1, c0, beta2, c1, c2, c3, offs,
+                                      offs < numel_here)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_lion_step_fp32_kernel, flash_lion_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher_fp32 = MultiTensorLauncher(flash_lion_step_fp32_kernel, flash_lion_step_fp32_torch, {'GRAD_DTYPE': 2}, scalar_count=6, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3))
 
     @torch.library.custom_op("optgen::flash_lion_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m'))
@@ -415,14 +433,8 @@ def _(param, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_lion_step_native_tile(param, grad, state_m, scalars, offs, mask):
+    def flash_lion_step_native_tile(param, grad, state_m, beta1, c0, beta2, c1, c2, c3, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        beta1 = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        beta2 = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
-        c3 = tl.load(scalars + 5)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -441,13 +453,27 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        beta1,
+        c0,
+        beta2,
+        c1,
+        c2,
+        c3,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        beta1 = optgen_tl.scalar_arg(beta1, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        beta2 = optgen_tl.scalar_arg(beta2, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
+        c3 = optgen_tl.scalar_arg(c3, scalars, 5, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -462,11 +488,12 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_lion_step_native_tile(param, grad, state_m, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
+            flash_lion_step_native_tile(param, grad, state_m, beta1, c0, beta2, c1, c2, c3, offs,
+                                        tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_lion_step_native_tile(param, grad, state_m, scalars, offs, offs < numel_here)
+            flash_lion_step_native_tile(param, grad, state_m, beta1, c0, beta2, c1, c2, c3, offs, offs < numel_here)
 
-    _launcher_native = MultiTensorLauncher(flash_lion_step_native_kernel, flash_lion_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher_native = MultiTensorLauncher(flash_lion_step_native_kernel, flash_lion_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=6, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))
 
     @torch.library.custom_op("optgen::flash_lion_step_native_triton", mutates_args=('param', 'state_m'))

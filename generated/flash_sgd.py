@@ -126,13 +126,9 @@ def _(param, param_ecc, grad, state_m, state_m_scale, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs, mask):
+    def flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, weight_decay, c0, momentum, c1, c2, start,
+                            numel_here, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        weight_decay = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        momentum = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = q8.triton_decode_softsign(state_m, state_m_scale, offs, mask, start, numel_here, 32)
@@ -152,12 +148,24 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        weight_decay,
+        c0,
+        momentum,
+        c1,
+        c2,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        weight_decay = optgen_tl.scalar_arg(weight_decay, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        momentum = optgen_tl.scalar_arg(momentum, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -174,13 +182,13 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs,
-                                tl.full((ROWS, COLS), True, tl.int1))
+            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, weight_decay, c0, momentum, c1, c2,
+                                start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, scalars, start, numel_here, offs,
-                                offs < numel_here)
+            flash_sgd_step_tile(param, param_ecc, grad, state_m, state_m_scale, weight_decay, c0, momentum, c1, c2,
+                                start, numel_here, offs, offs < numel_here)
 
-    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, rows=32, cols=32, num_warps=4, aligned=True,
+    _launcher = MultiTensorLauncher(flash_sgd_step_kernel, flash_sgd_step_torch, {'GRAD_DTYPE': 2}, scalar_count=5, rows=32, cols=32, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_sgd_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale'))
@@ -274,13 +282,8 @@ def _(param, param_ecc, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs, mask):
+    def flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, weight_decay, c0, momentum, c1, c2, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        weight_decay = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        momentum = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
         p = ecc.triton_decode(param, param_ecc, offs, mask, 7, -126, 127)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -299,12 +302,24 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        weight_decay,
+        c0,
+        momentum,
+        c1,
+        c2,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        weight_decay = optgen_tl.scalar_arg(weight_decay, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        momentum = optgen_tl.scalar_arg(momentum, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -320,12 +335,13 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs,
+            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, weight_decay, c0, momentum, c1, c2, offs,
                                      tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, scalars, offs, offs < numel_here)
+            flash_sgd_step_fp32_tile(param, param_ecc, grad, state_m, weight_decay, c0, momentum, c1, c2, offs,
+                                     offs < numel_here)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher_fp32 = MultiTensorLauncher(flash_sgd_step_fp32_kernel, flash_sgd_step_fp32_torch, {'GRAD_DTYPE': 2}, scalar_count=5, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3))
 
     @torch.library.custom_op("optgen::flash_sgd_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m'))
@@ -416,13 +432,8 @@ def _(param, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def flash_sgd_step_native_tile(param, grad, state_m, scalars, offs, mask):
+    def flash_sgd_step_native_tile(param, grad, state_m, weight_decay, c0, momentum, c1, c2, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        weight_decay = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        momentum = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -440,13 +451,25 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        weight_decay,
+        c0,
+        momentum,
+        c1,
+        c2,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        weight_decay = optgen_tl.scalar_arg(weight_decay, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        momentum = optgen_tl.scalar_arg(momentum, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -461,11 +484,13 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            flash_sgd_step_native_tile(param, grad, state_m, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
+            flash_sgd_step_native_tile(param, grad, state_m, weight_decay, c0, momentum, c1, c2, offs,
+                                       tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            flash_sgd_step_native_tile(param, grad, state_m, scalars, offs, offs < numel_here)
+            flash_sgd_step_native_tile(param, grad, state_m, weight_decay, c0, momentum, c1, c2, offs,
+                                       offs < numel_here)
 
-    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher_native = MultiTensorLauncher(flash_sgd_step_native_kernel, flash_sgd_step_native_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=5, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))
 
     @torch.library.custom_op("optgen::flash_sgd_step_native_triton", mutates_args=('param', 'state_m'))

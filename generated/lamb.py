@@ -169,19 +169,9 @@ def _(param, grad, state_m, state_v, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, offs, mask, PASS: tl.constexpr,
-                       NRED: tl.constexpr):
+    def lamb_step_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, c4, eps, weight_decay, c5, red,
+                       part, pid, tensor, offs, mask, PASS: tl.constexpr, NRED: tl.constexpr):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        beta1 = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        beta2 = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
-        c3 = tl.load(scalars + 5)
-        c4 = tl.load(scalars + 6)
-        eps = tl.load(scalars + 7)
-        weight_decay = tl.load(scalars + 8)
-        c5 = tl.load(scalars + 9)
         if PASS == 1:  # whole-tensor reductions: partial sums per program, maxima into red[tensor]
             p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
@@ -220,17 +210,39 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        beta1,
+        c0,
+        beta2,
+        c1,
+        c2,
+        c3,
+        c4,
+        eps,
+        weight_decay,
+        c5,
         red,
         part,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
         PASS: tl.constexpr,
         NRED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        beta1 = optgen_tl.scalar_arg(beta1, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        beta2 = optgen_tl.scalar_arg(beta2, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
+        c3 = optgen_tl.scalar_arg(c3, scalars, 5, SCALARS_TENSOR)
+        c4 = optgen_tl.scalar_arg(c4, scalars, 6, SCALARS_TENSOR)
+        eps = optgen_tl.scalar_arg(eps, scalars, 7, SCALARS_TENSOR)
+        weight_decay = optgen_tl.scalar_arg(weight_decay, scalars, 8, SCALARS_TENSOR)
+        c5 = optgen_tl.scalar_arg(c5, scalars, 9, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -246,13 +258,13 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, offs,
-                           tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
+            lamb_step_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, c4, eps, weight_decay, c5, red,
+                           part, pid, tensor, offs, tl.full((ROWS, COLS), True, tl.int1), PASS, NRED)
         else:  # the tensor's last tile, cut short
-            lamb_step_tile(param, grad, state_m, state_v, scalars, red, part, pid, tensor, offs, offs < numel_here,
-                           PASS, NRED)
+            lamb_step_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, c4, eps, weight_decay, c5, red,
+                           part, pid, tensor, offs, offs < numel_here, PASS, NRED)
 
-    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=8, cols=256, num_warps=4, aligned=False,
+    _launcher = MultiTensorLauncher(lamb_step_kernel, lamb_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=10, rows=8, cols=256, num_warps=4, aligned=False,
                                    written=(0, 2, 3),
                                    slots=['sum', 'sum'], passes=2,
                                    levels=[1, 1])

@@ -111,14 +111,8 @@ def _(param, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def lion_step_tile(param, grad, state_m, scalars, offs, mask):
+    def lion_step_tile(param, grad, state_m, beta1, c0, weight_decay, c1, beta2, c2, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        beta1 = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        weight_decay = tl.load(scalars + 2)
-        c1 = tl.load(scalars + 3)
-        beta2 = tl.load(scalars + 4)
-        c2 = tl.load(scalars + 5)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -136,13 +130,27 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        beta1,
+        c0,
+        weight_decay,
+        c1,
+        beta2,
+        c2,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        beta1 = optgen_tl.scalar_arg(beta1, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        weight_decay = optgen_tl.scalar_arg(weight_decay, scalars, 2, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 3, SCALARS_TENSOR)
+        beta2 = optgen_tl.scalar_arg(beta2, scalars, 4, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 5, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -157,11 +165,12 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            lion_step_tile(param, grad, state_m, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
+            lion_step_tile(param, grad, state_m, beta1, c0, weight_decay, c1, beta2, c2, offs,
+                           tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            lion_step_tile(param, grad, state_m, scalars, offs, offs < numel_here)
+            lion_step_tile(param, grad, state_m, beta1, c0, weight_decay, c1, beta2, c2, offs, offs < numel_here)
 
-    _launcher = MultiTensorLauncher(lion_step_kernel, lion_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher = MultiTensorLauncher(lion_step_kernel, lion_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=6, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))
 
     @torch.library.custom_op("optgen::lion_step_triton", mutates_args=('param', 'state_m'))

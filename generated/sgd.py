@@ -124,15 +124,8 @@ def _(param, grad, state_m, scalars) -> None:
 if triton is not None:
 
     @triton.jit
-    def sgd_step_tile(param, grad, state_m, scalars, offs, mask):
+    def sgd_step_tile(param, grad, state_m, weight_decay, c0, c1, momentum, c2, c3, c4, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
-        weight_decay = tl.load(scalars + 0)
-        c0 = tl.load(scalars + 1)
-        c1 = tl.load(scalars + 2)
-        momentum = tl.load(scalars + 3)
-        c2 = tl.load(scalars + 4)
-        c3 = tl.load(scalars + 5)
-        c4 = tl.load(scalars + 6)
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(state_m + offs, mask=mask, other=0.0).to(tl.float32)
@@ -151,13 +144,29 @@ if triton is not None:
         numels,
         blocks,
         scalars,
+        weight_decay,
+        c0,
+        c1,
+        momentum,
+        c2,
+        c3,
+        c4,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
+        SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):
-        """One tile of ROWS x COLS elements of one tensor."""
+        """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        weight_decay = optgen_tl.scalar_arg(weight_decay, scalars, 0, SCALARS_TENSOR)
+        c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
+        c1 = optgen_tl.scalar_arg(c1, scalars, 2, SCALARS_TENSOR)
+        momentum = optgen_tl.scalar_arg(momentum, scalars, 3, SCALARS_TENSOR)
+        c2 = optgen_tl.scalar_arg(c2, scalars, 4, SCALARS_TENSOR)
+        c3 = optgen_tl.scalar_arg(c3, scalars, 5, SCALARS_TENSOR)
+        c4 = optgen_tl.scalar_arg(c4, scalars, 6, SCALARS_TENSOR)
         pid = tl.program_id(0)
         tile = tl.load(blocks + pid)  # (tensor << 40) | the tile's first element
         tensor = tile >> 40
@@ -172,11 +181,12 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            sgd_step_tile(param, grad, state_m, scalars, offs, tl.full((ROWS, COLS), True, tl.int1))
+            sgd_step_tile(param, grad, state_m, weight_decay, c0, c1, momentum, c2, c3, c4, offs,
+                          tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            sgd_step_tile(param, grad, state_m, scalars, offs, offs < numel_here)
+            sgd_step_tile(param, grad, state_m, weight_decay, c0, c1, momentum, c2, c3, c4, offs, offs < numel_here)
 
-    _launcher = MultiTensorLauncher(sgd_step_kernel, sgd_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher = MultiTensorLauncher(sgd_step_kernel, sgd_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=7, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 2))
 
     @torch.library.custom_op("optgen::sgd_step_triton", mutates_args=('param', 'state_m'))

@@ -248,15 +248,15 @@ def _checkpoint_lines(ir: IR) -> tuple[list[str], list[str]]:
 
 
 def _tile_args(kernel, uses_numel: bool) -> list[str]:
-    """The kernel's names that its tile function reads: every buffer and the scalars, then those of the
-    program's own values (tensor, first element, counts, reduction slots) that its lines mention."""
-    lines = kernel.scalar_loads + kernel.loads + kernel.body + kernel.stores + kernel.epilogue
+    """The kernel's names that its tile function reads: every buffer and scalar, then those of the program's own
+    values (tensor, first element, counts, reduction slots) that its lines mention."""
+    lines = kernel.loads + kernel.body + kernel.stores + kernel.epilogue
     lines += [line for lines_of_pass in kernel.passes for line in lines_of_pass]
     text = "\n".join(lines + (["start == 0"] if kernel.epilogue else []))  # the template's epilogue test
     optional = (["rng"] + [name for name, _ in kernel.constants] + ["red", "part", "pid", "tensor", "start",
                 "numel_here"] + (["numel"] if uses_numel else []))
     buffers = [a.removesuffix("_ptrs") for a in kernel.table_args]  # each table's typed pointer, in the kernel
-    return buffers + ["scalars"] + [a for a in optional if re.search(rf"\b{a}\b", text)]
+    return buffers + kernel.scalar_names + [a for a in optional if re.search(rf"\b{a}\b", text)]
 
 
 def _variant_context(key: str, sfx: str, ir: IR, name: str, op_base: str) -> dict:

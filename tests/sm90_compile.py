@@ -28,11 +28,19 @@ SCALAR_PTRS = {"scalars": "*fp32", "red": "*fp32", "part": "*fp32", "rng": "*i64
 
 
 def signature(cls, launcher) -> tuple[dict, list[dict]]:
-    """Argument types and one constexpr set per kernel pass."""
+    """Argument types and one constexpr set per kernel pass, for an eager launch (the scalars as arguments)."""
     sig, consts = {}, {}
     dtype = getattr(tl, cls.param_dtypes[0])
-    for name in launcher.kernel.arg_names:
-        if name.endswith("_ptrs"):
+    names = launcher.kernel.arg_names
+    first = names.index("scalars") + 1
+    scalar_args = names[first:first + launcher.scalar_count]
+    for name in names:
+        if name == "scalars":  # None: an eager launch passes the values instead
+            sig[name] = "constexpr"
+            consts[name] = None
+        elif name in scalar_args:
+            sig[name] = "fp32"
+        elif name.endswith("_ptrs"):
             sig[name] = "*i64"
         elif name in SCALAR_PTRS:
             sig[name] = SCALAR_PTRS[name]
@@ -40,8 +48,8 @@ def signature(cls, launcher) -> tuple[dict, list[dict]]:
             sig[name] = "*fp32"
         else:
             sig[name] = "constexpr"
-            consts[name] = {**launcher.tile_constexprs(), "NRED": max(1, len(launcher.slots)),
-                            "PASS": 1}.get(name, dtype)
+            consts[name] = {**launcher.tile_constexprs(), "NRED": max(1, len(launcher.slots)), "PASS": 1,
+                            "SCALARS_TENSOR": False}.get(name, dtype)
     passes = range(1, launcher.passes + 1) if launcher.slots else [1]
     return sig, [{**consts, **({"PASS": k} if "PASS" in consts else {})} for k in passes]
 

@@ -83,7 +83,8 @@ class TritonKernel:
     table_args: list[str]  # one pointer table per buffer: <arg>_ptrs
     dtype_args: list[str]  # constexpr element types for buffers stored in the parameter's dtype
     pointer_setup: list[str]
-    scalar_loads: list[str]
+    scalar_names: list[str]  # the host scalars, in the order of the ``scalars`` tensor
+    scalar_loads: list[str]  # in the kernel: each scalar from its argument or from the tensor
     loads: list[str]
     body: list[str]
     stores: list[str]
@@ -107,7 +108,9 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
             else:
                 dtype = TL_DTYPES[b.dtype]
             pointer_setup.append(f"{arg} = tl.multiple_of(tl.load({arg}_ptrs + tensor).to(tl.pointer_type({dtype})), 16)")
-    scalar_loads = [f"{s.symbol.name} = tl.load(scalars + {k})" for k, s in enumerate(ir.scalars)]
+    scalar_names = [s.symbol.name for s in ir.scalars]
+    scalar_loads = [f"{name} = optgen_tl.scalar_arg({name}, scalars, {k}, SCALARS_TENSOR)"
+                    for k, name in enumerate(scalar_names)]
     host = {s.symbol for s in ir.scalars}
 
     def tile(expr: sympy.Basic) -> str:
@@ -197,6 +200,6 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
         stores += t.codec.triton_encode(t.output.name, ptrs, "offs", "mask")
     group = max(t.codec.group_size for t in ir.tensors)
     constants = list(dict.fromkeys(c for t in ir.tensors for c in t.codec.constants))
-    return TritonKernel(table_args, dtype_args, pointer_setup, scalar_loads, load_reductions(ir.passes + 1) + loads,
-                        body, stores, constants, group, any(t.codec.needs_rng for t in ir.tensors),
+    return TritonKernel(table_args, dtype_args, pointer_setup, scalar_names, scalar_loads,
+                        load_reductions(ir.passes + 1) + loads, body, stores, constants, group, any(t.codec.needs_rng for t in ir.tensors),
                         passes, slots, epilogue)

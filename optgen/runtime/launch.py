@@ -40,6 +40,9 @@ except ImportError:  # pragma: no cover - without Triton only the PyTorch fallba
     tl = _CompiledKernel = None
 
 
+Scalars = torch.Tensor | list[float]  # the step's scalars: a tensor on the device, or their values
+
+
 class MultiTensorLauncher:
     """Callable ``(*lists, scalars)`` that runs ``kernel`` over every tensor of the lists."""
 
@@ -47,7 +50,8 @@ class MultiTensorLauncher:
     # chunk of an offloaded optimizer; with fewer than its chunks, every chunk rebuilt its tables each step.
     cache_size = 64
 
-    def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, rows: int,
+    def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, scalar_count: int,
+                 rows: int,
                  cols: int, num_warps: int = 8, aligned: bool = False, slice_rows: int | None = None,
                  max_registers: int | None = None,
                  constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None,
@@ -56,6 +60,7 @@ class MultiTensorLauncher:
         self.kernel = kernel
         self.fallback = fallback
         self.dtype_args = dtype_args  # constexpr name -> index of the list whose dtype it takes
+        self.scalar_count = scalar_count  # the kernel's scalar arguments (after ``scalars``)
         self.rows = rows
         self.cols = cols
         self.num_warps = num_warps
@@ -152,11 +157,13 @@ class MultiTensorLauncher:
         return _Plan(launches, irregular, _rng_rows(irregular, with_rng and bool(irregular), lists[0][0].device),
                      staged)
 
-    def __call__(self, *lists: list[torch.Tensor], scalars: torch.Tensor, rng: torch.Tensor | None = None,
+    def __call__(self, *lists: list[torch.Tensor], scalars: Scalars, rng: torch.Tensor | None = None,
                  shard: Sharding | None = None) -> None:
-        """Step every tensor. With ``shard`` the tensors are shards: ``numel`` is the whole tensor's, the
-        partial reductions of all tensors are all-reduced together between the passes, and irregular
-        buffers are staged (no fallback, whose tensors would miss the collectives)."""
+        """Step every tensor. ``scalars``: the fp32 tensor of the step's scalars, or (eager) their values, which
+        the kernel then takes as arguments: no copy to the device before the launch. With ``shard`` the tensors
+        are shards: ``numel`` is the whole tensor's, the partial reductions of all tensors are all-reduced
+        together between the passes, and irregular buffers are staged (no fallback, whose tensors would miss the
+        collectives)."""
         self.run_plan(self.plan_for(lists, rng is not None, shard), lists, scalars, rng, shard)
 
     def plan_for(self, lists: tuple[list[torch.Tensor], ...], with_rng: bool, shard: Sharding | None) -> _Plan:
@@ -174,11 +181,13 @@ class MultiTensorLauncher:
             self._plans.move_to_end(key)
         return plan
 
-    def run_plan(self, plan: _Plan, lists: tuple[list[torch.Tensor], ...], scalars: torch.Tensor,
+    def run_plan(self, plan: _Plan, lists: tuple[list[torch.Tensor], ...], scalars: Scalars,
                  rng: torch.Tensor | None, shard: Sharding | None = None) -> None:
         """Step the tensors of ``lists`` with ``plan``, which the caller knows to be theirs (``plan_for``)."""
         if plan.irregular:  # strided or unaligned views: the fallback handles them in place
-            self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists], scalars,
+            device = lists[0][plan.irregular[0]].device
+            self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists],
+                          scalars if isinstance(scalars, torch.Tensor) else to_device(scalars, torch.float32, device),
                           *(() if rng is None else (rng[plan.irregular_rng],)))
         for k, i, buffer in plan.staged:
             buffer.copy_(lists[k][i])
@@ -187,12 +196,15 @@ class MultiTensorLauncher:
             if k in self.written:
                 lists[k][i].copy_(buffer)
 
-    def _run(self, plan: _Plan, n: int, scalars: torch.Tensor, rng: torch.Tensor | None,
+    def _run(self, plan: _Plan, n: int, scalars: Scalars, rng: torch.Tensor | None,
              shard: Sharding | None) -> None:
         """Every launch of the plan, pass by pass; with ``shard``, an all-reduce after each reduction pass."""
+        in_tensor = isinstance(scalars, torch.Tensor)
+        # the tensor and the values in the kernel's argument order: placeholders for the form not taken
+        scalar_args = [scalars, *[0.0] * self.scalar_count] if in_tensor else [None, *map(float, scalars)]
         runs = []
         for tables, n_blocks, constexprs, device, rng_rows, rows, segments in plan.launches:
-            args = [*tables, scalars, *(() if rng is None else (rng[rng_rows],)),
+            args = [*tables, *scalar_args, *(() if rng is None else (rng[rng_rows],)),
                     *(self.constants(device) if self.constants is not None else ())]
             red = part = None
             if self.slots:
@@ -202,13 +214,14 @@ class MultiTensorLauncher:
             runs.append((args, n_blocks, constexprs, device, part, segments, rows, red))
         if not self.slots:
             for args, n_blocks, constexprs, device, *_ in runs:
-                self._launch(args, n_blocks, constexprs, device, {})
+                self._launch(args, n_blocks, constexprs, device, {"SCALARS_TENSOR": in_tensor})
             return
         reduce_passes = max(self.levels, default=0) if shard is not None else 0
         whole_red = Sharding.partials(n, list(self.slots), scalars.device) if reduce_passes else None
         for k, sums in enumerate(self._sum_masks, 1):
             for args, n_blocks, constexprs, device, part, segments, rows, red in runs:
-                self._launch(args, n_blocks, constexprs, device, {"PASS": k, "NRED": len(self.slots)})
+                self._launch(args, n_blocks, constexprs, device,
+                             {"SCALARS_TENSOR": in_tensor, "PASS": k, "NRED": len(self.slots)})
                 if sums:  # every tensor's partial sums, added in program order: the same bits on every run
                     with _on(device):
                         _sum_partials[(len(rows), len(self.slots))](part, segments, red, len(rows),
@@ -239,10 +252,11 @@ class MultiTensorLauncher:
             # Triton's launch call binds and specializes every argument and looks the kernel up in its cache:
             # tens of µs of host time before the GPU starts. The kernel it compiled is launched directly after
             # the first call, under the same constexprs and the same dtype and 16-byte alignment of every tensor
-            # argument (what its specialization depends on), and the same tile and compile options (tune_tile
-            # sets them).
+            # argument (what its specialization depends on; None and floats specialize on their type alone), and
+            # the same tile and compile options (tune_tile sets them).
             key = (device, self.rows, self.cols, self.num_warps, self.max_registers, self.aligned, self.slice_rows,
-                   *constexprs.values(), *extra.values(), *((a.dtype, a.data_ptr() % 16 == 0) for a in args))
+                   *constexprs.values(), *extra.values(),
+                   *((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else type(a) for a in args))
             direct = self._compiled.get(key)
             if direct is not None:
                 compiled, tail = direct

@@ -19,6 +19,7 @@ import torch
 
 from optgen.runtime import distributed
 from optgen.runtime.group_plan import GroupPlan, PlanBook, PlannedLaunch, next_count
+from optgen.runtime.launch import Scalars
 from optgen.runtime.step_hooks import with_step_hooks
 from optgen.runtime.transfer import host_to_device, make_rng, refuse_graph_capture, to_device
 
@@ -433,17 +434,15 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return GroupPlan.build(self, group, ids, pack[0], planned)
 
     def _planned_scalars(self, planned: list[tuple[dict[str, Any], GroupPlan]]
-                         ) -> dict[int, tuple[int, dict[torch.device, torch.Tensor]]]:
-        """For each planned group (by ``id`` of its plan): its next step count t and its scalars on each device it
-        launches on. The numbers of all the groups go to a device in one tensor, one view per group: one copy to a
-        GPU rather than one per group (a model with a group per parameter has hundreds). A group whose counts
-        differ (set by hand) is left out: it takes the general path; one with a tensor hyper-parameter gets its
-        own copy."""
+                         ) -> dict[int, tuple[int, dict[torch.device, Scalars]]]:
+        """For each planned group (by ``id`` of its plan): its next step count t and its scalars for each device
+        it launches on. Numbers stay numbers: the kernels take them as arguments, with nothing to copy to the
+        device before the launch. A group with a tensor hyper-parameter gets them as a tensor on each device. A
+        group whose counts differ (set by hand) is left out: it takes the general path."""
         if not planned:
             return {}
-        refuse_graph_capture()  # before any state changes
-        prepared: dict[int, tuple[int, dict[torch.device, torch.Tensor]]] = {}
-        rows: dict[torch.device, list[tuple[int, list[Any]]]] = {}
+        refuse_graph_capture()  # a replayed launch would reuse this step's scalars
+        prepared: dict[int, tuple[int, dict[torch.device, Scalars]]] = {}
         for group, plan in planned:
             counts = plan.steps.tolist()
             if counts.count(counts[0]) != len(counts):
@@ -451,20 +450,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
             t = next_count(counts[0])
             values = self._scalar_values(group, t)
             devices = {launch.device for launch in plan.launches}
-            if any(isinstance(v, torch.Tensor) for v in values):
-                prepared[id(plan)] = (t, {d: self._scalars(group, t, d, values) for d in devices})
-                continue
-            prepared[id(plan)] = (t, {})
-            for device in devices:
-                rows.setdefault(device, []).append((id(plan), values))
-        for device, entries in rows.items():
-            # rows padded to 16 bytes: every view keeps the alignment the kernels are specialized on (an unaligned
-            # view would compile a second kernel)
-            padded = [values + [0.0] * (-len(values) % 4) for _, values in entries]
-            flat = to_device([v for row in padded for v in row], torch.float32, device)
-            views = flat.split([len(row) for row in padded]) if len(entries) > 1 else (flat,)
-            for (key, _), view in zip(entries, views):
-                prepared[key][1][device] = view
+            tensors = any(isinstance(v, torch.Tensor) for v in values)
+            prepared[id(plan)] = (t, {d: self._scalars(group, t, d, values) if tensors else values for d in devices})
         return prepared
 
     def _step_planned(self, group: dict[str, Any], plan: GroupPlan, grads: list[torch.Tensor],

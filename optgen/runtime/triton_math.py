@@ -18,6 +18,16 @@ if triton is not None:
         return tl.div_rn(1.0, tl.sqrt_rn(x))
 
     @triton.jit
+    def scalar_arg(value, scalars, k: tl.constexpr, SCALARS_TENSOR: tl.constexpr):
+        """Scalar ``k`` of the step: read from the fp32 tensor ``scalars`` (a compiled graph computes the scalars on
+        the device), or the kernel argument ``value`` (an eager step passes them as arguments, with no copy to the
+        device before the launch). The cast makes the Triton interpreter's Python float an fp32, as on the GPU."""
+        if SCALARS_TENSOR:
+            return tl.load(scalars + k)
+        else:
+            return tl.cast(value, tl.float32)
+
+    @triton.jit
     def sign(x):
         """-1, 0 or 1 like torch.sign (NaN stays NaN)."""
         return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x * 0.0))
