@@ -27,6 +27,7 @@ try:
     import triton
     import triton.language as tl
 
+    from optgen.codecs.rng import tl_rng_args
     from optgen.runtime import triton_math as optgen_tl
     from optgen.runtime.launch import MultiTensorLauncher
 except ImportError:  # no Triton on this platform: the PyTorch fallback still runs everywhere
@@ -134,8 +135,8 @@ def _(param, grad, state_m, state_v, scalars, rng) -> None:
 if triton is not None:
 
     @triton.jit
-    def sbf16_adamw_step_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, c4, eps, rng, tensor, offs,
-                              mask):
+    def sbf16_adamw_step_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, c4, eps, rng_seed, rng_step,
+                              rng_stream, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         p = bf16_sr.triton_decode(param + offs, mask)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
@@ -146,11 +147,11 @@ if triton is not None:
         step = tl.full(offs.shape, c2, tl.float32)
         p_1 = p*(c3*step + 1)
         p_2 = tl.div_rn(-m_1*step, c4*tl.sqrt_rn(v_1) + eps) + p_1
-        bf16_sr.triton_encode(m_1, state_m, rng, tensor, offs, mask, 1349281436)
-        bf16_sr.triton_encode(v_1, state_v, rng, tensor, offs, mask, 1510584176)
-        bf16_sr.triton_encode(p_2, param, rng, tensor, offs, mask, 620395657)
+        bf16_sr.triton_encode(m_1, state_m, rng_seed, rng_step, rng_stream, offs, mask, 1349281436)
+        bf16_sr.triton_encode(v_1, state_v, rng_seed, rng_step, rng_stream, offs, mask, 1510584176)
+        bf16_sr.triton_encode(p_2, param, rng_seed, rng_step, rng_stream, offs, mask, 620395657)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rng_seed", "rng_step"])
     def sbf16_adamw_step_kernel(
         param_ptrs,
         grad_ptrs,
@@ -168,6 +169,8 @@ if triton is not None:
         c4,
         eps,
         rng,
+        rng_seed,
+        rng_step,
         GRAD_DTYPE: tl.constexpr,
         SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
@@ -175,7 +178,8 @@ if triton is not None:
         ALIGNED: tl.constexpr,
     ):
         """One tile of ROWS x COLS elements of one tensor. The scalars come as arguments, or in the tensor
-        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg)."""
+        ``scalars`` when SCALARS_TENSOR (see optgen.runtime.triton_math.scalar_arg); so do the random
+        streams' seed and step (optgen.codecs.rng.tl_rng_args)."""
         beta1 = optgen_tl.scalar_arg(beta1, scalars, 0, SCALARS_TENSOR)
         c0 = optgen_tl.scalar_arg(c0, scalars, 1, SCALARS_TENSOR)
         beta2 = optgen_tl.scalar_arg(beta2, scalars, 2, SCALARS_TENSOR)
@@ -190,6 +194,7 @@ if triton is not None:
         start = tile & 0xFFFFFFFFFF
         if ALIGNED:  # tiles start at multiples of ROWS * COLS: saying so lets Triton vectorize (faster for some kernels)
             start = tl.multiple_of(start, ROWS * COLS)
+        rng_seed, rng_step, rng_stream = tl_rng_args(rng, rng_seed, rng_step, tensor, SCALARS_TENSOR)
         numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(tl.bfloat16)), 16)
@@ -199,11 +204,11 @@ if triton is not None:
         # The tile function is called in both branches, not once after them: only there is the all-true mask a
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
-            sbf16_adamw_step_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, c4, eps, rng, tensor,
-                                  offs, tl.full((ROWS, COLS), True, tl.int1))
+            sbf16_adamw_step_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, c4, eps, rng_seed,
+                                  rng_step, rng_stream, offs, tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short
-            sbf16_adamw_step_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, c4, eps, rng, tensor,
-                                  offs, offs < numel_here)
+            sbf16_adamw_step_tile(param, grad, state_m, state_v, beta1, c0, beta2, c1, c2, c3, c4, eps, rng_seed,
+                                  rng_step, rng_stream, offs, offs < numel_here)
 
     _launcher = MultiTensorLauncher(sbf16_adamw_step_kernel, sbf16_adamw_step_torch, {'GRAD_DTYPE': 1}, scalar_count=8, rows=4, cols=256, num_warps=4, aligned=True,
                                    max_registers=64, written=(0, 2, 3))

@@ -253,7 +253,7 @@ def _tile_args(kernel, uses_numel: bool) -> list[str]:
     lines = kernel.loads + kernel.body + kernel.stores + kernel.epilogue
     lines += [line for lines_of_pass in kernel.passes for line in lines_of_pass]
     text = "\n".join(lines + (["start == 0"] if kernel.epilogue else []))  # the template's epilogue test
-    optional = (["rng"] + [name for name, _ in kernel.constants] + ["red", "part", "pid", "tensor", "start",
+    optional = (["rng_seed", "rng_step", "rng_stream"] + [name for name, _ in kernel.constants] + ["red", "part", "pid", "tensor", "start",
                 "numel_here"] + (["numel"] if uses_numel else []))
     buffers = [a.removesuffix("_ptrs") for a in kernel.table_args]  # each table's typed pointer, in the kernel
     return buffers + kernel.scalar_names + [a for a in optional if re.search(rf"\b{a}\b", text)]

@@ -20,7 +20,7 @@ from optgen.spec import Spec, Storage
 # Names the generated code uses for itself: a spec may not use them as symbols.
 GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", "hm", "i", "params",
                    "backend", "defaults", "group", "hp", "errors", "optgen_tl", "libdevice", "pid", "tensor",
-                   "start", "numel", "numels", "blocks", "tile", "offs", "mask", "key", "ROWS", "COLS",
+                   "start", "numel", "numels", "blocks", "tile", "rng_seed", "rng_step", "rng_stream", "offs", "mask", "key", "ROWS", "COLS",
                    "optgen_torch", "value", "out", "rng", "red", "shard", "variants",
                    "violated_checks", "numel_here", "part", "Sharding"}
 # and the codec modules the generated functions call (``from optgen.codecs import q8``: q8.torch_decode(...))

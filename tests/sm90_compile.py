@@ -40,6 +40,8 @@ def signature(cls, launcher) -> tuple[dict, list[dict]]:
             consts[name] = None
         elif name in scalar_args:
             sig[name] = "fp32"
+        elif name in ("rng_seed", "rng_step"):
+            sig[name] = "i32"
         elif name.endswith("_ptrs"):
             sig[name] = "*i64"
         elif name in SCALAR_PTRS:

@@ -445,7 +445,7 @@ def rne_kernel(x_ptr, out_ptr, out2_ptr, numel, BLOCK: tl.constexpr):
 CODEC_KERNEL = '''
 import triton
 import triton.language as tl
-from optgen.codecs.rng import tl_key, tl_random16
+from optgen.codecs.rng import tl_make_key, tl_random16, tl_rng_args
 {imports}
 
 
@@ -455,6 +455,7 @@ def encode_kernel(x_ptr, {args}rng, tensor_ptr, numel, ROWS: tl.constexpr, COLS:
     offs = tl.program_id(0) * (ROWS * COLS) + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
     mask = offs < numel
     tensor = tl.load(tensor_ptr)
+    rng_seed, rng_step, rng_stream = tl_rng_args(rng, 0, 0, tensor, True)  # rng = [seed, step, id_0, ...]
     value = tl.load(x_ptr + offs, mask=mask, other=0.0)
     value = tl.where(mask, value, float("nan"))  # the codec must ignore masked lanes
 {encode}
@@ -472,7 +473,8 @@ def decode_kernel(out_ptr, {args}numel, ROWS: tl.constexpr, COLS: tl.constexpr):
 def noise_kernel(out_ptr, rng, tensor_ptr, numel, SALT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tensor = tl.load(tensor_ptr)
-    tl.store(out_ptr + offs, tl_random16(tl_key(rng, tensor, SALT), offs).to(tl.int32), mask=offs < numel)
+    key = tl_make_key(tl.load(rng), tl.load(rng + 1), tensor, SALT)
+    tl.store(out_ptr + offs, tl_random16(key, offs).to(tl.int32), mask=offs < numel)
 '''
 
 

@@ -364,7 +364,7 @@ def test_renderings():
     assert sr.needs_rng and sr.imports == ("from optgen.codecs import bf16_sr",)
     assert sr.torch_encode("v", ["state_m[i]"]) == [f"bf16_sr.torch_encode(v, state_m[i], rng, i, {bf16_sr.salt_of('state_m')})"]
     assert sr.triton_encode("v", ["state_m"], "offs", "mask") == [
-        f"bf16_sr.triton_encode(v, state_m, rng, tensor, offs, mask, {bf16_sr.salt_of('state_m')})"]
+        f"bf16_sr.triton_encode(v, state_m, rng_seed, rng_step, rng_stream, offs, mask, {bf16_sr.salt_of('state_m')})"]
     for name, fmt, n in ECC:
         codec = get_codec(name, {}, "param", _fail)
         mant, emin, _ = NARROW[fmt]
@@ -446,7 +446,8 @@ if triton is not None:
         tensor = tl.load(tensor_ptr)
         key = tl_rng.tl_make_key(tl.load(rng32_ptr), tl.load(rng32_ptr + 1), tensor, SALT)  # int32 inputs
         tl.store(out_ptr + offs, tl_rng.tl_hash32(key, offs).to(tl.int32, bitcast=True), mask=mask)
-        tl.store(out16_ptr + offs, tl_rng.tl_random16(tl_rng.tl_key(rng_ptr, tensor, SALT), offs).to(tl.int32), mask=mask)
+        key64 = tl_rng.tl_make_key(tl.load(rng_ptr), tl.load(rng_ptr + 1), tensor, SALT)  # int64 inputs
+        tl.store(out16_ptr + offs, tl_rng.tl_random16(key64, offs).to(tl.int32), mask=mask)
 
     @triton.jit
     def sr_encode_kernel(x_ptr, out_ptr, rng_ptr, tensor_ptr, numel, SALT: tl.constexpr, ROWS: tl.constexpr,
@@ -455,7 +456,8 @@ if triton is not None:
         mask = offs < numel
         tensor = tl.load(tensor_ptr)
         x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0), float("nan"))  # masked lanes: ignored
-        tl_bf16_sr.triton_encode(x, out_ptr, rng_ptr, tensor, offs, mask, SALT)
+        seed, step, stream = tl_rng.tl_rng_args(rng_ptr, 0, 0, tensor, True)  # rng = [seed, step, id_0, ...]
+        tl_bf16_sr.triton_encode(x, out_ptr, seed, step, stream, offs, mask, SALT)
 
     @triton.jit
     def sr_decode_kernel(b_ptr, out_ptr, numel, ROWS: tl.constexpr, COLS: tl.constexpr):

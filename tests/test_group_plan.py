@@ -287,6 +287,19 @@ def test_planned_groups_pass_their_scalars_as_numbers():
     assert torch.equal(tensor.cpu(), torch.tensor(opt.host_scalars(hp, 3), dtype=torch.float32))
 
 
+def test_planned_random_streams_with_the_fallback_beside_the_launch():
+    """StochasticAdamW's planned step passes seed and step as kernel arguments and keeps the tensors' ids on the
+    device. With a strided parameter among them (the PyTorch fallback steps it, the kernel the others: the
+    launch takes a subset of the ids), both still draw the general path's bits."""
+    twins = Twins(optim.StochasticAdamW, shapes=[(8, 8), (3001,), (6, 5), (40,)], dtype=torch.bfloat16,
+                  seed=2**31 - 1)
+    for params in (twins.a, twins.b):
+        params[2].data = params[2].data.t()
+    twins.run(3)
+    twins.assert_equal()
+    assert twins.general_path_calls == 1 and not twins.a[2].is_contiguous()
+
+
 def test_plan_follows_a_parameter_reshaped_at_the_same_address():
     """Parameters and gradients stay where they were; only sizes and strides change."""
     for change in ("transpose", "square transpose", "cut"):

@@ -40,7 +40,7 @@ class Codec:
     roles: ClassVar[frozenset[str]]  # which of "param", "grad", "state" may use this format
     param_dtypes: ClassVar[tuple[str, ...]] = ("float32",)  # dtypes accepted when it stores a parameter
     group_size: ClassVar[int] = 1  # elements per scale group (Triton tiles are rows of a multiple of it)
-    needs_rng: ClassVar[bool] = False  # stochastic rounding: the renderings use the per-tensor ``key``
+    needs_rng: ClassVar[bool] = False  # stochastic rounding: the renderings use the random streams (see below)
     lossless: ClassVar[bool] = False  # decode(encode(x)) == x for every fp32 x (a kernel may store it early)
     # Triton register cap per thread its kernels were measured faster with (optgen.build.formats_register_cap)
     register_cap: ClassVar[int | None] = None
@@ -89,7 +89,8 @@ class Codec:
     # ``start`` (the tile's first offset, a multiple of ROWS * COLS) and ``numel_here`` (the number of elements
     # here: the local shard's under FSDP2) are in scope too: grouped codecs address their per-group values with them
     # (one vector per tile).
-    # A codec with ``needs_rng`` may also use ``key``: an int32 per (tensor, step, seed), see optgen.codecs.rng.
+    # A codec with ``needs_rng`` may also use ``rng_seed``, ``rng_step`` and ``rng_stream`` (the tensor's stable id),
+    # see optgen.codecs.rng.tl_rng_args.
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
         """Statements that set ``out`` to the stored value as an fp32 tile (0 where masked)."""
         raise NotImplementedError

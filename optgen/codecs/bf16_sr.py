@@ -14,11 +14,12 @@ release, or on how a launcher splits the tensors. ``rng`` is None for the initia
 Salt: the crc32 of the buffer's name in the generated code ("param", "state_m", ...; the PyTorch rendering
 gets ``state_m[i]`` and drops the subscript), so p, m and v of one tensor draw independent bits and both
 renderings use the same salt. The renderings use the names the backends provide: ``rng`` and the index of
-the tensor in the call (``i`` in the PyTorch fallback, ``tensor`` in the kernel).
+the tensor in the call (``i``) in the PyTorch fallback; seed, step and the tensor's id (``rng_seed``,
+``rng_step``, ``rng_stream``: optgen.codecs.rng.tl_rng_args) in the kernel.
 
 Public API:
   torch_encode(x, out, rng, i, salt) -> None                 (flat fp32 x -> bf16 ``out``, in place)
-  triton_encode(x, ptrs, rng, tensor, offs, mask, SALT)       (@triton.jit, stores a tile)
+  triton_encode(x, ptrs, rng_seed, rng_step, rng_stream, offs, mask, SALT)   (@triton.jit, stores a tile)
   triton_decode(ptrs, mask) -> fp32 tile                      (@triton.jit; loads bf16 as bits)
   salt_of(name) -> int;  reference_round(x, noise) -> float64 (independent reference for tests)
 """
@@ -37,7 +38,7 @@ try:
     import triton
     import triton.language as tl
 
-    from optgen.codecs.rng import tl_key, tl_random16
+    from optgen.codecs.rng import tl_make_key, tl_random16
     from optgen.codecs.rounding import tl_load_bf16, tl_round_bf16
 except ImportError:  # pragma: no cover - without Triton only the PyTorch functions exist
     triton = None
@@ -62,10 +63,10 @@ def torch_encode(x: torch.Tensor, out: torch.Tensor, rng: torch.Tensor | None, i
 if triton is not None:
 
     @triton.jit
-    def triton_encode(x, ptr, rng, tensor, offs, mask, SALT: tl.constexpr):
-        """Store the fp32 tile ``x`` of tensor ``tensor`` of the launch at ``ptr + offs``, with the noise of its
-        id ``rng[2 + tensor]`` (element k draws the bits of flat index k)."""
-        noise = tl_random16(tl_key(rng, tl.load(rng + 2 + tensor), SALT), offs)
+    def triton_encode(x, ptr, rng_seed, rng_step, rng_stream, offs, mask, SALT: tl.constexpr):
+        """Store the fp32 tile ``x`` at ``ptr + offs``, with the noise of (seed, step, the tensor's stable id
+        ``rng_stream``) (element k draws the bits of flat index k; optgen.codecs.rng.tl_rng_args gives the three)."""
+        noise = tl_random16(tl_make_key(rng_seed, rng_step, rng_stream, SALT), offs)
         tl.store(ptr + offs, tl_round_bf16(x, noise, True), mask=mask)
 
     @triton.jit
@@ -96,7 +97,8 @@ class Bf16SR(Codec):
         return [f"{out} = bf16_sr.triton_decode({ptrs[0]} + {offs}, {mask})"]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        return [f"bf16_sr.triton_encode({value}, {ptrs[0]}, rng, tensor, {offs}, {mask}, {salt_of(ptrs[0])})"]
+        streams = "rng_seed, rng_step, rng_stream"
+        return [f"bf16_sr.triton_encode({value}, {ptrs[0]}, {streams}, {offs}, {mask}, {salt_of(ptrs[0])})"]
 
 
 # ----------------------------------------------------------------------------------------------- reference

@@ -16,8 +16,8 @@ is below 2^48, so nothing relies on signed int64 overflow (undefined in C++, and
 
 Salts: each buffer that is stochastically rounded takes its own salt (``bf16_sr`` uses the crc32 of the
 buffer's name, e.g. "param", "state_m"), so the buffers of one tensor draw independent bits. The
-(seed, step) pair travels at the head of an int64 tensor ``rng`` on the device (no host sync); bf16_sr puts
-each parameter's stable id after it.
+(seed, step) pair travels at the head of an int64 tensor ``rng`` on the device (no host sync), or, in an eager
+step, as two int32 kernel arguments; bf16_sr puts each parameter's stable id after it (``tl_rng_args``).
 Everything here is torch.compile-friendly: no ``.item()``, no branching on data.
 """
 
@@ -111,9 +111,15 @@ if triton is not None:
         return tl_mix32(seed.to(tl.uint32) ^ tl_mix32(inner.to(tl.uint32)))
 
     @triton.jit
-    def tl_key(rng_ptr, tensor_index, salt: tl.constexpr):
-        """Same as ``torch_key``: ``rng_ptr`` points at the int64 (seed, step)."""
-        return tl_make_key(tl.load(rng_ptr), tl.load(rng_ptr + 1), tensor_index, salt)
+    def tl_rng_args(rng, rng_seed, rng_step, tensor, IN_TENSOR: tl.constexpr):
+        """(seed, step, stable id) of tensor ``tensor`` of a launch: all three from the int64 tensor ``rng`` =
+        [seed, step, id_0, ...] (a compiled graph makes it on the device), or seed and step from the kernel's
+        int32 arguments (an eager step passes them so, with nothing to copy to the device first) and the id from
+        ``rng`` = [id_0, ...]."""
+        if IN_TENSOR:
+            return tl.load(rng), tl.load(rng + 1), tl.load(rng + 2 + tensor)
+        else:
+            return rng_seed, rng_step, tl.load(rng + tensor)
 
     @triton.jit
     def tl_hash32(key, idx):

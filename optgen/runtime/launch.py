@@ -43,6 +43,28 @@ except ImportError:  # pragma: no cover - without Triton only the PyTorch fallba
 Scalars = torch.Tensor | list[float]  # the step's scalars: a tensor on the device, or their values
 
 
+@dataclass(frozen=True)
+class RngArgs:
+    """An eager step's random streams, for the kernel's arguments: seed and step go as numbers, and ``streams``
+    (each tensor's stable id, int64 on the device) as a tensor that stays the same from step to step. (The other
+    form of ``rng``, for compiled graphs, is the int64 tensor [seed, step, id_0, ...].)"""
+
+    seed: int
+    step: int
+    streams: torch.Tensor
+
+    def as_tensor(self) -> torch.Tensor:
+        """The [seed, step, id_0, ...] tensor of the PyTorch fallback."""
+        return torch.cat([to_device([self.seed, self.step], torch.int64, self.streams.device), self.streams])
+
+
+def _int32(x: int) -> int:
+    """The low 32 bits of ``x`` (all the random streams use of seed and step) as a signed int32: an argument that
+    Triton always types as int32 (a launch of the compiled kernel with an int64 there would misread it)."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x & 0x80000000 else x
+
+
 class MultiTensorLauncher:
     """Callable ``(*lists, scalars)`` that runs ``kernel`` over every tensor of the lists."""
 
@@ -157,7 +179,7 @@ class MultiTensorLauncher:
         return _Plan(launches, irregular, _rng_rows(irregular, with_rng and bool(irregular), lists[0][0].device),
                      staged)
 
-    def __call__(self, *lists: list[torch.Tensor], scalars: Scalars, rng: torch.Tensor | None = None,
+    def __call__(self, *lists: list[torch.Tensor], scalars: Scalars, rng: torch.Tensor | RngArgs | None = None,
                  shard: Sharding | None = None) -> None:
         """Step every tensor. ``scalars``: the fp32 tensor of the step's scalars, or (eager) their values, which
         the kernel then takes as arguments: no copy to the device before the launch. With ``shard`` the tensors
@@ -182,13 +204,14 @@ class MultiTensorLauncher:
         return plan
 
     def run_plan(self, plan: _Plan, lists: tuple[list[torch.Tensor], ...], scalars: Scalars,
-                 rng: torch.Tensor | None, shard: Sharding | None = None) -> None:
+                 rng: torch.Tensor | RngArgs | None, shard: Sharding | None = None) -> None:
         """Step the tensors of ``lists`` with ``plan``, which the caller knows to be theirs (``plan_for``)."""
         if plan.irregular:  # strided or unaligned views: the fallback handles them in place
             device = lists[0][plan.irregular[0]].device
             self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists],
                           scalars if isinstance(scalars, torch.Tensor) else to_device(scalars, torch.float32, device),
-                          *(() if rng is None else (rng[plan.irregular_rng],)))
+                          *(() if rng is None else
+                            ((rng if isinstance(rng, torch.Tensor) else rng.as_tensor())[plan.irregular_rng],)))
         for k, i, buffer in plan.staged:
             buffer.copy_(lists[k][i])
         self._run(plan, len(lists[0]), scalars, rng, shard)
@@ -196,7 +219,7 @@ class MultiTensorLauncher:
             if k in self.written:
                 lists[k][i].copy_(buffer)
 
-    def _run(self, plan: _Plan, n: int, scalars: Scalars, rng: torch.Tensor | None,
+    def _run(self, plan: _Plan, n: int, scalars: Scalars, rng: torch.Tensor | RngArgs | None,
              shard: Sharding | None) -> None:
         """Every launch of the plan, pass by pass; with ``shard``, an all-reduce after each reduction pass."""
         in_tensor = isinstance(scalars, torch.Tensor)
@@ -204,8 +227,14 @@ class MultiTensorLauncher:
         scalar_args = [scalars, *[0.0] * self.scalar_count] if in_tensor else [None, *map(float, scalars)]
         runs = []
         for tables, n_blocks, constexprs, device, rng_rows, rows, segments in plan.launches:
-            args = [*tables, *scalar_args, *(() if rng is None else (rng[rng_rows],)),
-                    *(self.constants(device) if self.constants is not None else ())]
+            if rng is None:
+                rng_args = ()
+            elif isinstance(rng, torch.Tensor):  # the ids of this launch's tensors after seed and step
+                rng_args = (rng[rng_rows], 0, 0)
+            else:  # all the tensors (one launch, the usual case) take the streams as they are
+                rng_args = (rng.streams if rows.shape[0] == n else rng.streams[rows], _int32(rng.seed),
+                            _int32(rng.step))
+            args = [*tables, *scalar_args, *rng_args, *(self.constants(device) if self.constants is not None else ())]
             red = part = None
             if self.slots:
                 red = Sharding.partials(len(rows), list(self.slots), device)

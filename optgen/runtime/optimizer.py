@@ -19,7 +19,7 @@ import torch
 
 from optgen.runtime import distributed
 from optgen.runtime.group_plan import GroupPlan, PlanBook, PlannedLaunch, next_count
-from optgen.runtime.launch import Scalars
+from optgen.runtime.launch import RngArgs, Scalars
 from optgen.runtime.step_hooks import with_step_hooks
 from optgen.runtime.transfer import host_to_device, make_rng, refuse_graph_capture, to_device
 
@@ -417,7 +417,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             lists = [[states[i][b.key] for i in idx] if b.key is not None else ps if b.arg == "param" else gs
                      for b in v.buffers]
             shard = distributed.Sharding.of(bucket) if sharded else None
-            extra, stream = (), None
+            extra = ()  # the rng tensor [seed, t, id_0, ...]: its ids stay with a plan, for the steps after this one
             if v.needs_rng:
                 stream = [ids[i] for i in idx] if shard is None else shard.stream_ids([ids[i] for i in idx])
                 extra = (make_rng(self.seed, t, stream, device),)
@@ -425,7 +425,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if launched is not None and shard is None:
                 planned.append(PlannedLaunch(
                     *launched, tuple(None if b.arg == "grad" else lst for b, lst in zip(v.buffers, lists)),
-                    None if len(idx) == len(params) else idx, device, stream,
+                    None if len(idx) == len(params) else idx, device, extra[0][2:] if extra else None,
                     [x for b, lst in zip(v.buffers, lists) if b.written for x in lst]))
         pack = self._step_packs.get(tuple(id(s["step"]) for s in states)) if eager else None
         if pack is None or pack[0].dtype != torch.float32 or len(planned) < len(buckets) \
@@ -466,7 +466,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         t, scalars = prepared
         try:
             for launch in plan.launches:
-                rng = None if launch.stream_ids is None else make_rng(self.seed, t, launch.stream_ids, launch.device)
+                rng = None if launch.streams is None else RngArgs(self.seed, t, launch.streams)
                 gs = grads if launch.positions is None else [grads[i] for i in launch.positions]
                 lists = [gs if lst is None else lst for lst in launch.lists]
                 launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng)
