@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from optgen import optim
+from optgen.runtime.launch import RngArgs
 from optgen.runtime.optimizer import OptgenOptimizer
 from optgen.runtime.transfer import make_rng
 
@@ -85,6 +86,27 @@ def test_kernel_matches_fallback_one_step(cls, count):
                     assert err <= 8 * torch.finfo(torch.float32).eps, f"{cls.__name__} {b.arg}: {err}"
                 else:
                     assert _ulps(x, y) <= 1, f"{cls.__name__} buffer {b.arg} t={t}"
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_scalars_as_arguments_or_in_a_tensor_give_the_same_bits(cls):
+    """An eager step passes the scalars (and the random streams' seed and step) as kernel arguments; a compiled
+    graph passes them in tensors (SCALARS_TENSOR). The two forms of each kernel give the same bits."""
+    shapes = [SHAPES[i % len(SHAPES)] for i in range(6)]
+    hp = {**{r.name: r.default for r in cls.hyperparam_rules}, **_kwargs(cls)}
+    values = cls.host_scalars(hp, 7)
+    ids = [5 * k + 3 for k in range(len(shapes))]
+    launcher = __import__(cls.__module__, fromlist=["_launcher"])._launcher
+    numbers = _random_state(cls, shapes, seed=7)
+    tensors = [[x.clone() for x in lst] for lst in numbers]
+    rng = cls.variants[""].needs_rng
+    launcher(*numbers, scalars=values,
+             rng=RngArgs(1234, 7, torch.tensor(ids, device=DEVICE)) if rng else None)
+    launcher(*tensors, scalars=torch.tensor(values, dtype=torch.float32, device=DEVICE),
+             rng=make_rng(1234, 7, ids, DEVICE) if rng else None)
+    for b, xs, ys in zip(cls.buffers, numbers, tensors):
+        for x, y in zip(xs, ys):
+            assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), f"{cls.__name__} {b.arg}"
 
 
 @pytest.mark.parametrize("cls", [optim.AdamW, optim.Lion, optim.FlashAdamW, optim.StochasticAdamW],

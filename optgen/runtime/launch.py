@@ -223,6 +223,10 @@ class MultiTensorLauncher:
              shard: Sharding | None) -> None:
         """Every launch of the plan, pass by pass; with ``shard``, an all-reduce after each reduction pass."""
         in_tensor = isinstance(scalars, torch.Tensor)
+        if isinstance(rng, RngArgs) and in_tensor:  # the kernel reads both from tensors, or both as arguments
+            rng = rng.as_tensor()
+        elif isinstance(rng, torch.Tensor) and not in_tensor:
+            raise TypeError("the scalars as numbers take the random streams as RngArgs, not as a tensor")
         # the tensor and the values in the kernel's argument order: placeholders for the form not taken
         scalar_args = [scalars, *[0.0] * self.scalar_count] if in_tensor else [None, *map(float, scalars)]
         runs = []

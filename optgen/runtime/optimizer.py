@@ -238,14 +238,17 @@ class OptgenOptimizer(torch.optim.Optimizer):
             return "fp32"
         return ""
 
+    def _backend_on(self, device: torch.device) -> str:
+        """The backend that steps tensors on ``device``: the one asked for, else Triton on CUDA, eager elsewhere."""
+        return self.backend or ("triton" if device.type == "cuda" else "eager")
+
     def _kernel(self, device: torch.device, variant: str,
                 shard: distributed.Sharding | None = None) -> Callable[..., Any]:
         """The step function of ``variant`` on ``device``. With ``shard`` (the tensors are shards), the
         launcher, or the plain fallback where the update needs whole-tensor values (an op cannot take it).
         The eager Triton step returns the launcher and the launch plan it used (a ``GroupPlan`` keeps them);
         the others return None."""
-        backend = self.backend or ("triton" if device.type == "cuda" else "eager")
-        v = self.variants[variant]
+        backend, v = self._backend_on(device), self.variants[variant]
         if backend == "triton":
             if v.triton_step is None:
                 raise RuntimeError(f"{type(self).__name__} has no Triton kernel; use backend='eager' or 'inductor'")
@@ -417,15 +420,25 @@ class OptgenOptimizer(torch.optim.Optimizer):
             lists = [[states[i][b.key] for i in idx] if b.key is not None else ps if b.arg == "param" else gs
                      for b in v.buffers]
             shard = distributed.Sharding.of(bucket) if sharded else None
-            extra = ()  # the rng tensor [seed, t, id_0, ...]: its ids stay with a plan, for the steps after this one
+            values = self._scalar_values(group, t)
+            # An eager launch (not of shards) takes numbers as kernel arguments; the others take tensors
+            numbers = eager and shard is None and self._backend_on(device) == "triton" \
+                and not any(isinstance(x, torch.Tensor) for x in values)
+            scalars = values if numbers else self._scalars(group, t, device, values)
+            extra, streams = (), None  # the tensors' stable ids on the device stay with a plan
             if v.needs_rng:
                 stream = [ids[i] for i in idx] if shard is None else shard.stream_ids([ids[i] for i in idx])
-                extra = (make_rng(self.seed, t, stream, device),)
-            launched = self._kernel(device, variant, shard)(*lists, self._scalars(group, t, device), *extra)
+                if numbers:
+                    streams = to_device(stream, torch.int64, device)
+                    extra = (RngArgs(self.seed, t, streams),)
+                else:
+                    extra = (make_rng(self.seed, t, stream, device),)
+                    streams = extra[0][2:]
+            launched = self._kernel(device, variant, shard)(*lists, scalars, *extra)
             if launched is not None and shard is None:
                 planned.append(PlannedLaunch(
                     *launched, tuple(None if b.arg == "grad" else lst for b, lst in zip(v.buffers, lists)),
-                    None if len(idx) == len(params) else idx, device, extra[0][2:] if extra else None,
+                    None if len(idx) == len(params) else idx, device, streams,
                     [x for b, lst in zip(v.buffers, lists) if b.written for x in lst]))
         pack = self._step_packs.get(tuple(id(s["step"]) for s in states)) if eager else None
         if pack is None or pack[0].dtype != torch.float32 or len(planned) < len(buckets) \
