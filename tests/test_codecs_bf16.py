@@ -19,7 +19,7 @@ What is checked, and against what:
   narrow part equals PyTorch's RNE cast; the codes equal a float64 reference encode except at near-.5
   ties inside the fp32 rounding window of z·N (each such code is one step off and counted);
   ``ecc.reference_decode`` against ``ecc.torch_decode``.
-- Triton (interpreter on the CPU, in a subprocess as in test_codecs_quant.py; in process on a GPU):
+- Triton (interpreter on the CPU, in a subprocess: tests/triton_worker.py; in process on a GPU):
   ``tl_round_bf16`` / ``store_rne``, the ``bf16_sr`` and ECC renderings pasted into small kernels
   (tiles of several shapes, numel not a multiple of the tile) give the PyTorch path's bits exactly.
 
@@ -39,11 +39,11 @@ if not torch.cuda.is_available():  # before anything imports triton (see test_co
 
 import importlib.util
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from triton_worker import FLAG, case_results, worker_main
 
 from optgen.codecs import bf16_sr, ecc, get_codec, rounding
 from optgen.codecs.rng import torch_key, torch_random16
@@ -51,7 +51,6 @@ from optgen.errors import SpecError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
-ROOT = Path(__file__).resolve().parent.parent
 F64 = torch.float64
 ECC_FORMATS = [("bf16+ecc8", "bf16", 127), ("bf16+ecc16", "bf16", 32767), ("fp16+ecc8", "fp16", 127)]
 NARROW = {"bf16": (7, -126, torch.bfloat16), "fp16": (10, -14, torch.float16)}  # M, E_min, dtype
@@ -577,15 +576,7 @@ def run_triton_cases(cases: dict, workdir: Path, device: str) -> dict:
 def triton_results(tmp_path_factory):
     pytest.importorskip("triton")
     cases = triton_cases()
-    workdir = tmp_path_factory.mktemp("bf16_kernels")
-    if DEVICE == "cuda":
-        return cases, run_triton_cases(cases, workdir, "cuda")
-    torch.save(cases, workdir / "cases.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__, "--triton-worker", str(workdir)], env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return cases, torch.load(workdir / "results.pt")
+    return cases, case_results(__file__, cases, run_triton_cases, tmp_path_factory.mktemp("bf16_kernels"))
 
 
 def test_triton_round_bf16_nearest(triton_results):
@@ -663,7 +654,5 @@ def test_triton_bf16_subnormals_and_nan_payloads(triton_results):
     assert ok and bad_ecc == 0, f"{n_bad} of {int(rest.sum())} values differ from torch, {bad_ecc} ECC codes differ"
 
 
-if __name__ == "__main__" and "--triton-worker" in sys.argv:
-    _workdir = Path(sys.argv[sys.argv.index("--triton-worker") + 1])
-    _cases = torch.load(_workdir / "cases.pt")
-    torch.save(run_triton_cases(_cases, _workdir, "cpu"), _workdir / "results.pt")
+if __name__ == "__main__" and FLAG in sys.argv:
+    worker_main(run_triton_cases)

@@ -17,9 +17,9 @@ Triton without a GPU: ``triton.jit`` reads TRITON_INTERPRET when a function is *
 Triton 3.9: ``triton.runtime.jit.jit`` consults ``knobs.runtime.interpret`` at decoration time), i.e. when
 ``optgen.codecs`` is first imported. tests/conftest.py sets it before any test module is imported, and this
 module sets it too, but when another module imported Triton code first that can be too late. So on a CPU
-machine the Triton checks run in a fresh subprocess (this file run as a script, ``--triton-worker``) with
-TRITON_INTERPRET=1 in its environment, which is always early enough. With CUDA they run in this process on
-the GPU.
+machine the Triton checks run in a fresh subprocess (this file run as a script by tests/triton_worker.py)
+with TRITON_INTERPRET=1 in its environment, which is always early enough. With CUDA they run in this process
+on the GPU.
 """
 
 from __future__ import annotations
@@ -33,17 +33,16 @@ if not torch.cuda.is_available():  # before anything imports triton (see the mod
 
 import importlib.util
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from triton_worker import FLAG, case_results, worker_main
 
 from optgen.codecs import CODECS, dynamic, fp8, get_codec, q8
 from optgen.errors import SpecError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fail(msg: str) -> SpecError:
@@ -972,15 +971,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def triton_results(tmp_path_factory):
     pytest.importorskip("triton")
     cases = triton_cases()
-    workdir = tmp_path_factory.mktemp("codec_kernels")
-    if DEVICE == "cuda":
-        return cases, run_triton_cases(cases, workdir, "cuda")
-    torch.save(cases, workdir / "cases.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__, "--triton-worker", str(workdir)], env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return cases, torch.load(workdir / "results.pt")
+    return cases, case_results(__file__, cases, run_triton_cases, tmp_path_factory.mktemp("codec_kernels"))
 
 
 def test_triton_matches_torch_bit_for_bit(triton_results):
@@ -1002,7 +993,5 @@ def test_triton_matches_torch_bit_for_bit(triton_results):
     assert seen == set(QUANT)
 
 
-if __name__ == "__main__" and "--triton-worker" in sys.argv:
-    _workdir = Path(sys.argv[sys.argv.index("--triton-worker") + 1])
-    _cases = torch.load(_workdir / "cases.pt")
-    torch.save(run_triton_cases(_cases, _workdir, "cpu"), _workdir / "results.pt")
+if __name__ == "__main__" and FLAG in sys.argv:
+    worker_main(run_triton_cases)
