@@ -53,7 +53,7 @@ class PlannedLaunch:
     lists: tuple[list[torch.Tensor] | None, ...]  # the buffer lists in kernel order; None: the gradients
     positions: list[int] | None  # where its parameters are in the group; None: all of them, in order
     device: torch.device
-    streams: torch.Tensor | None  # stochastic rounding: the stable id of each tensor, on the device; None without
+    streams: torch.Tensor | None  # stochastic rounding: each tensor's stable id, on the device; None without rng
     written: list[torch.Tensor]  # what the kernel writes (its version counters are bumped)
 
 

@@ -73,8 +73,7 @@ class MultiTensorLauncher:
     cache_size = 64
 
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, scalar_count: int,
-                 rows: int,
-                 cols: int, num_warps: int = 8, aligned: bool = False, slice_rows: int | None = None,
+                 rows: int, cols: int, num_warps: int = 8, aligned: bool = False, slice_rows: int | None = None,
                  max_registers: int | None = None,
                  constants: Callable[[torch.device], tuple[torch.Tensor, ...]] | None = None,
                  slots: tuple[str, ...] = (), passes: int = 1, levels: tuple[int, ...] = (),
