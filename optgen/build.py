@@ -18,6 +18,7 @@ import sympy
 from optgen.backends.printing import HostPrinter
 from optgen.backends.torch import render_torch_step
 from optgen.backends.triton import render_triton_kernel
+from optgen.codecs.rng import STREAM_NAMES
 from optgen.ir import IR, lower
 from optgen.spec import HyperParam, Spec, load_spec
 
@@ -253,8 +254,8 @@ def _tile_args(kernel, uses_numel: bool) -> list[str]:
     lines = kernel.loads + kernel.body + kernel.stores + kernel.epilogue
     lines += [line for lines_of_pass in kernel.passes for line in lines_of_pass]
     text = "\n".join(lines + (["start == 0"] if kernel.epilogue else []))  # the template's epilogue test
-    optional = (["rng_seed", "rng_step", "rng_stream"] + [name for name, _ in kernel.constants] + ["red", "part", "pid", "tensor", "start",
-                "numel_here"] + (["numel"] if uses_numel else []))
+    optional = ([*STREAM_NAMES, *(name for name, _ in kernel.constants), "red", "part", "pid", "tensor", "start",
+                 "numel_here"] + (["numel"] if uses_numel else []))
     buffers = [a.removesuffix("_ptrs") for a in kernel.table_args]  # each table's typed pointer, in the kernel
     return buffers + kernel.scalar_names + [a for a in optional if re.search(rf"\b{a}\b", text)]
 

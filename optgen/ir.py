@@ -14,15 +14,17 @@ import sympy
 
 from optgen.codecs import CODECS, Codec, get_codec
 from optgen.codecs.base import DTYPE_BYTES
+from optgen.codecs.rng import STREAM_NAMES
 from optgen.expr import REDUCTIONS, Statement, as_condition, is_condition, parse_condition, parse_update, tensor_sum
 from optgen.spec import Spec, Storage
 
 # Names the generated code uses for itself: a spec may not use them as symbols.
 GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", "hm", "i", "params",
                    "backend", "defaults", "group", "hp", "errors", "optgen_tl", "libdevice", "pid", "tensor",
-                   "start", "numel", "numels", "blocks", "tile", "rng_seed", "rng_step", "rng_stream", "offs", "mask", "key", "ROWS", "COLS",
+                   "start", "numel", "numels", "blocks", "tile", "offs", "mask", "key", "ROWS", "COLS",
                    "optgen_torch", "value", "out", "rng", "red", "shard", "variants",
                    "violated_checks", "numel_here", "part", "Sharding"}
+GENERATED_NAMES |= set(STREAM_NAMES)  # the kernel's random streams
 # and the codec modules the generated functions call (``from optgen.codecs import q8``: q8.torch_decode(...))
 GENERATED_NAMES |= {line.rsplit(" ", 1)[1] for codec in CODECS.values() for line in codec.imports}
 

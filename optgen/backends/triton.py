@@ -201,5 +201,5 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
     group = max(t.codec.group_size for t in ir.tensors)
     constants = list(dict.fromkeys(c for t in ir.tensors for c in t.codec.constants))
     return TritonKernel(table_args, dtype_args, pointer_setup, scalar_names, scalar_loads,
-                        load_reductions(ir.passes + 1) + loads, body, stores, constants, group, any(t.codec.needs_rng for t in ir.tensors),
-                        passes, slots, epilogue)
+                        load_reductions(ir.passes + 1) + loads, body, stores, constants, group,
+                        any(t.codec.needs_rng for t in ir.tensors), passes, slots, epilogue)

@@ -31,7 +31,7 @@ import zlib
 import torch
 
 from optgen.codecs.base import Buffer, Codec
-from optgen.codecs.rng import torch_key, torch_random16
+from optgen.codecs.rng import STREAM_NAMES, torch_key, torch_random16
 from optgen.codecs.rounding import torch_round_bf16, torch_to_bf16
 
 try:
@@ -97,7 +97,7 @@ class Bf16SR(Codec):
         return [f"{out} = bf16_sr.triton_decode({ptrs[0]} + {offs}, {mask})"]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
-        streams = "rng_seed, rng_step, rng_stream"
+        streams = ", ".join(STREAM_NAMES)
         return [f"bf16_sr.triton_encode({value}, {ptrs[0]}, {streams}, {offs}, {mask}, {salt_of(ptrs[0])})"]
 
 

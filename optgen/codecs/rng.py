@@ -37,6 +37,8 @@ MIX_2 = 0x846CA68B
 KEY_STEP = 0x85EBCA77  # odd constants that decorrelate step, tensor index and element index
 KEY_TENSOR = 0xC2B2AE3D
 KEY_INDEX = 0x9E3779B1
+# The kernel's names for the seed, the step and the tensor's stable id (``tl_rng_args``), which codecs render
+STREAM_NAMES = ("rng_seed", "rng_step", "rng_stream")
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch
@@ -146,4 +148,4 @@ def reference_hash32(seed: int, step: int, tensor_index: int, salt: int, idx: in
     return mix(((idx * KEY_INDEX) % 2**32) ^ key)
 
 
-__all__ = ["hash32", "make_key", "mix32", "mul32", "reference_hash32", "torch_key", "torch_random16"]
+__all__ = ["STREAM_NAMES", "hash32", "make_key", "mix32", "mul32", "reference_hash32", "torch_key", "torch_random16"]
