@@ -287,6 +287,30 @@ def test_planned_groups_pass_their_scalars_as_numbers():
     assert torch.equal(tensor.cpu(), torch.tensor(opt.host_scalars(hp, 3), dtype=torch.float32))
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="Triton's compiled kernels (the interpreter launches no compiled kernel)")
+@pytest.mark.parametrize("cls", [optim.AdamW, optim.StochasticAdamW, optim.Lamb], ids=lambda c: c.__name__)
+def test_planned_launches_keep_their_compiled_kernel(cls, monkeypatch):
+    """A planned step launches the compiled kernel that its first launch found, without Triton's call or the
+    launcher's specialization key; one pass per reduction pass (Lamb), with the random streams (StochasticAdamW)."""
+    dtype = getattr(torch, cls.param_dtypes[0])
+    twins = Twins(cls, dtype=dtype)
+    twins.run(2)
+    (launch,) = twins.planned._plans.plans[id(twins.planned.param_groups[0])].launches
+    launcher = launch.launcher
+    assert len(launch.plan.runners) == launcher.passes
+    twins.fresh_grads()
+    kernel, compiled = launcher.kernel, dict(launcher._compiled)
+    monkeypatch.setattr(launcher, "kernel", None)  # any launch other than the kept one fails
+    launcher._compiled.clear()
+    twins.planned.step()
+    monkeypatch.setattr(launcher, "kernel", kernel)
+    launcher._compiled.update(compiled)
+    twins.general._plans.clear()
+    twins.general.step()
+    twins.assert_equal()
+    assert twins.general_path_calls == 1
+
+
 def test_planned_random_streams_with_the_fallback_beside_the_launch():
     """StochasticAdamW's planned step passes seed and step as kernel arguments and keeps the tensors' ids on the
     device. With a strided parameter among them (the PyTorch fallback steps it, the kernel the others: the

@@ -19,7 +19,7 @@ import contextlib
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -244,16 +244,19 @@ class MultiTensorLauncher:
                 part = torch.empty((n_blocks, len(self.slots)), dtype=torch.float32, device=device)
                 args += [red, part]
             runs.append((args, n_blocks, constexprs, device, part, segments, rows, red))
+        # With the scalars as numbers, every tensor argument is the plan's (its tables; the random streams and the
+        # constants, allocated apart and so 16-byte aligned): the plan keeps each launch's compiled kernel.
+        runners = None if in_tensor else plan.runners
         if not self.slots:
-            for args, n_blocks, constexprs, device, *_ in runs:
-                self._launch(args, n_blocks, constexprs, device, {"SCALARS_TENSOR": in_tensor})
+            for i, (args, n_blocks, constexprs, device, *_) in enumerate(runs):
+                self._launch(args, n_blocks, constexprs, device, {"SCALARS_TENSOR": in_tensor}, runners, (i, 1))
             return
         reduce_passes = max(self.levels, default=0) if shard is not None else 0
         whole_red = Sharding.partials(n, list(self.slots), scalars.device) if reduce_passes else None
         for k, sums in enumerate(self._sum_masks, 1):
-            for args, n_blocks, constexprs, device, part, segments, rows, red in runs:
+            for i, (args, n_blocks, constexprs, device, part, segments, rows, red) in enumerate(runs):
                 self._launch(args, n_blocks, constexprs, device,
-                             {"SCALARS_TENSOR": in_tensor, "PASS": k, "NRED": len(self.slots)})
+                             {"SCALARS_TENSOR": in_tensor, "PASS": k, "NRED": len(self.slots)}, runners, (i, k))
                 if sums:  # every tensor's partial sums, added in program order: the same bits on every run
                     with _on(device):
                         _sum_partials[(len(rows), len(self.slots))](part, segments, red, len(rows),
@@ -279,7 +282,16 @@ class MultiTensorLauncher:
         return {"num_warps": self.num_warps, "enable_fp_fusion": False, **cap}
 
     def _launch(self, args: list[Any], n_blocks: int, constexprs: dict[str, Any], device: torch.device,
-                extra: dict[str, int]) -> None:
+                extra: dict[str, int], runners: dict[tuple[int, int], Any] | None = None,
+                slot: tuple[int, int] = (0, 1)) -> None:
+        """Launch the kernel. ``runners``: where a plan keeps, under ``slot`` (launch, pass), Triton's launcher of
+        the compiled kernel on its grid and the constexprs, for arguments that specialize it the same way every
+        step; then a launch on the current device skips the specialization key below."""
+        found = None if runners is None else runners.get(slot)
+        if found is not None and device.index == torch.cuda.current_device():
+            runner, tail = found
+            runner(*args, *tail)
+            return
         with _on(device):
             # Triton's launch call binds and specializes every argument and looks the kernel up in its cache:
             # tens of µs of host time before the GPU starts. The kernel it compiled is launched directly after
@@ -292,7 +304,10 @@ class MultiTensorLauncher:
             direct = self._compiled.get(key)
             if direct is not None:
                 compiled, tail = direct
-                compiled[(n_blocks, 1, 1)](*args, *tail)
+                runner = compiled[(n_blocks, 1, 1)]
+                if runners is not None:
+                    runners[slot] = (runner, tail)
+                runner(*args, *tail)
                 return
             named = {**constexprs, **extra, **self.tile_constexprs()}
             compiled = self.kernel[(n_blocks,)](*args, **named, **self.compile_options())
@@ -338,6 +353,7 @@ class _Plan:
     irregular: list[int]  # tensors the fallback steps
     irregular_rng: torch.Tensor | None
     staged: list[tuple[int, int, torch.Tensor]]  # (list, tensor, aligned copy the kernel steps instead)
+    runners: dict[tuple[int, int], Any] = field(default_factory=dict)  # see MultiTensorLauncher._launch
 
 
 def _regular(t: torch.Tensor) -> bool:
