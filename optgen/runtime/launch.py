@@ -244,8 +244,9 @@ class MultiTensorLauncher:
                 part = torch.empty((n_blocks, len(self.slots)), dtype=torch.float32, device=device)
                 args += [red, part]
             runs.append((args, n_blocks, constexprs, device, part, segments, rows, red))
-        # With the scalars as numbers, every tensor argument is the plan's (its tables; the random streams and the
-        # constants, allocated apart and so 16-byte aligned): the plan keeps each launch's compiled kernel.
+        # With the scalars as numbers, every tensor argument specializes the kernel the same way at every step:
+        # the plan's own tables, and the random streams, constants and reduction buffers, each an allocation of
+        # its own (16-byte aligned, fixed dtype). So the plan keeps each launch's compiled kernel.
         runners = None if in_tensor else plan.runners
         if not self.slots:
             for i, (args, n_blocks, constexprs, device, *_) in enumerate(runs):
