@@ -283,8 +283,7 @@ class MultiTensorLauncher:
         return {"num_warps": self.num_warps, "enable_fp_fusion": False, **cap}
 
     def _launch(self, args: list[Any], n_blocks: int, constexprs: dict[str, Any], device: torch.device,
-                extra: dict[str, int], runners: dict[tuple[int, int], Any] | None = None,
-                slot: tuple[int, int] = (0, 1)) -> None:
+                extra: dict[str, int], runners: dict[tuple[int, int], Any] | None, slot: tuple[int, int]) -> None:
         """Launch the kernel. ``runners``: where a plan keeps, under ``slot`` (launch, pass), Triton's launcher of
         the compiled kernel on its grid and the constexprs, for arguments that specialize it the same way every
         step; then a launch on the current device skips the specialization key below."""
