@@ -217,16 +217,16 @@ if triton is not None:
             trust = optgen_tl.minimum(tl.full((), 2, tl.float32), optgen_tl.maximum(tl.full((), 0, tl.float32), optgen_tl.pow(tl.div_rn(c2*w, big_a), trust_scale)))
             p_1 = a*c3*trust + p
             v_2 = optgen_tl.minimum(tl.full((), 10, tl.float32), v_1)
-            tl.store(red + tensor * NRED + 4, m_scale_1)
+            tl.store(part + pid * NRED + 4, m_scale_1)
             tl.debug_barrier()  # the whole program sees the staged value before encoding
-            fp8.triton_encode_e4m3fn(m_1, state_m, (red + tensor * NRED + 4), offs, mask, 15.0)
-            tl.store(red + tensor * NRED + 5, v_scale_1)
+            fp8.triton_encode_e4m3fn(m_1, state_m, (part + pid * NRED + 4), offs, mask, 15.0)
+            tl.store(part + pid * NRED + 5, v_scale_1)
             tl.debug_barrier()  # the whole program sees the staged value before encoding
-            fp8.triton_encode_e5m2(v_2, state_v, (red + tensor * NRED + 5), offs, mask)
+            fp8.triton_encode_e5m2(v_2, state_v, (part + pid * NRED + 5), offs, mask)
             optgen_tl.store_rne(param + offs, p_1, mask)
         elif start == 0:  # epilogue: the new per-tensor scales, once the update pass is done
-            tl.store(state_m_scale, tl.load(red + tensor * NRED + 4))
-            tl.store(state_v_scale, tl.load(red + tensor * NRED + 5))
+            tl.store(state_m_scale, tl.load(part + pid * NRED + 4))
+            tl.store(state_v_scale, tl.load(part + pid * NRED + 5))
 
     @triton.jit
     def lamb16_step_kernel(

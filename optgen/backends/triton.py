@@ -180,15 +180,17 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
         loads, body = loads_for(ir.tensors), [f"{st.target.name} = {tile(st.expr)}" for st in ir.statements]
     loads += [f"{sym.name} = tl.load({t.arg_names[k]})" for t in ir.tensors for k, sym, _ in t.side]
     # A new per-tensor scale cannot be written to its buffer while other programs still decode with the old
-    # one: every program stores it in a staging slot (the same value), encodes with it, and an epilogue pass
-    # copies it to the buffer.
+    # one: every program stores it in its own row of ``part`` (the same value), encodes with it, and the epilogue
+    # pass copies it to the buffer from the row of the tensor's first program (the same program id there). With
+    # one slot shared by all of a tensor's programs (thousands of stores to one address, each program loading it
+    # back), LAMB16's step took 9 % longer on an H100.
     slots = [r.kind for r in ir.reductions]
     stores, epilogue = [], []
     for t in [t for t in ir.written[1:] + ir.written[:1] if t not in early]:
         ptrs = list(t.arg_names)
         for k, _, out in t.side:
             if out is not None:
-                slot = f"red + tensor * NRED + {len(slots)}"
+                slot = f"part + pid * NRED + {len(slots)}"
                 slots.append("stage")
                 # a scale from scalars alone is a tile in the body (``tile``): the slot takes its scalar form
                 defined = next((st.expr for st in ir.statements if st.target == out), None)
