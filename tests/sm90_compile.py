@@ -1,4 +1,5 @@
 """Compile every generated Triton kernel for an H100 (sm_90) without a GPU, and print one line per failure.
+With ``--amd``, for an AMD MI300 (gfx942) instead: the kernels' NVIDIA-only inline PTX must be guarded there.
 
 Run by tests/test_sm90_compile.py in a fresh process (TRITON_INTERPRET must be off when kernels are
 defined). The interpreter accepts code the GPU compiler rejects (non-constexpr globals, some casts), so
@@ -72,9 +73,16 @@ def resources(kernel) -> str:
     return f"registers {regs}, stack {stack}, SASS {count}"
 
 
+def options(launcher, amd: bool) -> dict:
+    """The launcher's compile options, less the register cap for AMD (which its launcher leaves out on ROCm)."""
+    opts = launcher.compile_options()
+    return {k: v for k, v in opts.items() if k != "maxnreg"} if amd else opts
+
+
 def main() -> None:
-    report = "--resources" in sys.argv
-    target = GPUTarget("cuda", 90, 32)
+    amd = "--amd" in sys.argv
+    report = "--resources" in sys.argv and not amd  # cuobjdump reads NVIDIA binaries only
+    target = GPUTarget("hip", "gfx942", 64) if amd else GPUTarget("cuda", 90, 32)
 
     # Code guarded by ``cuda_capability_geq`` (the fp8 codecs' conversions) asks the active driver for the
     # device's target; there is no device here, so it gets the one compiled for. Triton's cache key leaves the
@@ -96,7 +104,7 @@ def main() -> None:
                     launcher = variant.triton_launcher
                     try:
                         kernel = triton.compile(ASTSource(launcher.kernel, sig, consts), target=target,
-                                                options=launcher.compile_options())
+                                                options=options(launcher, amd))
                         compiled += 1
                         if report:
                             print(f"{name}[{key or 'main'}] pass {consts.get('PASS', 1)}: "

@@ -18,6 +18,7 @@ import os
 try:
     import triton
     import triton.language as tl
+    from triton.language.target_info import is_cuda
 except ImportError:  # pragma: no cover - without Triton there is nothing to define
     triton = None
 
@@ -26,12 +27,15 @@ if triton is not None:
 
     @triton.jit
     def reciprocal_estimate(b):
-        """1/b within an ulp for normal b (the interpreter, which has no inline assembly, gives it exactly)."""
+        """1/b within an ulp for normal b (the interpreter, which has no inline assembly, gives it exactly, as
+        does a division on a GPU without NVIDIA's PTX)."""
         if INTERPRETED:
             y = 1.0 / b
-        else:
+        elif is_cuda():
             y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [b], dtype=tl.float32,
                                           is_pure=True, pack=1)
+        else:
+            y = 1.0 / b
         return y
 
     @triton.jit

@@ -61,6 +61,7 @@ from optgen.runtime.torch_math import sqrt_rn
 try:  # the module must import without Triton (then only the PyTorch path exists)
     import triton
     import triton.language as tl
+    from triton.language.target_info import is_cuda
 
     from optgen.codecs.division import INTERPRETED, quotient, reciprocal_estimate
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
@@ -212,9 +213,9 @@ if triton is not None:
 
     @triton.jit
     def floor_code(y):
-        """floor(y) as an int32 code, 0 for NaN: on the GPU one ``cvt.rmi.s32.f32`` (PTX converts NaN to 0), in
-        place of a floor, a NaN test and a conversion (the interpreter runs those three)."""
-        if INTERPRETED:
+        """floor(y) as an int32 code, 0 for NaN: on an NVIDIA GPU one ``cvt.rmi.s32.f32`` (PTX converts NaN to 0),
+        in place of a floor, a NaN test and a conversion (the interpreter and other GPUs run those three)."""
+        if INTERPRETED or not is_cuda():  # no PTX: the interpreter, other GPUs
             q = tl.floor(y)
             code = tl.where(q == q, q, 0.0).to(tl.int32)  # noqa: PLR0124
         else:
