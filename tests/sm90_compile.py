@@ -84,8 +84,8 @@ def main() -> None:
     report = "--resources" in sys.argv and not amd  # cuobjdump reads NVIDIA binaries only
     target = GPUTarget("hip", "gfx942", 64) if amd else GPUTarget("cuda", 90, 32)
 
-    # Code guarded by ``cuda_capability_geq`` (the fp8 codecs' conversions) asks the active driver for the
-    # device's target; there is no device here, so it gets the one compiled for. Triton's cache key leaves the
+    # The codecs' inline PTX is guarded by ``cuda_capability_geq`` (``optgen.codecs.division.nvidia_ptx``), which
+    # asks the active driver for the device's target; there is no device here, so it gets the one compiled for. Triton's cache key leaves the
     # guard's answer out, so kernels compiled without this answer must not be found: a cache of its own.
     def compiled_for() -> GPUTarget:
         return target

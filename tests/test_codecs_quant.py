@@ -998,8 +998,8 @@ def test_triton_matches_torch_bit_for_bit(triton_results):
 def test_fp8_codec_on_the_gpu_matches_the_pytorch_path_everywhere(name, tmp_path):
     """The Triton fp8 encode and decode on the GPU (the hardware's conversions, see optgen.codecs.fp8) against
     the PyTorch path's integer arithmetic, bit for bit: every combination of sign, exponent and top 15 mantissa
-    bits, with low bytes 0x00 (ties), 0x01 (just above one) and 0xFF (just below the next). A NaN input gives a NaN code; its sign may differ (the GPU's division returns a positive
-    NaN, the CPU's keeps the input's sign)."""
+    bits, with low bytes 0x00 (ties), 0x01 (just above one) and 0xFF (just below the next). A NaN input gives a
+    NaN code; its sign may differ (the GPU's division returns a positive NaN, the CPU's keeps the input's sign)."""
     top = torch.arange(1 << 24, dtype=torch.int64) << 8
     bits = torch.cat([top, top | 0x01, top | 0xFF])
     x = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)

@@ -18,20 +18,25 @@ import os
 try:
     import triton
     import triton.language as tl
-    from triton.language.target_info import is_cuda
+    from triton.language.target_info import cuda_capability_geq
+    from triton.runtime.jit import constexpr_function
 except ImportError:  # pragma: no cover - without Triton there is nothing to define
     triton = None
 
 if triton is not None:
     INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # read when Triton reads it: at import
 
+    @constexpr_function
+    def nvidia_ptx(major: int = 0, minor: int = 0) -> bool:
+        """Whether a kernel may use NVIDIA inline PTX that needs compute capability ``major.minor``: compiled (the
+        interpreter has no inline assembly) for an NVIDIA GPU that has it. Elsewhere (the interpreter, older or
+        other GPUs) the codecs take their portable path, which the interpreter tests."""
+        return not INTERPRETED.value and cuda_capability_geq(major, minor)
+
     @triton.jit
     def reciprocal_estimate(b):
-        """1/b within an ulp for normal b (the interpreter, which has no inline assembly, gives it exactly, as
-        does a division on a GPU without NVIDIA's PTX)."""
-        if INTERPRETED:
-            y = 1.0 / b
-        elif is_cuda():
+        """1/b within an ulp for normal b (the portable path, a division, gives it exactly)."""
+        if nvidia_ptx():
             y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [b], dtype=tl.float32,
                                           is_pure=True, pack=1)
         else:

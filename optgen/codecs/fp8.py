@@ -6,11 +6,12 @@ tensor) is a whole-tensor reduction that the IR does before the encode; the code
 
 fp32 -> fp8 is done with integer arithmetic on the fp32 bits in PyTorch and under Triton's interpreter (which
 casts differently near the subnormal range, so no Triton fp8 cast is used), rounding to nearest, ties to even,
-subnormals included. On a GPU with them (sm_89 and later) the kernel converts with the hardware's own instructions instead
-(``cvt.rn.satfinite.e4m3x2.f32`` / ``.e5m2x2``, inline PTX, then e5m2's overflow and both formats' NaN fixed up
-to the rules below): the same bits (tests/test_codecs_quant.py checks every sign, exponent and top 15 mantissa
-bits on the GPU) for a fraction of the instructions; LAMB16's step took 41 % less time on an H100 with this and
-the per-program staging of its scales (benchmarks/RESULTS.md, fifteenth session). Out of range, it follows PyTorch 2.13's ``.to(torch.float8_e4m3fn)`` /
+subnormals included. On a GPU that has them (sm_89 and later) the kernel converts with the hardware's own
+instructions instead (``cvt.rn.satfinite.e4m3x2.f32`` / ``.e5m2x2``, inline PTX, then e5m2's overflow and both
+formats' NaN fixed up to the rules below): the same bits (tests/test_codecs_quant.py checks every sign, exponent
+and top 15 mantissa bits on the GPU) for a fraction of the instructions; LAMB16's step took 41 % less time on an
+H100 with this and the per-program staging of its scales (benchmarks/RESULTS.md, fifteenth session). Out of
+range, it follows PyTorch 2.13's ``.to(torch.float8_e4m3fn)`` /
 ``.to(torch.float8_e5m2)`` (c10 ``fp8e4m3fn_from_fp32_value`` / ``fp8e5m2_from_fp32_value``; CUDA builds use
 ``__nv_cvt_float_to_fp8`` with SATFINITE / NOSAT, the same results):
 - e4m3fn (bias 7, 3 mantissa bits, no infinity, max 448) saturates: values that round above 448
@@ -35,9 +36,8 @@ from optgen.codecs.base import Buffer, Codec
 try:  # the module must import without Triton (then only the PyTorch path exists)
     import triton
     import triton.language as tl
-    from triton.language.target_info import cuda_capability_geq
 
-    from optgen.codecs.division import INTERPRETED
+    from optgen.codecs.division import nvidia_ptx
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
@@ -206,9 +206,7 @@ if triton is not None:
         y = tl.div_rn(x, s)
         if CLIP > 0:
             y = tl.minimum(tl.maximum(y, -CLIP), CLIP)  # NaN stays NaN (like torch.clamp)
-        if INTERPRETED:  # no inline assembly there
-            bits = encode_bits(y, MANT, BIAS, SPECIAL, OVER)
-        elif cuda_capability_geq(8, 9):  # the fp8 conversions came with sm_89
+        if nvidia_ptx(8, 9):  # the fp8 conversions came with sm_89
             bits = convert_bits(y, MANT, SPECIAL, OVER)
         else:
             bits = encode_bits(y, MANT, BIAS, SPECIAL, OVER)
@@ -217,9 +215,7 @@ if triton is not None:
     @triton.jit
     def _decode(q_ptr, s_ptr, offs, mask, MANT: tl.constexpr, BIAS: tl.constexpr):
         b = tl.load(q_ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=mask, other=0).to(tl.int32)
-        if INTERPRETED:
-            v = decode_bits(b, MANT, BIAS)
-        elif cuda_capability_geq(8, 9):
+        if nvidia_ptx(8, 9):
             v = widen_bits(b, MANT)
         else:
             v = decode_bits(b, MANT, BIAS)

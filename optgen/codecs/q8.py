@@ -61,9 +61,8 @@ from optgen.runtime.torch_math import sqrt_rn
 try:  # the module must import without Triton (then only the PyTorch path exists)
     import triton
     import triton.language as tl
-    from triton.language.target_info import is_cuda
 
-    from optgen.codecs.division import INTERPRETED, quotient, reciprocal_estimate
+    from optgen.codecs.division import nvidia_ptx, quotient, reciprocal_estimate
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
@@ -215,12 +214,12 @@ if triton is not None:
     def floor_code(y):
         """floor(y) as an int32 code, 0 for NaN: on an NVIDIA GPU one ``cvt.rmi.s32.f32`` (PTX converts NaN to 0),
         in place of a floor, a NaN test and a conversion (the interpreter and other GPUs run those three)."""
-        if INTERPRETED or not is_cuda():  # no PTX: the interpreter, other GPUs
-            q = tl.floor(y)
-            code = tl.where(q == q, q, 0.0).to(tl.int32)  # noqa: PLR0124
-        else:
+        if nvidia_ptx():
             code = tl.inline_asm_elementwise("cvt.rmi.s32.f32 $0, $1;", "=r,r", [y], dtype=tl.int32, is_pure=True,
                                              pack=1)
+        else:
+            q = tl.floor(y)
+            code = tl.where(q == q, q, 0.0).to(tl.int32)  # noqa: PLR0124
         return code
 
     @triton.jit
