@@ -85,8 +85,9 @@ def main() -> None:
     target = GPUTarget("hip", "gfx942", 64) if amd else GPUTarget("cuda", 90, 32)
 
     # The codecs' inline PTX is guarded by ``cuda_capability_geq`` (``optgen.codecs.division.nvidia_ptx``), which
-    # asks the active driver for the device's target; there is no device here, so it gets the one compiled for. Triton's cache key leaves the
-    # guard's answer out, so kernels compiled without this answer must not be found: a cache of its own.
+    # asks the active driver for the device's target; there is no device here, so it gets the one compiled for.
+    # Triton's cache key leaves the guard's answer out, so kernels compiled without this answer must not be
+    # found: a cache of its own.
     def compiled_for() -> GPUTarget:
         return target
 
