@@ -135,11 +135,11 @@ if triton is not None:
 
     @triton.jit
     def adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, c0, beta1, c1, beta2, c2, c3,
-                            eps, c4, start, numel_here, offs, mask):
+                            eps, c4, qmap4_signed, start, numel_here, offs, mask):
         """The elements at ``offs`` where ``mask`` holds: load every buffer once, update, store once."""
         p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad + offs, mask=mask, other=0.0).to(tl.float32)
-        m = dynamic.triton_decode_q4(state_m, state_m_scale, offs, mask, start, numel_here, True)
+        m = dynamic.triton_decode_q4(state_m, state_m_scale, offs, mask, start, numel_here, True, qmap4_signed)
         v = dynamic.triton_decode_q4(state_v, state_v_scale, offs, mask, start, numel_here, False)
         p_1 = c0*p
         m_1 = beta1*m + c1*g
@@ -168,6 +168,7 @@ if triton is not None:
         c3,
         eps,
         c4,
+        qmap4_signed,
         PARAM_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
         SCALARS_TENSOR: tl.constexpr,
@@ -204,17 +205,19 @@ if triton is not None:
         # constant that Triton can see (and vectorize the loads and stores of a whole tile for).
         if start + ROWS * COLS <= numel_here:  # a whole tile
             adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, c0, beta1, c1, beta2, c2,
-                                c3, eps, c4, start, numel_here, offs, tl.full((ROWS, COLS), True, tl.int1))
+                                c3, eps, c4, qmap4_signed, start, numel_here, offs,
+                                tl.full((ROWS, COLS), True, tl.int1))
         else:  # the tensor's last tile, cut short: in slices of SLICE rows, each with its own mask. A whole tile
             # with a mask would need more registers than the unmasked path, and the kernel takes its heavier path's.
             for k in range(ROWS // SLICE):  # a loop, not unrolled: unrolled slices get interleaved
                 start_k = start + k * SLICE * COLS
                 offs_k = start_k + tl.arange(0, SLICE)[:, None] * COLS + tl.arange(0, COLS)[None, :]
                 adamw4bit_step_tile(param, grad, state_m, state_m_scale, state_v, state_v_scale, c0, beta1, c1, beta2,
-                                    c2, c3, eps, c4, start_k, numel_here, offs_k, offs_k < numel_here)
+                                    c2, c3, eps, c4, qmap4_signed, start_k, numel_here, offs_k, offs_k < numel_here)
 
     _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=8, rows=8, cols=128, num_warps=4, aligned=True, slice_rows=2,
-                                   max_registers=64, written=(0, 2, 3, 4, 5))
+                                   max_registers=64, written=(0, 2, 3, 4, 5),
+                                   constants=lambda device: (dynamic.q4_map(True, device), ))
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
     def adamw4bit_step_triton(param: list[torch.Tensor], grad: list[torch.Tensor], state_m: list[torch.Tensor], state_m_scale: list[torch.Tensor], state_v: list[torch.Tensor], state_v_scale: list[torch.Tensor], scalars: torch.Tensor) -> None:

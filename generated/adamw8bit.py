@@ -220,7 +220,7 @@ if triton is not None:
                                     c1, c2, eps, c3, c4, qmap_signed, qmap_unsigned, start_k, numel_here, offs_k,
                                     offs_k < numel_here)
 
-    _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=8, rows=4, cols=256, num_warps=4, aligned=False, slice_rows=1,
+    _launcher = MultiTensorLauncher(adamw8bit_step_kernel, adamw8bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=8, rows=4, cols=256, num_warps=4, aligned=True, slice_rows=1,
                                    max_registers=56, written=(0, 2, 3, 4, 5),
                                    constants=lambda device: (dynamic.qmap_table(True, device), dynamic.qmap_table(False, device), ))
 

@@ -39,11 +39,11 @@ def tile_config(group_size: int, needs_rng: bool, has_reductions: bool,
     group per row) took 512 x 4 then (against 1024 x 8 or 4, with the kernels of that time: FlashAdamW 3.60 ->
     2.89 ms, AdamW8bit 4.90 -> 4.31; see below for now). Groups of 32 (q8) also want vector loads (the
     ``aligned`` hint: 1.7x); q4 and q8_dynamic did without. Twelfth session, with the kernels of then, back to
-    back: AdamW4bit 2.30-2.32 -> 2.15-2.16 ms with the hint, so q4 takes it; q8_dynamic still does without.
+    back: AdamW4bit 2.30-2.32 -> 2.15-2.16 ms with the hint, so q4 takes it; q8_dynamic took it in the
+    sixteenth session, once its table gathers kept the tile's layout (AdamW8bit 2.04 -> 1.77 ms back to back).
     Since whole tiles run unmasked (so their loads vectorize), the hint also shortens elementwise kernels
     (sm_90 SASS of a whole tile: AdamW 224 -> 197 instructions, StochasticAdamW 864 -> 792) but lengthens
-    q8_dynamic and Lamb16 ones (Lamb16's update pass 1737 -> 1792; q4's then too, no longer: 2072 -> 2056 with
-    the kernels of the eleventh session), so kernels with reductions go without.
+    Lamb16's (its update pass 1737 -> 1792), so kernels with reductions go without.
     Kernels with reductions then take 2048 x 4 (seventh session, same H100, back-to-back: Lamb16 6.02 ->
     5.05 ms, Lamb 4.46 -> 4.42; every thread computes the per-tensor factors, so more elements per thread pay).
     Ninth session: grouped formats take 1024 x 4, eight elements per thread, which halves each thread's fixed

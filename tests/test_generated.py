@@ -45,9 +45,10 @@ def test_register_cap_only_where_the_formats_agree():
 
 
 def test_aligned_hint_only_where_every_grouped_format_takes_it():
-    """Vector loads (the ``aligned`` hint) for q4 and q8 groups below 128, not with q8_dynamic in the kernel."""
+    """Vector loads (the ``aligned`` hint) for q4, q8_dynamic and q8 groups below 128, not with larger q8 groups
+    in the kernel."""
     assert formats_aligned(_codecs(("q4_dynamic", {}), ("q4_linear", {}), ("fp32", {})))
     assert formats_aligned(_codecs(("q8_softsign", {}), ("q8_sqrt", {"group": 64})))
+    assert formats_aligned(_codecs(("q8_dynamic", {}), ("q8_dynamic", {"signed": False})))
     assert not formats_aligned(_codecs(("q8_softsign", {"group": 128})))
-    assert not formats_aligned(_codecs(("q8_dynamic", {}), ("q8_dynamic", {"signed": False})))
-    assert not formats_aligned(_codecs(("q4_dynamic", {}), ("q8_dynamic", {})))
+    assert not formats_aligned(_codecs(("q8_dynamic", {}), ("q8_sqrt", {"group": 256})))

@@ -53,7 +53,7 @@ try:  # the module must import without Triton (then only the PyTorch path exists
     import triton
     import triton.language as tl
 
-    from optgen.codecs.division import quotient, reciprocal_estimate
+    from optgen.codecs.division import nvidia_ptx, quotient, reciprocal_estimate
     from optgen.codecs.q8 import group_absmax, group_broadcast, group_view, load_group_values, store_group_values
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
@@ -274,8 +274,6 @@ def torch_decode_q4(packed: torch.Tensor, scale: torch.Tensor, numel: int, signe
 if triton is not None:
     _KEY_SHIFT = tl.constexpr(KEY_SHIFT)
     _RECIPROCAL_MAX = tl.constexpr(RECIPROCAL_MAX)
-    _Q4S = [tl.constexpr(v) for v in Q4_SIGNED_MAP]
-    (_S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9, _S10, _S11, _S12, _S13, _S14, _S15) = _Q4S
     _Q4T = [tl.constexpr(v) for v in Q4_SIGNED_THRESHOLDS]
     (_T0, _T1, _T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12, _T13, _T14) = _Q4T
 
@@ -296,6 +294,52 @@ if triton is not None:
         r = x * group_broadcast(block_reciprocal(s), x, B)
         return tl.where(r == r, r, 0.0), s  # noqa: PLR0124 (r != r: NaN)
 
+    # Gathers as elementwise inline assembly: a ``tl.load`` whose addresses Triton cannot see to be contiguous gets
+    # a one-element layout of its own, and every tile around it moved through shared memory to meet it (the
+    # q8_dynamic kernel flattened its tile for them, and still could not take the ``aligned`` hint; q4's byte
+    # loads and joins did the same). An elementwise op keeps its operands' layout. (The interpreter, which has no
+    # inline assembly, and GPUs other than NVIDIA's, load.)
+    @triton.jit
+    def gather_f32(ptrs):
+        """The fp32 at each of ``ptrs``, all inside a read-only table."""
+        if nvidia_ptx():
+            v = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        else:
+            v = tl.load(ptrs)
+        return v
+
+    @triton.jit
+    def gather_u8(ptrs):
+        """The byte at each of ``ptrs``, all inside a read-only table, as int32."""
+        if nvidia_ptx():
+            v = tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        else:
+            v = tl.load(ptrs).to(tl.int32)
+        return v
+
+    @triton.jit
+    def load_u8(ptrs, mask):
+        """The byte at each of ``ptrs`` where ``mask`` holds (0 elsewhere, where nothing is read), as int32."""
+        if nvidia_ptx():
+            v = tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; "
+                                          "@p ld.global.u8 $0, [$1]; }", "=r,l,r", [ptrs, mask.to(tl.int32)],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            v = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+        return v
+
+    @triton.jit
+    def store_u8(ptrs, value, mask):
+        """Store the low byte of each int32 ``value`` at ``ptrs`` where ``mask`` holds."""
+        if nvidia_ptx():
+            tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.u8 [$1], $2; "
+                                      "mov.b32 $0, 0; }", "=r,l,r,r", [ptrs, value, mask.to(tl.int32)],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.store(ptrs, value.to(tl.uint8), mask=mask)
+
     @triton.jit
     def triton_encode_q8(x, q_ptr, s_ptr, table_ptr, offs, mask, start, count, SIGNED: tl.constexpr):
         """Store the tile ``x``: codes at ``q_ptr`` (uint8), block absmax at ``s_ptr`` (fp32); ``table_ptr``
@@ -303,15 +347,11 @@ if triton is not None:
         below x/s's whole bucket (a byte of the table, picked by x/s's top bits) plus the next one if it is
         below x/s too (two independent gathers, where a binary search took eight dependent ones)."""
         r, s = _normalized(x, mask, 256)
-        # The table gathers run on the flat tile: on the 2-D tile Triton gave them a column-major layout and
-        # moved every tile through shared memory (23 barriers per program; now 5; kernel 16 % faster).
-        r = tl.reshape(r, (r.numel,))
         bases = (table_ptr + 512).to(tl.pointer_type(tl.uint8))
-        below = tl.load(bases + (r.to(tl.uint32, bitcast=True) >> _KEY_SHIFT)).to(tl.int32)
-        c = below + (tl.load(table_ptr + 256 + below) < r).to(tl.int32)
+        below = gather_u8(bases + (r.to(tl.uint32, bitcast=True) >> _KEY_SHIFT)).to(tl.int32)
+        c = below + (gather_f32(table_ptr + 256 + below) < r).to(tl.int32)
         if SIGNED:
             c = tl.where((r < 0) & (c == 127), c - 1, c)
-        c = tl.reshape(c, x.shape)
         tl.store(q_ptr + offs, c.to(tl.uint8), mask=mask)
         store_group_values(s_ptr, s, start, count, x, 256)
 
@@ -319,29 +359,14 @@ if triton is not None:
     def triton_decode_q8(q_ptr, s_ptr, table_ptr, offs, mask, start, count):
         c = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
         s = load_group_values(s_ptr, start, count, offs, 256)
-        value = tl.reshape(tl.load(table_ptr + tl.reshape(c, (c.numel,))), c.shape)  # flat: see the encode
+        value = gather_f32(table_ptr + c)
         return tl.where(mask, value * s, 0.0)
 
     @triton.jit
-    def _pick16(c, v0: tl.constexpr, v1: tl.constexpr, v2: tl.constexpr, v3: tl.constexpr,
-                v4: tl.constexpr, v5: tl.constexpr, v6: tl.constexpr, v7: tl.constexpr,
-                v8: tl.constexpr, v9: tl.constexpr, v10: tl.constexpr, v11: tl.constexpr,
-                v12: tl.constexpr, v13: tl.constexpr, v14: tl.constexpr, v15: tl.constexpr):
-        """v[c] for a tile of indices c in [0, 16), as a tree of 15 selects."""
-        b0 = (c & 1) != 0
-        b1 = (c & 2) != 0
-        b2 = (c & 4) != 0
-        b3 = (c & 8) != 0
-        a0 = tl.where(b1, tl.where(b0, v3, v2), tl.where(b0, v1, v0))
-        a1 = tl.where(b1, tl.where(b0, v7, v6), tl.where(b0, v5, v4))
-        a2 = tl.where(b1, tl.where(b0, v11, v10), tl.where(b0, v9, v8))
-        a3 = tl.where(b1, tl.where(b0, v15, v14), tl.where(b0, v13, v12))
-        return tl.where(b3, tl.where(b2, a3, a2), tl.where(b2, a1, a0)).to(tl.float32)
-
-    @triton.jit
-    def _q4_value(c, SIGNED: tl.constexpr):
+    def _q4_value(c, SIGNED: tl.constexpr, table=None):
+        """M[c]: the signed map from ``table`` (``q4_map(True)``, a kernel constant), the linear one computed."""
         if SIGNED:
-            v = _pick16(c, _S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9, _S10, _S11, _S12, _S13, _S14, _S15)
+            v = gather_f32(table + c)
         else:
             v = (c + 1).to(tl.float32) * 0.0625  # the linear map: M[c] = (c + 1)/16, exact in fp32
         return v
@@ -381,16 +406,15 @@ if triton is not None:
         c = _q4_code(r, SIGNED)
         hi, lo = tl.split(group_view(c, 2))  # (even, odd) element pairs
         byte, live = _packed_bytes(offs, mask)
-        tl.store(q_ptr + byte, ((hi << 4) | lo).to(tl.uint8), mask=live)
+        store_u8(q_ptr + byte, (hi << 4) | lo, live)
         store_group_values(s_ptr, s, start, count, x, 128)
 
     @triton.jit
-    def triton_decode_q4(q_ptr, s_ptr, offs, mask, start, count, SIGNED: tl.constexpr):
-        byte, live = _packed_bytes(offs, mask)  # one load per byte, split into its two codes
-        b = tl.load(q_ptr + byte, mask=live, other=0).to(tl.int32)
-        c = tl.reshape(tl.join(b >> 4, b & 15), offs.shape)
+    def triton_decode_q4(q_ptr, s_ptr, offs, mask, start, count, SIGNED: tl.constexpr, table=None):
+        b = load_u8(q_ptr + offs // 2, mask)  # each element loads its own byte (an L1 hit for the odd one)
+        c = (b >> ((1 - (offs & 1)) * 4)) & 15  # the even element in the high nibble
         s = load_group_values(s_ptr, start, count, offs, 128)
-        return tl.where(mask, _q4_value(c, SIGNED) * s, 0.0)
+        return tl.where(mask, _q4_value(c, SIGNED, table) * s, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,7 +436,6 @@ class Q8Dynamic(Codec):
 
     name = "q8_dynamic"
     register_cap = 56
-    aligned_hint = False  # its table gathers keep a one-element layout: the hint adds layout conversions
     roles = frozenset({"state"})
     group_size = Q8_BLOCK
     imports = ("from optgen.codecs import dynamic",)
@@ -472,8 +495,9 @@ class Q4Codec(Codec):
         return [f"dynamic.torch_encode_q4({value}, {refs[0]}, {refs[1]}, {self.signed})"]
 
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        table = ", qmap4_signed" if self.signed else ""
         return [(f"{out} = dynamic.triton_decode_q4({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, numel_here, "
-                f"{self.signed})")]
+                f"{self.signed}{table})")]
 
     def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
         return [(f"dynamic.triton_encode_q4({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, start, numel_here, "
@@ -481,10 +505,12 @@ class Q4Codec(Codec):
 
 
 class Q4Dynamic(Q4Codec):
-    """Signed 4-bit dynamic map (torchao's first moment): ±{0.0055 ... 0.8875}, 0, 1.0."""
+    """Signed 4-bit dynamic map (torchao's first moment): ±{0.0055 ... 0.8875}, 0, 1.0. Its Triton decode reads
+    the 16 values from the kernel constant ``dynamic.q4_map(True, device)`` (as ``Q8Dynamic`` reads its table)."""
 
     name = "q4_dynamic"
     signed = True
+    constants = (("qmap4_signed", "dynamic.q4_map(True, {device})"),)
 
 
 class Q4Linear(Q4Codec):
