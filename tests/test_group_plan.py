@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from optgen import optim
+from optgen.runtime import group_plan
+from optgen.runtime.launch import MultiTensorLauncher
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
@@ -16,6 +18,17 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTER
 
 # 3001 and 2 are small enough for the fp32-state variant of the quantized specs: two launches per group
 SHAPES = [(8, 8), (3001,), (5000,), (2,)]
+
+
+@pytest.fixture(autouse=True, params=["whole", "split"])
+def launches(request, monkeypatch):
+    """Every test with each launch whole, and split as a large model's are (``split_min_tensors``), here with
+    the launcher's thresholds lowered to these few small tensors: the largest tensor's programs first (5000 of
+    SHAPES' 8067 elements), the other tensors' checks while they run."""
+    if request.param == "split":
+        monkeypatch.setattr(MultiTensorLauncher, "split_min_tensors", 2)
+        monkeypatch.setattr(MultiTensorLauncher, "split_min_elements", 1)
+    return request.param
 
 
 class Twins:
@@ -418,3 +431,48 @@ def test_plan_of_a_removed_group_is_dropped():
     twins.general.param_groups.pop(1)
     twins.run()
     assert id(removed) not in twins.planned._plans.plans and len(twins.planned._plans.plans) == 1
+
+
+def test_split_launch_checks_the_rest_while_its_head_runs(launches, monkeypatch):
+    """The order of a split step: the head's checks, its launch, the rest's checks, the rest's launch; with a
+    parameter of the rest moved, the rest takes the general path after the head's launch, each stepped once."""
+    if launches == "whole":
+        pytest.skip("a split launch")
+    twins = Twins()
+    twins.run()
+    plan = twins.planned._plans.plans[id(twins.planned.param_groups[0])]
+    assert (plan.head_positions, plan.rest_positions) == ([2], [0, 1, 3])
+    events = []
+    holds, run_plan = group_plan.Placement.holds, MultiTensorLauncher.run_plan
+
+    def logged_holds(self):
+        events.append(("holds", "head" if self is plan.head else "rest"))
+        return holds(self)
+
+    def logged_run(self, launch_plan, lists, *args, part=None, **kwargs):
+        events.append(("launch", part, len(lists[0])))
+        return run_plan(self, launch_plan, lists, *args, part=part, **kwargs)
+    monkeypatch.setattr(group_plan.Placement, "holds", logged_holds)
+    monkeypatch.setattr(MultiTensorLauncher, "run_plan", logged_run)
+    twins.fresh_grads()
+    twins.planned.step()
+    assert events == [("holds", "head"), ("launch", 0, 4), ("holds", "rest"), ("launch", 1, 4)]
+    twins.general._plans.clear()
+    twins.general.step()
+    twins.assert_equal()
+    events.clear()
+    new = torch.randn(twins.a[1].shape, generator=twins.gen).to(DEVICE)
+    twins.a[1].data, twins.b[1].data = new.clone(), new.clone()
+    calls = twins.general_path_calls
+    twins.fresh_grads()
+    twins.planned.step()
+    assert events == [("holds", "head"), ("launch", 0, 4), ("holds", "rest"), ("launch", None, 3)]
+    assert twins.general_path_calls == calls + 1
+    twins.general._plans.clear()
+    twins.general.step()
+    twins.assert_equal()
+    assert all(float(twins.planned.state[x]["step"]) == 3.0 for x in twins.a)
+    assert id(twins.planned.param_groups[0]) not in twins.planned._plans.plans  # made again at the next step
+    twins.run()
+    twins.assert_equal()
+    assert twins.planned._plans.plans[id(twins.planned.param_groups[0])].rest is not None

@@ -17,7 +17,12 @@ tables. Each step re-checks what they depend on, with passes that run in C (``ma
   fresh gradient from the caching allocator usually lands where the last one was);
 - the backend and ``min_quantized_size`` are unchanged.
 
-If any of it fails, the step takes the general path, which makes a new plan. Not checked: a tensor that
+If any of it fails, the step takes the general path, which makes a new plan.
+
+Where the launcher splits its launch (``MultiTensorLauncher.split_min_tensors``: a launch over many tensors runs
+the programs of its largest tensors first), the checks are split alike: those of the gradients, of the state table
+and of the head's tensors come before the first launch, those of the other parameters and their states while it
+runs. If these fail, the head's tensors have been stepped and the others take the general path, as one group. Not checked: a tensor that
 changes dtype at the same address (``p.data = p.data.view(torch.float16)``). Plans are made only by
 ``step()`` (gradient release steps one parameter at a time) and only for fp32 step counts. A plan keeps its
 tensors alive until the next ``step()`` drops it (or ``load_state_dict``): ``optimizer.state.clear()`` frees the
@@ -58,27 +63,59 @@ class PlannedLaunch:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where some of a group's parameters and their states are, as the plan's launch tables have them."""
+
+    params: list[torch.Tensor]
+    param_ptrs: tuple[int, ...]
+    param_numels: tuple[int, ...]
+    param_contiguous: tuple[bool, ...]
+    # every (dict, key) of their states and the value it held, as three flat lists (one pass checks them); the
+    # values the kernels use and their addresses (not the step counts: the general path goes by identity there)
+    state_dicts: list[dict[str, Any]]
+    state_keys: list[str]
+    state_values: list[Any]
+    kernel_values: list[torch.Tensor]
+    kernel_ptrs: tuple[int, ...]
+
+    @classmethod
+    def of(cls, params: list[torch.Tensor], states: list[dict[str, Any]], launched: set[int]) -> Placement:
+        pairs = [(s, k) for s in states for k in s]
+        values = [s[k] for s, k in pairs]
+        in_kernel = [v for v in values if id(v) in launched]
+        return cls(params, tuple(map(_data_ptr, params)), tuple(map(_numel, params)),
+                   tuple(map(_is_contiguous, params)), [s for s, _ in pairs], [k for _, k in pairs], values,
+                   in_kernel, tuple(map(_data_ptr, in_kernel)))
+
+    def holds(self) -> bool:
+        """Whether the parameters and their states are still there (the caller checked the parameters' identity)."""
+        try:
+            return (tuple(map(_data_ptr, self.params)) == self.param_ptrs
+                    and tuple(map(_numel, self.params)) == self.param_numels
+                    and tuple(map(_is_contiguous, self.params)) == self.param_contiguous
+                    and all(map(operator.is_, map(_getitem, self.state_dicts, self.state_keys), self.state_values))
+                    and tuple(map(_data_ptr, self.kernel_values)) == self.kernel_ptrs)
+        except KeyError:  # a state key deleted
+            return False
+
+
+@dataclass(frozen=True)
 class GroupPlan:
     """What one param group's eager step launches, and what must still hold for it to launch that again."""
 
     group: dict[str, Any]  # kept alive, so that the id the plan is filed under is not reused
     params: list[torch.Tensor]
     ids: list[int]  # the parameters' stable ids (their stochastic-rounding streams)
-    param_ptrs: tuple[int, ...]
-    param_numels: tuple[int, ...]
-    param_contiguous: tuple[bool, ...]
     grad_ptrs: tuple[int, ...]
     grad_contiguous: tuple[bool, ...]
-    # every (dict, key) of the group's states and the value it held, as three flat lists (one pass checks them);
-    # the values the kernels use and their addresses (not the step counts: the general path goes by identity there)
-    state_dicts: list[dict[str, Any]]
-    state_keys: list[str]
-    state_values: list[Any]
-    kernel_values: list[torch.Tensor]
-    kernel_ptrs: tuple[int, ...]
+    head: Placement  # checked before the first launch: every parameter's, or those of a split launch's head
+    rest: Placement | None  # with a split launch, the other parameters', checked while its head runs
+    head_positions: list[int]  # where the parameters of a split launch's head are in the group
+    rest_positions: list[int]  # and the others
     steps: torch.Tensor  # the packed fp32 step counts: every ``state["step"]`` of the group is a view of it
-    launches: tuple[PlannedLaunch, ...]
+    launches: tuple[PlannedLaunch, ...]  # a split launch first
     written: list[torch.Tensor]
+    head_written: list[torch.Tensor]  # with a split launch, what its head writes
     backend: str | None
     min_quantized_size: int
 
@@ -89,30 +126,35 @@ class GroupPlan:
         grads = [p.grad for p in params]
         states = [optimizer.state[p] for p in params]
         launched = {id(t) for launch in launches for lst in launch.lists if lst is not None for t in lst}
-        pairs = [(s, k) for s in states for k in s]
-        values = [s[k] for s, k in pairs]
-        in_kernel = [v for v in values if id(v) in launched]
-        return cls(group, params, list(ids), tuple(map(_data_ptr, params)), tuple(map(_numel, params)),
-                   tuple(map(_is_contiguous, params)), tuple(map(_data_ptr, grads)), tuple(map(_is_contiguous, grads)),
-                   [s for s, _ in pairs], [k for _, k in pairs], values, in_kernel, tuple(map(_data_ptr, in_kernel)),
-                   steps, tuple(launches), [t for launch in launches for t in launch.written],
+        split = next((launch for launch in launches if launch.plan.parts is not None), None)
+        head, rest, head_written = [], [], []
+        if split is not None:
+            launches = [split, *(launch for launch in launches if launch is not split)]
+            head = sorted(h if split.positions is None else split.positions[h] for h in split.plan.head)
+            rest = sorted(set(range(len(params))) - set(head))
+            m = len(next(lst for lst in split.lists if lst is not None))  # its written lists, one after another
+            head_written = [split.written[k + h] for k in range(0, len(split.written), m) for h in split.plan.head]
+
+        def placement(idx: list[int]) -> Placement:
+            return Placement.of([params[i] for i in idx], [states[i] for i in idx], launched)
+        return cls(group, params, list(ids), tuple(map(_data_ptr, grads)), tuple(map(_is_contiguous, grads)),
+                   placement(head) if split is not None else placement(list(range(len(params)))),
+                   placement(rest) if split is not None else None, head, rest, steps, tuple(launches),
+                   [t for launch in launches for t in launch.written], head_written,
                    optimizer.backend, optimizer.min_quantized_size)
 
     def holds(self, optimizer: Any, params: list[torch.Tensor], grads: list[torch.Tensor | None],
               first_id: int) -> bool:
-        """Whether this plan still describes the group's step, the state table aside (``PlanBook.begin``)."""
+        """Whether this plan still describes the group's step up to its first launch, the state table aside
+        (``PlanBook.begin``): every gradient, every parameter's identity, and the head's placement."""
         try:
             return (tuple(map(_data_ptr, grads)) == self.grad_ptrs
                     and tuple(map(_is_contiguous, grads)) == self.grad_contiguous
                     and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
                     and first_id == self.ids[0]
-                    and tuple(map(_data_ptr, params)) == self.param_ptrs
-                    and tuple(map(_numel, params)) == self.param_numels
-                    and tuple(map(_is_contiguous, params)) == self.param_contiguous
-                    and all(map(operator.is_, map(_getitem, self.state_dicts, self.state_keys), self.state_values))
-                    and tuple(map(_data_ptr, self.kernel_values)) == self.kernel_ptrs
-                    and optimizer.backend == self.backend and optimizer.min_quantized_size == self.min_quantized_size)
-        except (RuntimeError, TypeError, KeyError):  # a missing (None) or sparse gradient, a state key deleted
+                    and optimizer.backend == self.backend and optimizer.min_quantized_size == self.min_quantized_size
+                    and self.head.holds())
+        except (RuntimeError, TypeError):  # a missing (None) or sparse gradient
             return False
 
 

@@ -71,6 +71,13 @@ class MultiTensorLauncher:
     # Launch plans kept (tables on the device, a few KiB each): one per distinct set of buffers, e.g. one per
     # chunk of an offloaded optimizer; with fewer than its chunks, every chunk rebuilt its tables each step.
     cache_size = 64
+    # A plan over at least ``split_min_tensors`` tensors, with no per-tensor slots, launches in two parts: first the
+    # programs of its largest tensors, at least ``split_fraction`` of its elements (and ``split_min_elements``),
+    # then the rest. The caller checks that the rest are where the plan has them while the first part runs
+    # (``optgen.runtime.group_plan``): only the first part's checks come before the GPU starts.
+    split_min_tensors = 8
+    split_min_elements = 1 << 20
+    split_fraction = 0.5
 
     def __init__(self, kernel: Any, fallback: Callable[..., None], dtype_args: dict[str, int], *, scalar_count: int,
                  rows: int, cols: int, num_warps: int = 8, aligned: bool = False, slice_rows: int | None = None,
@@ -117,11 +124,12 @@ class MultiTensorLauncher:
                 storages[buffer.untyped_storage().data_ptr()] = buffer.untyped_storage().nbytes()
         return sum(storages.values())
 
-    def _build_tables(self, lists: list[list[torch.Tensor]], device: torch.device,
-                      whole: list[int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def _build_tables(self, lists: list[list[torch.Tensor]], device: torch.device, whole: list[int],
+                      head: tuple[int, ...] = ()) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, tuple | None]:
         """Pointer tables (one per buffer list), numels (each tensor's here and its ``whole`` tensor's, which
-        differ for shards) and the block table (tensor << 40 | first element, per program), on ``device``; and
-        each tensor's (first program, number of programs), where its partial sums lie."""
+        differ for shards) and the block table (tensor << 40 | first element, per program), on ``device``; each
+        tensor's (first program, number of programs), where its partial sums lie; and with a ``head`` (tensors
+        whose programs come first), the block table's two parts, head and rest (None without one)."""
         n = len(lists[0])
         pointers = torch.tensor([[t.data_ptr() for t in lst] for lst in lists], dtype=torch.int64)
         numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
@@ -131,13 +139,38 @@ class MultiTensorLauncher:
         both = torch.stack([numels, torch.tensor(whole, dtype=torch.int64)], 1)
         # an empty shard of a non-empty tensor gets one masked program: its per-tensor outputs (scales)
         per_tensor = ((numels + self.block - 1) // self.block).clamp_min(1)
-        tensor_of_block = torch.repeat_interleave(torch.arange(n), per_tensor)
-        first_block = torch.cumsum(per_tensor, 0) - per_tensor
-        starts = (torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]) * self.block
+        chosen = set(head)
+        order = torch.tensor([*head, *(i for i in range(n) if i not in chosen)], dtype=torch.int64)
+        counts = per_tensor[order]  # the programs of each tensor, in the order they run
+        tensor_of_block = torch.repeat_interleave(order, counts)
+        first = torch.cumsum(counts, 0) - counts
+        starts = (torch.arange(len(tensor_of_block)) - torch.repeat_interleave(first, counts)) * self.block
         blocks = (tensor_of_block << 40) | starts  # 8 bytes per program (starts < 2^40, fewer than 2^23 tensors)
+        first_block = torch.empty_like(first).index_copy_(0, order, first)
+        head_blocks = int(counts[:len(head)].sum())
+        # the rest's part starts 16 bytes into the table as the head's does (one pad entry if need be): both
+        # parts specialize the kernel as the whole table does
+        pad = torch.zeros(head_blocks % 2 if head else 0, dtype=torch.int64)
+        blocks = torch.cat([blocks[:head_blocks], pad, blocks[head_blocks:]])
         packed = host_to_device(torch.cat([pointers.flatten(), both.flatten(), blocks, first_block, per_tensor]), device)
+        table = packed[(len(lists) + 2) * n:-2 * n]
+        parts = (table[:head_blocks], table[head_blocks + len(pad):]) if head else None
         return ((*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 2) * n],
-                 packed[(len(lists) + 2) * n:-2 * n]), packed[-2 * n:])
+                 table), packed[-2 * n:], parts)
+
+    def _head(self, numels: list[int]) -> tuple[int, ...]:
+        """The tensors of the first part of a split launch (see ``split_min_tensors``), largest first; none where
+        there are too few tensors or elements to be worth a second launch."""
+        total = sum(numels)
+        if len(numels) < self.split_min_tensors or self.slots or total < 2 * self.split_min_elements:
+            return ()
+        head, covered = [], 0
+        for i in sorted(range(len(numels)), key=lambda i: -numels[i]):
+            if covered >= max(self.split_fraction * total, self.split_min_elements):
+                break
+            head.append(i)
+            covered += numels[i]
+        return tuple(head) if len(head) < len(numels) else ()
 
     def _plan(self, lists: tuple[list[torch.Tensor], ...], with_rng: bool, whole: tuple[int, ...] | None) -> _Plan:
         """Split the tensors into kernel launches (one per dtype combination) and fallback cases. With an
@@ -167,16 +200,20 @@ class MultiTensorLauncher:
                 dtypes = tuple(lists[k][i].dtype for k in self.dtype_args.values())
                 by_dtypes.setdefault(dtypes, []).append(i)
         launches = []
+        # one launch of every tensor (the usual case) may run in two parts
+        head = self._head([t.numel() for t in lists[0]]) if len(by_dtypes) == 1 and not irregular and not staged \
+            and not sharded and sum(map(len, by_dtypes.values())) == n else ()
+        parts = None
         for dtypes, idx in by_dtypes.items():
             sub = [[lst[i] for i in idx] for lst in lists]
             device = sub[0][0].device
-            tables, segments = self._build_tables(sub, device, [whole[i] for i in idx])
+            tables, segments, parts = self._build_tables(sub, device, [whole[i] for i in idx], head)
             n_blocks = tables[-1].numel()
             constexprs = {name: getattr(tl, str(d).removeprefix("torch.")) for name, d in zip(self.dtype_args, dtypes)}
             launches.append((tables, n_blocks, constexprs, device, _rng_rows(idx, with_rng, device),
                              to_device(idx, torch.int64, device), segments))
         return _Plan(launches, irregular, _rng_rows(irregular, with_rng and bool(irregular), lists[0][0].device),
-                     staged)
+                     staged, head, parts)
 
     def __call__(self, *lists: list[torch.Tensor], scalars: Scalars, rng: torch.Tensor | RngArgs | None = None,
                  shard: Sharding | None = None) -> None:
@@ -203,8 +240,12 @@ class MultiTensorLauncher:
         return plan
 
     def run_plan(self, plan: _Plan, lists: tuple[list[torch.Tensor], ...], scalars: Scalars,
-                 rng: torch.Tensor | RngArgs | None, shard: Sharding | None = None) -> None:
-        """Step the tensors of ``lists`` with ``plan``, which the caller knows to be theirs (``plan_for``)."""
+                 rng: torch.Tensor | RngArgs | None, shard: Sharding | None = None, part: int | None = None) -> None:
+        """Step the tensors of ``lists`` with ``plan``, which the caller knows to be theirs (``plan_for``).
+        ``part``: of a split plan (``plan.head``), 0 steps the head's tensors and 1 the rest; None, all."""
+        if part is not None:
+            self._run(plan, len(lists[0]), scalars, rng, shard, part)
+            return
         if plan.irregular:  # strided or unaligned views: the fallback handles them in place
             device = lists[0][plan.irregular[0]].device
             self.fallback(*[[lst[i] for i in plan.irregular] for lst in lists],
@@ -213,14 +254,16 @@ class MultiTensorLauncher:
                             ((rng if isinstance(rng, torch.Tensor) else rng.as_tensor())[plan.irregular_rng],)))
         for k, i, buffer in plan.staged:
             buffer.copy_(lists[k][i])
-        self._run(plan, len(lists[0]), scalars, rng, shard)
+        for one in (0, 1) if plan.parts else (None,):
+            self._run(plan, len(lists[0]), scalars, rng, shard, one)
         for k, i, buffer in plan.staged:
             if k in self.written:
                 lists[k][i].copy_(buffer)
 
     def _run(self, plan: _Plan, n: int, scalars: Scalars, rng: torch.Tensor | RngArgs | None,
-             shard: Sharding | None) -> None:
-        """Every launch of the plan, pass by pass; with ``shard``, an all-reduce after each reduction pass."""
+             shard: Sharding | None, part: int | None = None) -> None:
+        """Every launch of the plan, pass by pass; with ``shard``, an all-reduce after each reduction pass.
+        ``part`` (0 or 1): the programs of that part of a split plan's one launch (``_Plan.parts``)."""
         in_tensor = isinstance(scalars, torch.Tensor)
         if isinstance(rng, RngArgs) and in_tensor:  # the kernel reads both from tensors, or both as arguments
             rng = rng.as_tensor()
@@ -238,29 +281,33 @@ class MultiTensorLauncher:
                 rng_args = (rng.streams if rows.shape[0] == n else rng.streams[rows], _int32(rng.seed),
                             _int32(rng.step))
             args = [*tables, *scalar_args, *rng_args, *(self.constants(device) if self.constants is not None else ())]
-            red = part = None
+            red = partials = None
             if self.slots:
                 red = Sharding.partials(len(rows), list(self.slots), device)
-                part = torch.empty((n_blocks, len(self.slots)), dtype=torch.float32, device=device)
-                args += [red, part]
-            runs.append((args, n_blocks, constexprs, device, part, segments, rows, red))
+                partials = torch.empty((n_blocks, len(self.slots)), dtype=torch.float32, device=device)
+                args += [red, partials]
+            if part is not None:  # the block table's part: the kernel's first argument after the tables
+                args[len(tables) - 1] = plan.parts[part]
+                n_blocks = plan.parts[part].numel()
+            runs.append((args, n_blocks, constexprs, device, partials, segments, rows, red))
         # With the scalars as numbers, every tensor argument specializes the kernel the same way at every step:
         # the plan's own tables, and the random streams, constants and reduction buffers, each an allocation of
         # its own (16-byte aligned, fixed dtype). So the plan keeps each launch's compiled kernel.
         runners = None if in_tensor else plan.runners
         if not self.slots:
             for i, (args, n_blocks, constexprs, device, *_) in enumerate(runs):
-                self._launch(args, n_blocks, constexprs, device, {"SCALARS_TENSOR": in_tensor}, runners, (i, 1))
+                self._launch(args, n_blocks, constexprs, device, {"SCALARS_TENSOR": in_tensor}, runners,
+                             (i, 1, part))
             return
         reduce_passes = max(self.levels, default=0) if shard is not None else 0
         whole_red = Sharding.partials(n, list(self.slots), scalars.device) if reduce_passes else None
         for k, sums in enumerate(self._sum_masks, 1):
-            for i, (args, n_blocks, constexprs, device, part, segments, rows, red) in enumerate(runs):
+            for i, (args, n_blocks, constexprs, device, partials, segments, rows, red) in enumerate(runs):
                 self._launch(args, n_blocks, constexprs, device,
-                             {"SCALARS_TENSOR": in_tensor, "PASS": k, "NRED": len(self.slots)}, runners, (i, k))
+                             {"SCALARS_TENSOR": in_tensor, "PASS": k, "NRED": len(self.slots)}, runners, (i, k, None))
                 if sums:  # every tensor's partial sums, added in program order: the same bits on every run
                     with _on(device):
-                        _sum_partials[(len(rows), len(self.slots))](part, segments, red, len(rows),
+                        _sum_partials[(len(rows), len(self.slots))](partials, segments, red, len(rows),
                                                                      NRED=len(self.slots), SUMS=sums, CHUNK=1024)
             if k <= reduce_passes:  # every tensor's partials (empty shards: none) in one all-reduce
                 for *_, rows, red in runs:
@@ -283,8 +330,8 @@ class MultiTensorLauncher:
         return {"num_warps": self.num_warps, "enable_fp_fusion": False, **cap}
 
     def _launch(self, args: list[Any], n_blocks: int, constexprs: dict[str, Any], device: torch.device,
-                extra: dict[str, int], runners: dict[tuple[int, int], Any] | None, slot: tuple[int, int]) -> None:
-        """Launch the kernel. ``runners``: where a plan keeps, under ``slot`` (launch, pass), Triton's launcher of
+                extra: dict[str, int], runners: dict[tuple, Any] | None, slot: tuple[int, int, int | None]) -> None:
+        """Launch the kernel. ``runners``: where a plan keeps, under ``slot`` (launch, pass, part), Triton's launcher of
         the compiled kernel on its grid and the constexprs, for arguments that specialize it the same way every
         step; then a launch on the current device skips the specialization key below."""
         found = None if runners is None else runners.get(slot)
@@ -353,7 +400,11 @@ class _Plan:
     irregular: list[int]  # tensors the fallback steps
     irregular_rng: torch.Tensor | None
     staged: list[tuple[int, int, torch.Tensor]]  # (list, tensor, aligned copy the kernel steps instead)
-    runners: dict[tuple[int, int], Any] = field(default_factory=dict)  # see MultiTensorLauncher._launch
+    # a split launch (MultiTensorLauncher.split_min_tensors): the tensors whose programs run first, and the block
+    # table's two parts (head, rest); () and None where the plan's launches run whole
+    head: tuple[int, ...] = ()
+    parts: tuple[torch.Tensor, torch.Tensor] | None = None
+    runners: dict[tuple[int, int, int | None], Any] = field(default_factory=dict)  # see MultiTensorLauncher._launch
 
 
 def _regular(t: torch.Tensor) -> bool:

@@ -472,20 +472,37 @@ class OptgenOptimizer(torch.optim.Optimizer):
         """The step of ``_step_group`` with what ``plan`` holds and the step count and scalars ``prepared`` for it
         (``_planned_scalars``; None: a count was set by hand): launch, then advance the counts (the kernels do not
         read them, and the launch comes sooner) and bump the version counters; these two also when a launch
-        raises, as on the general path."""
+        raises, as on the general path. A split launch runs its head, then the rest once the rest's placement is
+        checked (``plan.rest``); where that fails, the rest takes the general path."""
         if prepared is None:  # one launch per count
             self._step_group(group, plan.params, plan.ids, plan.steps.add_(1).tolist())
             return
         t, scalars = prepared
+        moved = False  # the rest of a split plan no longer where the plan has it
         try:
             for launch in plan.launches:
                 rng = None if launch.streams is None else RngArgs(self.seed, t, launch.streams)
                 gs = grads if launch.positions is None else [grads[i] for i in launch.positions]
                 lists = [gs if lst is None else lst for lst in launch.lists]
-                launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng)
+                if plan.rest is not None and launch is plan.launches[0]:  # the split launch
+                    launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng, part=0)
+                    moved = not plan.rest.holds()
+                    if moved:
+                        break
+                    launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng, part=1)
+                else:
+                    launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng)
         finally:
-            plan.steps.add_(1)
-            torch.autograd.graph.increment_version(plan.written)
+            if moved:  # the head's counts (views of plan.steps, as checked) and versions only
+                plan.steps[plan.head_positions] += 1
+                torch.autograd.graph.increment_version(plan.head_written)
+            else:
+                plan.steps.add_(1)
+                torch.autograd.graph.increment_version(plan.written)
+        if moved:
+            self._plans.plans.pop(id(group), None)
+            self._step_group(group, [plan.params[i] for i in plan.rest_positions],
+                             [plan.ids[i] for i in plan.rest_positions])
 
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
         """Step each parameter during backward, as soon as its gradient is accumulated, and free the gradient.
