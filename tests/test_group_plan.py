@@ -445,9 +445,9 @@ def test_split_launch_checks_the_rest_while_its_head_runs(launches, monkeypatch)
     events = []
     holds, run_plan = group_plan.Placement.holds, MultiTensorLauncher.run_plan
 
-    def logged_holds(self):
+    def logged_holds(self, grads):
         events.append(("holds", "head" if self is plan.head else "rest"))
-        return holds(self)
+        return holds(self, grads)
 
     def logged_run(self, launch_plan, lists, *args, part=None, **kwargs):
         events.append(("launch", part, len(lists[0])))

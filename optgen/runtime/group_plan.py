@@ -17,22 +17,27 @@ tables. Each step re-checks what they depend on, with passes that run in C (``ma
   fresh gradient from the caching allocator usually lands where the last one was);
 - the backend and ``min_quantized_size`` are unchanged.
 
-If any of it fails, the step takes the general path, which makes a new plan.
+If any of it fails, the step takes the general path, which makes a new plan. Not checked: a tensor that
+changes dtype at the same address (``p.data = p.data.view(torch.float16)``).
 
 Where the launcher splits its launch (``MultiTensorLauncher.split_min_tensors``: a launch over many tensors runs
-the programs of its largest tensors first), the checks are split alike: those of the gradients, of the state table
-and of the head's tensors come before the first launch, those of the other parameters and their states while it
-runs. If these fail, the head's tensors have been stepped and the others take the general path, as one group. Not checked: a tensor that
-changes dtype at the same address (``p.data = p.data.view(torch.float16)``). Plans are made only by
-``step()`` (gradient release steps one parameter at a time) and only for fp32 step counts. A plan keeps its
-tensors alive until the next ``step()`` drops it (or ``load_state_dict``): ``optimizer.state.clear()`` frees the
-states' memory at the next step.
+the programs of its largest tensors first), the checks are split alike: the state table's, every gradient's
+address and the head's tensors' (parameters, gradients' contiguity, states) come before the first launch, the
+other tensors' while it runs. If these fail, the head's tensors have been stepped and the others take the
+general path, as one group. A missing or sparse gradient fails the first checks: nothing is stepped before the
+general path refuses it.
+
+Plans are made only by ``step()`` (gradient release steps one parameter at a time) and only for fp32 step
+counts. A plan keeps its tensors alive until the next ``step()`` drops it (or ``load_state_dict``):
+``optimizer.state.clear()`` frees the states' memory at the next step.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +47,10 @@ _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _numel = torch.Tensor.numel
 _getitem = dict.__getitem__
+
+
+def _one(position: int, entries: list) -> tuple:
+    return (entries[position],)
 
 
 def next_count(count: float) -> int:
@@ -64,8 +73,11 @@ class PlannedLaunch:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where some of a group's parameters and their states are, as the plan's launch tables have them."""
+    """Where some of a group's parameters, their gradients and their states are, as the plan's launch tables have
+    them (the gradients' addresses aside: every step checks all of them first, see ``GroupPlan.holds``)."""
 
+    pick: Callable[[list], Any]  # the group's list -> these parameters' entries (their gradients)
+    grad_contiguous: tuple[bool, ...]
     params: list[torch.Tensor]
     param_ptrs: tuple[int, ...]
     param_numels: tuple[int, ...]
@@ -79,18 +91,30 @@ class Placement:
     kernel_ptrs: tuple[int, ...]
 
     @classmethod
-    def of(cls, params: list[torch.Tensor], states: list[dict[str, Any]], launched: set[int]) -> Placement:
+    def of(cls, positions: list[int], params: list[torch.Tensor], grads: list[torch.Tensor],
+           states: list[dict[str, Any]], launched: set[int]) -> Placement:
+        """The placement of the group's parameters at ``positions`` (every one: the plan's lists as they are)."""
+        if len(positions) == len(params):
+            pick = tuple
+        elif len(positions) == 1:
+            pick = functools.partial(_one, positions[0])
+        else:
+            pick = operator.itemgetter(*positions)
+        params, states = list(pick(params)), list(pick(states))
         pairs = [(s, k) for s in states for k in s]
         values = [s[k] for s, k in pairs]
         in_kernel = [v for v in values if id(v) in launched]
-        return cls(params, tuple(map(_data_ptr, params)), tuple(map(_numel, params)),
+        return cls(pick, tuple(map(_is_contiguous, pick(grads))), params, tuple(map(_data_ptr, params)),
+                   tuple(map(_numel, params)),
                    tuple(map(_is_contiguous, params)), [s for s, _ in pairs], [k for _, k in pairs], values,
                    in_kernel, tuple(map(_data_ptr, in_kernel)))
 
-    def holds(self) -> bool:
-        """Whether the parameters and their states are still there (the caller checked the parameters' identity)."""
+    def holds(self, grads: list[torch.Tensor]) -> bool:
+        """Whether the parameters, their ``grads`` (of the whole group, at the addresses checked) and their states
+        are still as placed (the caller checked the parameters' identity)."""
         try:
-            return (tuple(map(_data_ptr, self.params)) == self.param_ptrs
+            return (tuple(map(_is_contiguous, self.pick(grads))) == self.grad_contiguous
+                    and tuple(map(_data_ptr, self.params)) == self.param_ptrs
                     and tuple(map(_numel, self.params)) == self.param_numels
                     and tuple(map(_is_contiguous, self.params)) == self.param_contiguous
                     and all(map(operator.is_, map(_getitem, self.state_dicts, self.state_keys), self.state_values))
@@ -107,7 +131,6 @@ class GroupPlan:
     params: list[torch.Tensor]
     ids: list[int]  # the parameters' stable ids (their stochastic-rounding streams)
     grad_ptrs: tuple[int, ...]
-    grad_contiguous: tuple[bool, ...]
     head: Placement  # checked before the first launch: every parameter's, or those of a split launch's head
     rest: Placement | None  # with a split launch, the other parameters', checked while its head runs
     head_positions: list[int]  # where the parameters of a split launch's head are in the group
@@ -136,8 +159,8 @@ class GroupPlan:
             head_written = [split.written[k + h] for k in range(0, len(split.written), m) for h in split.plan.head]
 
         def placement(idx: list[int]) -> Placement:
-            return Placement.of([params[i] for i in idx], [states[i] for i in idx], launched)
-        return cls(group, params, list(ids), tuple(map(_data_ptr, grads)), tuple(map(_is_contiguous, grads)),
+            return Placement.of(idx, params, grads, states, launched)
+        return cls(group, params, list(ids), tuple(map(_data_ptr, grads)),
                    placement(head) if split is not None else placement(list(range(len(params)))),
                    placement(rest) if split is not None else None, head, rest, steps, tuple(launches),
                    [t for launch in launches for t in launch.written], head_written,
@@ -146,14 +169,14 @@ class GroupPlan:
     def holds(self, optimizer: Any, params: list[torch.Tensor], grads: list[torch.Tensor | None],
               first_id: int) -> bool:
         """Whether this plan still describes the group's step up to its first launch, the state table aside
-        (``PlanBook.begin``): every gradient, every parameter's identity, and the head's placement."""
+        (``PlanBook.begin``): every gradient's address (a dense gradient's: a missing or sparse one changes
+        nothing before it is refused), every parameter's identity, and the head's placement."""
         try:
             return (tuple(map(_data_ptr, grads)) == self.grad_ptrs
-                    and tuple(map(_is_contiguous, grads)) == self.grad_contiguous
                     and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
                     and first_id == self.ids[0]
                     and optimizer.backend == self.backend and optimizer.min_quantized_size == self.min_quantized_size
-                    and self.head.holds())
+                    and self.head.holds(grads))
         except (RuntimeError, TypeError):  # a missing (None) or sparse gradient
             return False
 

@@ -486,7 +486,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 lists = [gs if lst is None else lst for lst in launch.lists]
                 if plan.rest is not None and launch is plan.launches[0]:  # the split launch
                     launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng, part=0)
-                    moved = not plan.rest.holds()
+                    moved = not plan.rest.holds(grads)
                     if moved:
                         break
                     launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng, part=1)
