@@ -286,7 +286,7 @@ class MultiTensorLauncher:
                 red = Sharding.partials(len(rows), list(self.slots), device)
                 partials = torch.empty((n_blocks, len(self.slots)), dtype=torch.float32, device=device)
                 args += [red, partials]
-            if part is not None:  # the block table's part: the kernel's first argument after the tables
+            if part is not None:  # that part of the block table (the last of the tables) and its programs
                 args[len(tables) - 1] = plan.parts[part]
                 n_blocks = plan.parts[part].numel()
             runs.append((args, n_blocks, constexprs, device, partials, segments, rows, red))
@@ -401,7 +401,8 @@ class _Plan:
     irregular_rng: torch.Tensor | None
     staged: list[tuple[int, int, torch.Tensor]]  # (list, tensor, aligned copy the kernel steps instead)
     # a split launch (MultiTensorLauncher.split_min_tensors): the tensors whose programs run first, and the block
-    # table's two parts (head, rest); () and None where the plan's launches run whole
+    # table's two parts (head, rest), launched one after the other (the whole table may hold a pad entry between
+    # them); () and None where the plan's launches run whole
     head: tuple[int, ...] = ()
     parts: tuple[torch.Tensor, torch.Tensor] | None = None
     runners: dict[tuple[int, int, int | None], Any] = field(default_factory=dict)  # see MultiTensorLauncher._launch
