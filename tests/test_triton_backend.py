@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optgen import optim
-from optgen.runtime.launch import RngArgs
+from optgen.runtime.launch import MultiTensorLauncher, RngArgs
 from optgen.runtime.optimizer import OptgenOptimizer
 from optgen.runtime.transfer import make_rng
 
@@ -159,6 +159,30 @@ def test_one_launch_per_dtype_combination(monkeypatch):
     if DEVICE == "cuda":  # the fp32 group's kernel was compiled by the first step: launched directly since
         launcher = __import__(optim.AdamW.__module__, fromlist=["_launcher"])._launcher
         assert len(launcher._compiled) >= 2
+
+
+@pytest.mark.parametrize("count", [8, 40])
+def test_a_split_launch_is_two_launches_whatever_the_tensor_count(count, monkeypatch):
+    """A large group's launch runs in two parts (``MultiTensorLauncher.split_min_tensors``; its element threshold
+    lowered here): two launches for 8 tensors as for 40, every tensor's programs in exactly one, the bits of one
+    launch over all of them."""
+    launches = _count_launches(optim.AdamW, monkeypatch)
+    torch.manual_seed(0)
+    base = [torch.randn(1100 - 9 * k, device=DEVICE) for k in range(count)]
+    a = [torch.nn.Parameter(x.clone()) for x in base]
+    b = [torch.nn.Parameter(x.clone()) for x in base]
+    for x, y in zip(a, b):
+        x.grad = torch.randn_like(x)
+        y.grad = x.grad.clone()
+    optim.AdamW(b, backend="triton").step()  # the default thresholds: one launch
+    assert len(launches) == 1
+    launches.clear()
+    monkeypatch.setattr(MultiTensorLauncher, "split_min_elements", 1000)
+    optim.AdamW(a, backend="triton").step()
+    block = optim.AdamW.variants[""].triton_launcher.block
+    assert len(launches) == 2 and sum(launches) == sum(-(-len(x) // block) for x in base), launches
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
