@@ -133,7 +133,7 @@ class GroupPlan:
     grad_ptrs: tuple[int, ...]
     head: Placement  # checked before the first launch: every parameter's, or those of a split launch's head
     rest: Placement | None  # with a split launch, the other parameters', checked while its head runs
-    head_positions: list[int]  # where the parameters of a split launch's head are in the group
+    head_positions: list[int]  # where the parameters checked first are in the group (a split launch's head)
     rest_positions: list[int]  # and the others
     steps: torch.Tensor  # the packed fp32 step counts: every ``state["step"]`` of the group is a view of it
     launches: tuple[PlannedLaunch, ...]  # a split launch first
@@ -150,19 +150,17 @@ class GroupPlan:
         states = [optimizer.state[p] for p in params]
         launched = {id(t) for launch in launches for lst in launch.lists if lst is not None for t in lst}
         split = next((launch for launch in launches if launch.plan.parts is not None), None)
-        head, rest, head_written = [], [], []
+        head, rest, head_written = list(range(len(params))), [], []  # without a split, all are checked first
         if split is not None:
             launches = [split, *(launch for launch in launches if launch is not split)]
             head = sorted(h if split.positions is None else split.positions[h] for h in split.plan.head)
             rest = sorted(set(range(len(params))) - set(head))
             m = len(next(lst for lst in split.lists if lst is not None))  # its written lists, one after another
             head_written = [split.written[k + h] for k in range(0, len(split.written), m) for h in split.plan.head]
-
-        def placement(idx: list[int]) -> Placement:
-            return Placement.of(idx, params, grads, states, launched)
         return cls(group, params, list(ids), tuple(map(_data_ptr, grads)),
-                   placement(head) if split is not None else placement(list(range(len(params)))),
-                   placement(rest) if split is not None else None, head, rest, steps, tuple(launches),
+                   Placement.of(head, params, grads, states, launched),
+                   Placement.of(rest, params, grads, states, launched) if split is not None else None,
+                   head, rest, steps, tuple(launches),
                    [t for launch in launches for t in launch.written], head_written,
                    optimizer.backend, optimizer.min_quantized_size)
 
