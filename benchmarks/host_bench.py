@@ -14,6 +14,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -22,9 +23,17 @@ if not torch.cuda.is_available():
 
 from benchmarks.step_bench import gpt2_shapes, large_shapes, make_params
 from optgen import optim
+from optgen.runtime import launch as launch_module
 from optgen.runtime.launch import MultiTensorLauncher
 
 SETS = {"gpt2": gpt2_shapes, "large": large_shapes}
+
+
+class _NoKernel:
+    """A Triton kernel whose launches (``kernel[grid](...)``) do nothing."""
+
+    def __getitem__(self, grid: object) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
 
 
 def host_times(name: str, shapes: list[tuple[int, ...]], device: torch.device, iters: int,
@@ -66,6 +75,8 @@ def main() -> None:
             launch(self, *a, **k)
 
     MultiTensorLauncher._launch = timed_launch
+    if args.no_kernel:  # and the per-tensor sums between passes (LAMB's), a kernel of their own
+        launch_module._sum_partials = _NoKernel()
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch "
           f"{torch.__version__}{'; kernel launches replaced by a no-op' if args.no_kernel else ''}\n")
     print("| set | optimizer | tensors | host µs to the first launch | host µs, whole step() |")

@@ -86,8 +86,8 @@ class Twins:
                 assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("cls", [optim.AdamW, optim.FlashAdamW, optim.StochasticAdamW, optim.AdamW8bit, optim.Lion],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [optim.AdamW, optim.FlashAdamW, optim.StochasticAdamW, optim.AdamW8bit, optim.Lion,
+                                 optim.Lamb, optim.Lamb16], ids=lambda c: c.__name__)
 def test_planned_steps_equal_general_steps(cls):
     dtype = getattr(torch, cls.param_dtypes[0])
     twins = Twins(cls, dtype=dtype, min_quantized_size=4000)

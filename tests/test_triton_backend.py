@@ -161,28 +161,39 @@ def test_one_launch_per_dtype_combination(monkeypatch):
         assert len(launcher._compiled) >= 2
 
 
-@pytest.mark.parametrize("count", [8, 40])
-def test_a_split_launch_is_two_launches_whatever_the_tensor_count(count, monkeypatch):
+@pytest.mark.parametrize("cls,count", [(optim.AdamW, 8), (optim.AdamW, 40), (optim.Lamb, 9), (optim.Lamb16, 9)],
+                         ids=["AdamW-8", "AdamW-40", "Lamb-9", "Lamb16-9"])
+def test_a_split_launch_is_two_launches_whatever_the_tensor_count(cls, count, monkeypatch):
     """A large group's launch runs in two parts (``MultiTensorLauncher.split_min_tensors``; its element threshold
-    lowered here): two launches for 8 tensors as for 40, every tensor's programs in exactly one, the bits of one
-    launch over all of them."""
-    launches = _count_launches(optim.AdamW, monkeypatch)
+    lowered here): two launches per pass for 8 tensors as for 40, every tensor's programs in exactly one, the bits
+    of one launch over all of them. With whole-tensor reductions (Lamb, Lamb16) each part runs all its passes and
+    sums its own tensors' partials: the same sums, in the same order."""
+    launches = _count_launches(cls, monkeypatch)
+    launcher = __import__(cls.__module__, fromlist=["_launcher"])._launcher
+    passes = launcher.passes if launcher.slots else 1
     torch.manual_seed(0)
-    base = [torch.randn(1100 - 9 * k, device=DEVICE) for k in range(count)]
+    size = 1100 if cls is optim.AdamW else 4200  # Lamb16's quantized states from 4096 elements
+    base = [torch.randn(size - 9 * k, device=DEVICE) for k in range(count)]
     a = [torch.nn.Parameter(x.clone()) for x in base]
     b = [torch.nn.Parameter(x.clone()) for x in base]
-    for x, y in zip(a, b):
-        x.grad = torch.randn_like(x)
-        y.grad = x.grad.clone()
-    optim.AdamW(b, backend="triton").step()  # the default thresholds: one launch
-    assert len(launches) == 1
-    launches.clear()
-    monkeypatch.setattr(MultiTensorLauncher, "split_min_elements", 1000)
-    optim.AdamW(a, backend="triton").step()
-    block = optim.AdamW.variants[""].triton_launcher.block
-    assert len(launches) == 2 and sum(launches) == sum(-(-len(x) // block) for x in base), launches
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    oa, ob = cls(a, backend="triton"), cls(b, backend="triton")
+    for step in range(2):
+        for x, y in zip(a, b):
+            x.grad = torch.randn_like(x)
+            y.grad = x.grad.clone()
+        monkeypatch.setattr(MultiTensorLauncher, "split_min_elements", 1 << 20)  # the default: one launch
+        launches.clear()
+        ob.step()
+        assert len(launches) == passes
+        monkeypatch.setattr(MultiTensorLauncher, "split_min_elements", 1000)
+        launches.clear()
+        oa.step()
+        assert len(launches) == 2 * passes
+        assert sum(launches) == passes * sum(-(-len(x) // launcher.block) for x in base), launches
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+            for key, value in oa.state[x].items():
+                assert torch.equal(value, ob.state[y][key]), key
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)

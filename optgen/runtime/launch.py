@@ -71,10 +71,11 @@ class MultiTensorLauncher:
     # Launch plans kept (tables on the device, a few KiB each): one per distinct set of buffers, e.g. one per
     # chunk of an offloaded optimizer; with fewer than its chunks, every chunk rebuilt its tables each step.
     cache_size = 64
-    # A plan over at least ``split_min_tensors`` tensors, with no per-tensor slots, launches in two parts: first the
-    # programs of its largest tensors, at least ``split_fraction`` of its elements (and ``split_min_elements``),
-    # then the rest. The caller checks that the rest are where the plan has them while the first part runs
-    # (``optgen.runtime.group_plan``): only the first part's checks come before the GPU starts.
+    # A plan over at least ``split_min_tensors`` tensors launches in two parts: first the programs of its largest
+    # tensors, at least ``split_fraction`` of its elements (and ``split_min_elements``), then the rest, each part
+    # with all its passes (per-tensor reductions need only their own tensor's programs). The caller checks that
+    # the rest are where the plan has them while the first part runs (``optgen.runtime.group_plan``): only the
+    # first part's checks come before the GPU starts.
     split_min_tensors = 8
     split_min_elements = 1 << 20
     split_fraction = 0.5
@@ -129,7 +130,8 @@ class MultiTensorLauncher:
         """Pointer tables (one per buffer list), numels (each tensor's here and its ``whole`` tensor's, which
         differ for shards) and the block table (tensor << 40 | first element, per program), on ``device``; each
         tensor's (first program, number of programs), where its partial sums lie; and with a ``head`` (tensors
-        whose programs come first), the block table's two parts, head and rest (None without one)."""
+        whose programs come first), the two parts, head and rest (None without one): each part's block table and,
+        with slots, its tensors' (first program in the part, number of programs; 0 for the other part's)."""
         n = len(lists[0])
         pointers = torch.tensor([[t.data_ptr() for t in lst] for lst in lists], dtype=torch.int64)
         numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
@@ -152,17 +154,28 @@ class MultiTensorLauncher:
         # parts specialize the kernel as the whole table does
         pad = torch.zeros(head_blocks % 2 if head else 0, dtype=torch.int64)
         blocks = torch.cat([blocks[:head_blocks], pad, blocks[head_blocks:]])
-        packed = host_to_device(torch.cat([pointers.flatten(), both.flatten(), blocks, first_block, per_tensor]), device)
-        table = packed[(len(lists) + 2) * n:-2 * n]
-        parts = (table[:head_blocks], table[head_blocks + len(pad):]) if head else None
+        segments = [first_block, per_tensor]
+        if head and self.slots:  # each part sums its own tensors' partials, numbered from its first program
+            in_head = torch.zeros(n, dtype=torch.bool)
+            in_head[list(head)] = True
+            segments += [first_block, torch.where(in_head, per_tensor, 0),
+                         first_block - head_blocks, torch.where(in_head, 0, per_tensor)]
+        packed = host_to_device(torch.cat([pointers.flatten(), both.flatten(), blocks, *segments]), device)
+        table_end = (len(lists) + 2) * n + len(blocks)
+        table = packed[(len(lists) + 2) * n:table_end]
+        segments = packed[table_end:].view(-1, 2 * n)  # the whole launch's, then each part's with slots
+        parts = None
+        if head:
+            per_part = tuple(segments[1:]) if self.slots else (None, None)
+            parts = ((table[:head_blocks], per_part[0]), (table[head_blocks + len(pad):], per_part[1]))
         return ((*packed[:len(lists) * n].view(len(lists), n), packed[len(lists) * n:(len(lists) + 2) * n],
-                 table), packed[-2 * n:], parts)
+                 table), segments[0], parts)
 
     def _head(self, numels: list[int]) -> tuple[int, ...]:
         """The tensors of the first part of a split launch (see ``split_min_tensors``), largest first; none where
         there are too few tensors or elements to be worth a second launch."""
         total = sum(numels)
-        if len(numels) < self.split_min_tensors or self.slots or total < 2 * self.split_min_elements:
+        if len(numels) < self.split_min_tensors or total < 2 * self.split_min_elements:
             return ()
         head, covered = [], 0
         for i in sorted(range(len(numels)), key=lambda i: -numels[i]):
@@ -281,14 +294,17 @@ class MultiTensorLauncher:
                 rng_args = (rng.streams if rows.shape[0] == n else rng.streams[rows], _int32(rng.seed),
                             _int32(rng.step))
             args = [*tables, *scalar_args, *rng_args, *(self.constants(device) if self.constants is not None else ())]
+            if part is not None:  # that part of the block table (the last of the tables), its programs and sums
+                args[len(tables) - 1], segments = plan.parts[part]
+                n_blocks = args[len(tables) - 1].numel()
             red = partials = None
             if self.slots:
-                red = Sharding.partials(len(rows), list(self.slots), device)
+                # every tensor's sums are stored before they are read; a maximum (atomic) needs its identity first,
+                # and so does a shard's row of an empty shard (all-reduced)
+                red = Sharding.partials(len(rows), list(self.slots), device) if shard is not None or "max" in \
+                    self.slots else torch.empty((len(rows), len(self.slots)), dtype=torch.float32, device=device)
                 partials = torch.empty((n_blocks, len(self.slots)), dtype=torch.float32, device=device)
                 args += [red, partials]
-            if part is not None:  # that part of the block table (the last of the tables) and its programs
-                args[len(tables) - 1] = plan.parts[part]
-                n_blocks = plan.parts[part].numel()
             runs.append((args, n_blocks, constexprs, device, partials, segments, rows, red))
         # With the scalars as numbers, every tensor argument specializes the kernel the same way at every step:
         # the plan's own tables, and the random streams, constants and reduction buffers, each an allocation of
@@ -304,7 +320,7 @@ class MultiTensorLauncher:
         for k, sums in enumerate(self._sum_masks, 1):
             for i, (args, n_blocks, constexprs, device, partials, segments, rows, red) in enumerate(runs):
                 self._launch(args, n_blocks, constexprs, device,
-                             {"SCALARS_TENSOR": in_tensor, "PASS": k, "NRED": len(self.slots)}, runners, (i, k, None))
+                             {"SCALARS_TENSOR": in_tensor, "PASS": k, "NRED": len(self.slots)}, runners, (i, k, part))
                 if sums:  # every tensor's partial sums, added in program order: the same bits on every run
                     with _on(device):
                         _sum_partials[(len(rows), len(self.slots))](partials, segments, red, len(rows),
@@ -368,12 +384,13 @@ if tl is not None:
     @triton.jit
     def _sum_partials(part, segments, red, n, NRED: tl.constexpr, SUMS: tl.constexpr, CHUNK: tl.constexpr):
         """red[t, j] = the sum of the partials part[b, j] of tensor t's programs b (sum slots j of this pass,
-        the bits of SUMS), in a fixed order: unlike atomic adds, the same bits on every run."""
+        the bits of SUMS), in a fixed order: unlike atomic adds, the same bits on every run. A tensor with no
+        programs here (in the other part of a split launch) keeps its row."""
         t = tl.program_id(0)
         j = tl.program_id(1)
-        if (SUMS >> j) & 1:
-            first = tl.load(segments + t)
-            count = tl.load(segments + n + t)
+        first = tl.load(segments + t)
+        count = tl.load(segments + n + t)
+        if ((SUMS >> j) & 1) and count > 0:
             acc = tl.zeros((CHUNK,), tl.float32)
             for k in range(0, count, CHUNK):
                 i = k + tl.arange(0, CHUNK)
@@ -400,11 +417,11 @@ class _Plan:
     irregular: list[int]  # tensors the fallback steps
     irregular_rng: torch.Tensor | None
     staged: list[tuple[int, int, torch.Tensor]]  # (list, tensor, aligned copy the kernel steps instead)
-    # a split launch (MultiTensorLauncher.split_min_tensors): the tensors whose programs run first, and the block
-    # table's two parts (head, rest), launched one after the other (the whole table may hold a pad entry between
-    # them); () and None where the plan's launches run whole
+    # a split launch (MultiTensorLauncher.split_min_tensors): the tensors whose programs run first, and for each
+    # part (head, rest), launched one after the other, its view of the block table (the whole table may hold a pad
+    # entry between them) and, with slots, its own segments; () and None where the plan's launches run whole
     head: tuple[int, ...] = ()
-    parts: tuple[torch.Tensor, torch.Tensor] | None = None
+    parts: tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]] | None = None
     runners: dict[tuple[int, int, int | None], Any] = field(default_factory=dict)  # see MultiTensorLauncher._launch
 
 
