@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 from triton.language import target_info
 
 from optgen import optim
+from optgen.runtime.launch import _sum_partials
 
 SCALAR_PTRS = {"scalars": "*fp32", "red": "*fp32", "part": "*fp32", "rng": "*i64", "numels": "*i64", "blocks": "*i64"}
 
@@ -115,6 +116,14 @@ def main() -> None:
                         while cause.__cause__ is not None:
                             cause = cause.__cause__
                         print(f"FAIL {name}[{key or 'main'}] pass {consts.get('PASS', 1)}: {cause}".replace("\n", " "))
+        # the per-tensor sums between a reducing kernel's passes (Lamb's), a kernel of the launcher's own
+        sig = {"part": "*fp32", "segments": "*i64", "red": "*fp32", "n": "i32", "NRED": "constexpr",
+               "SUMS": "constexpr", "CHUNK": "constexpr"}
+        try:
+            triton.compile(ASTSource(_sum_partials, sig, {"NRED": 6, "SUMS": 15, "CHUNK": 1024}), target=target)
+            compiled += 1
+        except Exception as exc:  # noqa: BLE001 - reported as the kernels above
+            print(f"FAIL _sum_partials: {exc}".replace("\n", " "))
     print(f"compiled {compiled}")
 
 

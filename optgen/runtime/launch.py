@@ -390,7 +390,7 @@ if tl is not None:
         j = tl.program_id(1)
         first = tl.load(segments + t)
         count = tl.load(segments + n + t)
-        if ((SUMS >> j) & 1) and count > 0:
+        if ((SUMS >> j) & 1) != 0 and count > 0:
             acc = tl.zeros((CHUNK,), tl.float32)
             for k in range(0, count, CHUNK):
                 i = k + tl.arange(0, CHUNK)
