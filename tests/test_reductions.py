@@ -255,29 +255,15 @@ def test_per_tensor_scale_from_scalars_alone(tmp_path, backend):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend (CUDA, or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("spec", [SPEC, TWO_LEVEL_SPEC], ids=["sum-max", "two-levels"])
-def test_a_split_launch_reduces_each_part_as_one_launch(tmp_path, spec, monkeypatch):
+def test_a_split_launch_reduces_each_part_as_one_launch(tmp_path, spec, step_whole_and_split):
     """A launch split in two parts (``MultiTensorLauncher.split_min_tensors``; thresholds lowered here) runs every
     pass of its first part, then of the other: a maximum (atomic, from its identity) and sums over two levels give
     the bits of one launch over all the tensors, over two steps."""
-    from optgen.runtime.launch import MultiTensorLauncher
-
     cls = _load(tmp_path, spec)
-    launcher = sys.modules[cls.__module__]._launcher
     torch.manual_seed(5)
     base = [torch.randn(1500 + 37 * k, device=DEVICE) for k in range(9)]
-    a = [torch.nn.Parameter(x.clone()) for x in base]
-    b = [torch.nn.Parameter(x.clone()) for x in base]
-    whole, split = cls(b, lr=0.1, backend="triton"), cls(a, lr=0.1, backend="triton")
+    whole = cls([torch.nn.Parameter(x.clone()) for x in base], lr=0.1, backend="triton")
+    split = cls([torch.nn.Parameter(x.clone()) for x in base], lr=0.1, backend="triton")
     for _ in range(2):
-        for x, y in zip(a, b):
-            x.grad = torch.randn_like(x)
-            y.grad = x.grad.clone()
-        monkeypatch.setattr(MultiTensorLauncher, "split_min_elements", 1 << 20)  # the default: one launch
-        whole.step()
-        monkeypatch.setattr(MultiTensorLauncher, "split_min_elements", 1000)
-        split.step()
-    assert any(plan.parts is not None for plan in launcher._plans.values())
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-        for key, value in split.state[x].items():
-            assert torch.equal(value, whole.state[y][key]), key
+        step_whole_and_split(whole, split)
+    assert any(plan.parts is not None for plan in sys.modules[cls.__module__]._launcher._plans.values())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optgen import optim
-from optgen.runtime.launch import MultiTensorLauncher, RngArgs
+from optgen.runtime.launch import RngArgs
 from optgen.runtime.optimizer import OptgenOptimizer
 from optgen.runtime.transfer import make_rng
 
@@ -163,7 +163,7 @@ def test_one_launch_per_dtype_combination(monkeypatch):
 
 @pytest.mark.parametrize("cls,count", [(optim.AdamW, 8), (optim.AdamW, 40), (optim.Lamb, 9), (optim.Lamb16, 9)],
                          ids=["AdamW-8", "AdamW-40", "Lamb-9", "Lamb16-9"])
-def test_a_split_launch_is_two_launches_whatever_the_tensor_count(cls, count, monkeypatch):
+def test_a_split_launch_is_two_launches_whatever_the_tensor_count(cls, count, monkeypatch, step_whole_and_split):
     """A large group's launch runs in two parts (``MultiTensorLauncher.split_min_tensors``; its element threshold
     lowered here): two launches per pass for 8 tensors as for 40, every tensor's programs in exactly one, the bits
     of one launch over all of them. With whole-tensor reductions (Lamb, Lamb16) each part runs all its passes and
@@ -174,26 +174,13 @@ def test_a_split_launch_is_two_launches_whatever_the_tensor_count(cls, count, mo
     torch.manual_seed(0)
     size = 1100 if cls is optim.AdamW else 4200  # Lamb16's quantized states from 4096 elements
     base = [torch.randn(size - 9 * k, device=DEVICE) for k in range(count)]
-    a = [torch.nn.Parameter(x.clone()) for x in base]
-    b = [torch.nn.Parameter(x.clone()) for x in base]
-    oa, ob = cls(a, backend="triton"), cls(b, backend="triton")
-    for step in range(2):
-        for x, y in zip(a, b):
-            x.grad = torch.randn_like(x)
-            y.grad = x.grad.clone()
-        monkeypatch.setattr(MultiTensorLauncher, "split_min_elements", 1 << 20)  # the default: one launch
+    whole = cls([torch.nn.Parameter(x.clone()) for x in base], backend="triton")
+    split = cls([torch.nn.Parameter(x.clone()) for x in base], backend="triton")
+    for _ in range(2):
         launches.clear()
-        ob.step()
-        assert len(launches) == passes
-        monkeypatch.setattr(MultiTensorLauncher, "split_min_elements", 1000)
-        launches.clear()
-        oa.step()
-        assert len(launches) == 2 * passes
-        assert sum(launches) == passes * sum(-(-len(x) // launcher.block) for x in base), launches
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
-            for key, value in oa.state[x].items():
-                assert torch.equal(value, ob.state[y][key]), key
+        step_whole_and_split(whole, split)
+        assert len(launches) == 3 * passes  # one launch per pass, then two
+        assert sum(launches[passes:]) == passes * sum(-(-len(x) // launcher.block) for x in base), launches
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
