@@ -255,15 +255,28 @@ def test_per_tensor_scale_from_scalars_alone(tmp_path, backend):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend (CUDA, or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("spec", [SPEC, TWO_LEVEL_SPEC], ids=["sum-max", "two-levels"])
-def test_a_split_launch_reduces_each_part_as_one_launch(tmp_path, spec, step_whole_and_split):
+def test_a_split_launch_reduces_each_part_as_one_launch(tmp_path, spec, step_whole_and_split, monkeypatch):
     """A launch split in two parts (``MultiTensorLauncher.split_min_tensors``; thresholds lowered here) runs every
     pass of its first part, then of the other: a maximum (atomic, from its identity) and sums over two levels give
-    the bits of one launch over all the tensors, over two steps."""
+    the bits of one launch over all the tensors, over two steps. Fresh float memory is poisoned (1e30), so that an
+    accumulator read before it is set shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(1e30) if out.is_floating_point() else out
+    monkeypatch.setattr(torch, "empty", poisoned)
     cls = _load(tmp_path, spec)
     torch.manual_seed(5)
     base = [torch.randn(1500 + 37 * k, device=DEVICE) for k in range(9)]
     whole = cls([torch.nn.Parameter(x.clone()) for x in base], lr=0.1, backend="triton")
     split = cls([torch.nn.Parameter(x.clone()) for x in base], lr=0.1, backend="triton")
+    eager = cls([torch.nn.Parameter(x.clone()) for x in base], lr=0.1, backend="eager")
     for _ in range(2):
         step_whole_and_split(whole, split)
+        for x, y in zip(eager.param_groups[0]["params"], whole.param_groups[0]["params"]):
+            x.grad = y.grad.clone()
+        eager.step()
     assert any(plan.parts is not None for plan in sys.modules[cls.__module__]._launcher._plans.values())
+    for x, y in zip(eager.param_groups[0]["params"], split.param_groups[0]["params"]):  # sums in another order
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
