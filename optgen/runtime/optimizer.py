@@ -128,6 +128,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 _DTYPE_DEVICE = operator.attrgetter("dtype", "device")
+_NUMBER_TYPES = frozenset((float, int, bool))  # scalars of these types need no isinstance check for tensors
 
 
 class OptgenOptimizer(torch.optim.Optimizer):
@@ -457,13 +458,14 @@ class OptgenOptimizer(torch.optim.Optimizer):
         refuse_graph_capture()  # a replayed launch would reuse this step's scalars
         prepared: dict[int, tuple[int, dict[torch.device, Scalars]]] = {}
         for group, plan in planned:
-            counts = plan.steps.tolist()
-            if counts.count(counts[0]) != len(counts):
+            count = plan.common_count()
+            if count is None:
                 continue
-            t = next_count(counts[0])
+            t = next_count(count)
             values = self._scalar_values(group, t)
             devices = {launch.device for launch in plan.launches}
-            tensors = any(isinstance(v, torch.Tensor) for v in values)
+            tensors = not _NUMBER_TYPES.issuperset(map(type, values)) and \
+                any(isinstance(v, torch.Tensor) for v in values)
             prepared[id(plan)] = (t, {d: self._scalars(group, t, d, values) if tensors else values for d in devices})
         return prepared
 
@@ -497,7 +499,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 plan.steps[plan.head_positions] += 1
                 torch.autograd.graph.increment_version(plan.head_written)
             else:
-                plan.steps.add_(1)
+                plan.advance(t)
                 torch.autograd.graph.increment_version(plan.written)
         if moved:
             self._plans.plans.pop(id(group), None)
