@@ -216,7 +216,7 @@ if triton is not None:
                                     c2, c3, eps, c4, qmap4_signed, start_k, numel_here, offs_k, offs_k < numel_here)
 
     _launcher = MultiTensorLauncher(adamw4bit_step_kernel, adamw4bit_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 1}, scalar_count=8, rows=8, cols=128, num_warps=4, aligned=True, slice_rows=2,
-                                   max_registers=64, written=(0, 2, 3, 4, 5),
+                                   written=(0, 2, 3, 4, 5),
                                    constants=lambda device: (dynamic.q4_map(True, device), ))
 
     @torch.library.custom_op("optgen::adamw4bit_step_triton", mutates_args=('param', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))

@@ -35,9 +35,9 @@ def _codecs(*names_options):
 
 def test_register_cap_only_where_the_formats_agree():
     """A kernel takes a register cap only when all its grouped and stochastic-rounding formats declare the same one:
-    q8 groups of any size declare none, and a mix of q8_dynamic (56) and q4 (64) runs uncapped."""
+    q8 groups of any size and q4 declare none, and a mix of q8_dynamic (56) and q4 runs uncapped."""
     assert formats_register_cap(_codecs(("q8_dynamic", {}), ("q8_dynamic", {"signed": False}), ("fp32", {}))) == 56
-    assert formats_register_cap(_codecs(("q4_dynamic", {}), ("q4_linear", {}))) == 64
+    assert formats_register_cap(_codecs(("q4_dynamic", {}), ("q4_linear", {}))) is None  # measured faster uncapped
     assert formats_register_cap(_codecs(("q8_softsign", {"group": 256}), ("q8_sqrt", {"group": 128}))) is None
     assert formats_register_cap(_codecs(("q8_dynamic", {}), ("q4_linear", {}))) is None
     assert formats_register_cap(_codecs(("q8_dynamic", {}), ("q8_softsign", {}))) is None
