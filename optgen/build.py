@@ -92,7 +92,8 @@ def formats_register_cap(codecs: list) -> int | None:
     StochasticAdamW 1.73 -> 1.62 (64). But any cap, even one above the kernel's own count, changes how ptxas
     allocates: the q8-group kernels lose with every cap from 72 down but FlashAdamW's (FlashSGD, 48 registers
     of its own, 1.35 -> 1.54 ms at 72; FlashLion 1.46 -> 1.58; FlashAdamW 2.00 -> 1.95 at 48), so they go
-    without. So each format declares its cap (``Codec.register_cap``, measured on its built-in spec).
+    without. So each format declares its cap (``Codec.register_cap``, measured on its built-in spec; q4's 64 was
+    dropped when its kernel changed, see ``Q4Codec``).
     """
     caps = {c.register_cap for c in codecs if c.group_size > 1 or c.needs_rng}
     return caps.pop() if len(caps) == 1 else None
