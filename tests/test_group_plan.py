@@ -176,14 +176,15 @@ def test_plan_follows_a_step_count_set_by_hand():
     assert float(twins.planned.state[twins.a[1]]["step"]) == 3.0
 
 
-def test_plan_follows_every_step_count_set_by_hand_to_one_value():
-    """The plan skips reading the counts while their version counter shows it advanced them last: every count set
-    in place to one new value (the counts agree, but not with the plan) must still be read."""
+@pytest.mark.parametrize("through_data", [False, True])
+def test_plan_follows_every_step_count_set_by_hand_to_one_value(through_data):
+    """Every count set by hand to one new value (the counts agree, but not with the plan's last step), in place or
+    through ``.data`` (which bumps no version counter), must still be read: the planned step reads them all."""
     twins = Twins()
     twins.run(2)
     for opt, params in ((twins.planned, twins.a), (twins.general, twins.b)):
         for x in params:
-            opt.state[x]["step"].fill_(100.0)
+            (opt.state[x]["step"].data if through_data else opt.state[x]["step"]).fill_(100.0)
     twins.run(2)
     twins.assert_equal()
     assert twins.general_path_calls == 1

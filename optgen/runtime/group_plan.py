@@ -136,7 +136,6 @@ class GroupPlan:
     head_positions: list[int]  # where the parameters checked first are in the group (a split launch's head)
     rest_positions: list[int]  # and the others
     steps: torch.Tensor  # the packed fp32 step counts: every ``state["step"]`` of the group is a view of it
-    advanced: list[int]  # [version counter of ``steps``, their common count] after the plan last advanced them
     launches: tuple[PlannedLaunch, ...]  # a split launch first
     written: list[torch.Tensor]
     head_written: list[torch.Tensor]  # with a split launch, what its head writes
@@ -161,29 +160,9 @@ class GroupPlan:
         return cls(group, params, list(ids), tuple(map(_data_ptr, grads)),
                    Placement.of(head, params, grads, states, launched),
                    Placement.of(rest, params, grads, states, launched) if split is not None else None,
-                   head, rest, steps, [-1, 0], tuple(launches),
+                   head, rest, steps, tuple(launches),
                    [t for launch in launches for t in launch.written], head_written,
                    optimizer.backend, optimizer.min_quantized_size)
-
-    def common_count(self) -> float | None:
-        """The group's step count, or None where the counts differ (one set by hand). A count changed in place
-        bumps the version counter that every view of ``steps`` shares: where it has not moved since the plan
-        advanced the counts, they are as it left them, and the host skips reading them all."""
-        try:
-            if self.steps._version == self.advanced[0]:
-                return self.advanced[1]
-        except RuntimeError:  # an inference tensor has no version counter
-            pass
-        counts = self.steps.tolist()
-        return counts[0] if counts.count(counts[0]) == len(counts) else None
-
-    def advance(self, count: float) -> None:
-        """Add 1 to every count, ``count`` being the result (``next_count`` of the common count)."""
-        self.steps.add_(1)
-        try:
-            self.advanced[:] = (self.steps._version, count)
-        except RuntimeError:
-            pass
 
     def holds(self, optimizer: Any, params: list[torch.Tensor], grads: list[torch.Tensor | None],
               first_id: int) -> bool:

@@ -458,10 +458,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
         refuse_graph_capture()  # a replayed launch would reuse this step's scalars
         prepared: dict[int, tuple[int, dict[torch.device, Scalars]]] = {}
         for group, plan in planned:
-            count = plan.common_count()
-            if count is None:
+            counts = plan.steps.tolist()  # read every step: a count may be set by hand, even through .data
+            if counts.count(counts[0]) != len(counts):
                 continue
-            t = next_count(count)
+            t = next_count(counts[0])
             values = self._scalar_values(group, t)
             devices = {launch.device for launch in plan.launches}
             tensors = not _NUMBER_TYPES.issuperset(map(type, values)) and \
@@ -499,7 +499,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 plan.steps[plan.head_positions] += 1
                 torch.autograd.graph.increment_version(plan.head_written)
             else:
-                plan.advance(t)
+                plan.steps.add_(1)
                 torch.autograd.graph.increment_version(plan.written)
         if moved:
             self._plans.plans.pop(id(group), None)
