@@ -36,11 +36,6 @@ def with_step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _hooked(step: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
-    if not (torch_optimizer._global_optimizer_pre_hooks or self._optimizer_step_pre_hooks
-            or self._optimizer_step_post_hooks or torch_optimizer._global_optimizer_post_hooks):
-        out = step(*args, **kwargs)  # no hooks (the usual case): no chains to build and walk
-        self._optimizer_step_code()
-        return out
     for pre_hook in chain(torch_optimizer._global_optimizer_pre_hooks.values(),
                           self._optimizer_step_pre_hooks.values()):
         result = pre_hook(self, args, kwargs)
