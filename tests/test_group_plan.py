@@ -323,7 +323,8 @@ def test_planned_launches_keep_their_compiled_kernel(cls, monkeypatch):
     dtype = getattr(torch, cls.param_dtypes[0])
     twins = Twins(cls, dtype=dtype)
     twins.run(2)
-    (launch,) = twins.planned._plans.plans[id(twins.planned.param_groups[0])].launches
+    (launch,) = {id(stage.launch): stage.launch
+                 for stage in twins.planned._plans.plans[id(twins.planned.param_groups[0])].stages}.values()
     launcher = launch.launcher
     assert len(launch.plan.runners) == launcher.passes * (2 if launch.plan.parts else 1)  # a runner per part
     twins.fresh_grads()
@@ -448,6 +449,23 @@ def test_plan_of_a_removed_group_is_dropped():
     assert id(removed) not in twins.planned._plans.plans and len(twins.planned._plans.plans) == 1
 
 
+def log_stages(plan, monkeypatch) -> list:
+    """The checks of ``plan``'s stages (by index) and the launches, in the order they happen."""
+    events = []
+    holds, run_plan = group_plan.Placement.holds, MultiTensorLauncher.run_plan
+
+    def logged_holds(self, grads):
+        events.append(("holds", next(k for k, stage in enumerate(plan.stages) if stage.placement is self)))
+        return holds(self, grads)
+
+    def logged_run(self, launch_plan, lists, *args, part=None, **kwargs):
+        events.append(("launch", part, len(lists[0])))
+        return run_plan(self, launch_plan, lists, *args, part=part, **kwargs)
+    monkeypatch.setattr(group_plan.Placement, "holds", logged_holds)
+    monkeypatch.setattr(MultiTensorLauncher, "run_plan", logged_run)
+    return events
+
+
 def test_split_launch_checks_the_rest_while_its_head_runs(launches, monkeypatch):
     """The order of a split step: the head's checks, its launch, the rest's checks, the rest's launch; with a
     parameter of the rest moved, the rest takes the general path after the head's launch, each stepped once."""
@@ -456,22 +474,11 @@ def test_split_launch_checks_the_rest_while_its_head_runs(launches, monkeypatch)
     twins = Twins()
     twins.run()
     plan = twins.planned._plans.plans[id(twins.planned.param_groups[0])]
-    assert (plan.head_positions, plan.rest_positions) == ([2], [0, 1, 3])
-    events = []
-    holds, run_plan = group_plan.Placement.holds, MultiTensorLauncher.run_plan
-
-    def logged_holds(self, grads):
-        events.append(("holds", "head" if self is plan.head else "rest"))
-        return holds(self, grads)
-
-    def logged_run(self, launch_plan, lists, *args, part=None, **kwargs):
-        events.append(("launch", part, len(lists[0])))
-        return run_plan(self, launch_plan, lists, *args, part=part, **kwargs)
-    monkeypatch.setattr(group_plan.Placement, "holds", logged_holds)
-    monkeypatch.setattr(MultiTensorLauncher, "run_plan", logged_run)
+    assert [(stage.part, stage.positions) for stage in plan.stages] == [(0, [2]), (1, [0, 1, 3])]
+    events = log_stages(plan, monkeypatch)
     twins.fresh_grads()
     twins.planned.step()
-    assert events == [("holds", "head"), ("launch", 0, 4), ("holds", "rest"), ("launch", 1, 4)]
+    assert events == [("holds", 0), ("launch", 0, 4), ("holds", 1), ("launch", 1, 4)]
     twins.general._plans.clear()
     twins.general.step()
     twins.assert_equal()
@@ -481,7 +488,7 @@ def test_split_launch_checks_the_rest_while_its_head_runs(launches, monkeypatch)
     calls = twins.general_path_calls
     twins.fresh_grads()
     twins.planned.step()
-    assert events == [("holds", "head"), ("launch", 0, 4), ("holds", "rest"), ("launch", None, 3)]
+    assert events == [("holds", 0), ("launch", 0, 4), ("holds", 1), ("launch", None, 3)]
     assert twins.general_path_calls == calls + 1
     twins.general._plans.clear()
     twins.general.step()
@@ -490,4 +497,44 @@ def test_split_launch_checks_the_rest_while_its_head_runs(launches, monkeypatch)
     assert id(twins.planned.param_groups[0]) not in twins.planned._plans.plans  # made again at the next step
     twins.run()
     twins.assert_equal()
-    assert twins.planned._plans.plans[id(twins.planned.param_groups[0])].rest is not None
+    assert len(twins.planned._plans.plans[id(twins.planned.param_groups[0])].stages) == 2
+
+
+@pytest.mark.parametrize("moved", [None, 0, 2], ids=["none", "first-stage", "last-stage"])
+def test_each_launch_runs_once_its_own_tensors_are_checked(launches, monkeypatch, moved):
+    """A group of two launches (quantized states for the large tensor, fp32 states for the small ones): each
+    launch's checks come right before it, so the checks of a later launch run while the earlier ones do. With a
+    parameter of one stage moved (``moved``: its index among the stages), the stages before it are stepped from
+    the plan and the rest take the general path, each parameter stepped once, as the general path steps them."""
+    twins = Twins(optim.FlashAdamW, dtype=torch.bfloat16, min_quantized_size=4000)
+    twins.run()
+    plan = twins.planned._plans.plans[id(twins.planned.param_groups[0])]
+    assert len(plan.stages) == (2 if launches == "whole" else 3)
+    assert sorted(i for stage in plan.stages for i in stage.positions) == [0, 1, 2, 3]
+    events = log_stages(plan, monkeypatch)
+    if moved is not None:
+        stage = plan.stages[moved if moved == 0 else len(plan.stages) - 1]
+        i = stage.positions[0]
+        new = torch.randn(twins.a[i].shape, generator=twins.gen).to(DEVICE, torch.bfloat16)
+        twins.a[i].data, twins.b[i].data = new.clone(), new.clone()
+    calls = twins.general_path_calls
+    twins.fresh_grads()
+    twins.planned.step()
+    if moved is None:
+        assert events == [e for k, stage in enumerate(plan.stages)
+                          for e in (("holds", k), ("launch", stage.part, len(stage.launch.lists[0])))]
+        assert twins.general_path_calls == calls
+    elif moved == 0:  # the first stage's checks fail before any launch: the whole group takes the general path
+        assert events[0] == ("holds", 0) and ("holds", 1) not in events
+        assert twins.general_path_calls == calls + 1
+    else:
+        last = len(plan.stages) - 1
+        assert events[:2 * last + 1] == [e for k, stage in enumerate(plan.stages[:last])
+                                         for e in (("holds", k), ("launch", stage.part,
+                                                                       len(stage.launch.lists[0])))] + [("holds", last)]
+        assert twins.general_path_calls == calls + 1
+    twins.general._plans.clear()
+    twins.general.step()
+    twins.assert_equal()
+    assert all(float(twins.planned.state[x]["step"]) == 2.0 for x in twins.a)
+

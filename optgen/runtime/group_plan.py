@@ -20,10 +20,11 @@ tables. Each step re-checks what they depend on, with passes that run in C (``ma
 If any of it fails, the step takes the general path, which makes a new plan. Not checked: a tensor that
 changes dtype at the same address (``p.data = p.data.view(torch.float16)``).
 
-Where the launcher splits its launch (``MultiTensorLauncher.split_min_tensors``: a launch over many tensors runs
-the programs of its largest tensors first), the checks are split alike: the state table's, every gradient's
-address and the head's tensors' (parameters, gradients' contiguity, states) come before the first launch, the
-other tensors' while it runs. If these fail, the head's tensors have been stepped and the others take the
+The checks follow the launches (``Stage``): the state table's, every gradient's address and the first launch's
+tensors' (parameters, gradients' contiguity, states) come before the first launch; each later launch's tensors'
+right before it, while the launches before it run. A launch over many tensors runs in two parts
+(``MultiTensorLauncher.split_min_tensors``: the programs of its largest tensors first), two stages here, and goes
+first. If a later stage's checks fail, the stages before it have been stepped and the others' parameters take the
 general path, as one group. A missing or sparse gradient fails the first checks: nothing is stepped before the
 general path refuses it.
 
@@ -104,9 +105,9 @@ class Placement:
         pairs = [(s, k) for s in states for k in s]
         values = [s[k] for s, k in pairs]
         in_kernel = [v for v in values if id(v) in launched]
-        return cls(pick, tuple(map(_is_contiguous, pick(grads))), params, tuple(map(_data_ptr, params)),
-                   tuple(map(_numel, params)),
-                   tuple(map(_is_contiguous, params)), [s for s, _ in pairs], [k for _, k in pairs], values,
+        return cls(pick, tuple(map(_is_contiguous, pick(grads))), params,
+                   tuple(map(_data_ptr, params)), tuple(map(_numel, params)), tuple(map(_is_contiguous, params)),
+                   [s for s, _ in pairs], [k for _, k in pairs], values,
                    in_kernel, tuple(map(_data_ptr, in_kernel)))
 
     def holds(self, grads: list[torch.Tensor]) -> bool:
@@ -124,6 +125,37 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One launch of a plan, or one part of a split launch, with the placement of its tensors: checked right
+    before it, while the launches before it run on the GPU (the first stage's before any launch)."""
+
+    launch: PlannedLaunch
+    part: int | None  # of a split launch: 0 its head, 1 the rest; None: the whole launch
+    placement: Placement
+    positions: list[int]  # where its parameters are in the group
+    written: list[torch.Tensor]  # what it writes
+
+
+def _stages(launches: list[PlannedLaunch], params: list[torch.Tensor], grads: list[torch.Tensor],
+            states: list[dict[str, Any]], launched: set[int]) -> tuple[Stage, ...]:
+    """The launches in the order they run, a split launch first and as two stages."""
+    split = next((launch for launch in launches if launch.plan.parts is not None), None)
+    stages = []
+    for launch in ([split] if split is not None else []) + [x for x in launches if x is not split]:
+        everywhere = list(range(len(params))) if launch.positions is None else launch.positions
+        own = range(len(everywhere))  # indices into the launch's own lists
+        head = set(launch.plan.head)
+        parts = [(None, own)] if launch is not split else [(0, sorted(head)), (1, [i for i in own if i not in head])]
+        m = len(everywhere)  # its written lists, one after another
+        for part, picked in parts:
+            positions = sorted(everywhere[i] for i in picked)
+            written = [launch.written[k + i] for k in range(0, len(launch.written), m) for i in picked]
+            stages.append(Stage(launch, part, Placement.of(positions, params, grads, states, launched), positions,
+                                written))
+    return tuple(stages)
+
+
+@dataclass(frozen=True)
 class GroupPlan:
     """What one param group's eager step launches, and what must still hold for it to launch that again."""
 
@@ -131,14 +163,10 @@ class GroupPlan:
     params: list[torch.Tensor]
     ids: list[int]  # the parameters' stable ids (their stochastic-rounding streams)
     grad_ptrs: tuple[int, ...]
-    head: Placement  # checked before the first launch: every parameter's, or those of a split launch's head
-    rest: Placement | None  # with a split launch, the other parameters', checked while its head runs
-    head_positions: list[int]  # where the parameters checked first are in the group (a split launch's head)
-    rest_positions: list[int]  # and the others
+    stages: tuple[Stage, ...]  # its launches in order, a split launch's two parts as two stages
     steps: torch.Tensor  # the packed fp32 step counts: every ``state["step"]`` of the group is a view of it
-    launches: tuple[PlannedLaunch, ...]  # a split launch first
     written: list[torch.Tensor]
-    head_written: list[torch.Tensor]  # with a split launch, what its head writes
+    devices: frozenset[torch.device]  # where its launches run
     backend: str | None
     min_quantized_size: int
 
@@ -149,32 +177,22 @@ class GroupPlan:
         grads = [p.grad for p in params]
         states = [optimizer.state[p] for p in params]
         launched = {id(t) for launch in launches for lst in launch.lists if lst is not None for t in lst}
-        split = next((launch for launch in launches if launch.plan.parts is not None), None)
-        head, rest, head_written = list(range(len(params))), [], []  # without a split, all are checked first
-        if split is not None:
-            launches = [split, *(launch for launch in launches if launch is not split)]
-            head = sorted(h if split.positions is None else split.positions[h] for h in split.plan.head)
-            rest = sorted(set(range(len(params))) - set(head))
-            m = len(next(lst for lst in split.lists if lst is not None))  # its written lists, one after another
-            head_written = [split.written[k + h] for k in range(0, len(split.written), m) for h in split.plan.head]
         return cls(group, params, list(ids), tuple(map(_data_ptr, grads)),
-                   Placement.of(head, params, grads, states, launched),
-                   Placement.of(rest, params, grads, states, launched) if split is not None else None,
-                   head, rest, steps, tuple(launches),
-                   [t for launch in launches for t in launch.written], head_written,
+                   _stages(launches, params, grads, states, launched), steps,
+                   [t for launch in launches for t in launch.written], frozenset(launch.device for launch in launches),
                    optimizer.backend, optimizer.min_quantized_size)
 
     def holds(self, optimizer: Any, params: list[torch.Tensor], grads: list[torch.Tensor | None],
               first_id: int) -> bool:
         """Whether this plan still describes the group's step up to its first launch, the state table aside
         (``PlanBook.begin``): every gradient's address (a dense gradient's: a missing or sparse one changes
-        nothing before it is refused), every parameter's identity, and the head's placement."""
+        nothing before it is refused), every parameter's identity, and the first stage's placement."""
         try:
             return (tuple(map(_data_ptr, grads)) == self.grad_ptrs
                     and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
                     and first_id == self.ids[0]
                     and optimizer.backend == self.backend and optimizer.min_quantized_size == self.min_quantized_size
-                    and self.head.holds(grads))
+                    and self.stages[0].placement.holds(grads))
         except (RuntimeError, TypeError):  # a missing (None) or sparse gradient
             return False
 

@@ -463,10 +463,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 continue
             t = next_count(counts[0])
             values = self._scalar_values(group, t)
-            devices = {launch.device for launch in plan.launches}
             tensors = not _NUMBER_TYPES.issuperset(map(type, values)) and \
                 any(isinstance(v, torch.Tensor) for v in values)
-            prepared[id(plan)] = (t, {d: self._scalars(group, t, d, values) if tensors else values for d in devices})
+            prepared[id(plan)] = (t, {d: self._scalars(group, t, d, values) if tensors else values
+                                      for d in plan.devices})
         return prepared
 
     def _step_planned(self, group: dict[str, Any], plan: GroupPlan, grads: list[torch.Tensor],
@@ -474,37 +474,36 @@ class OptgenOptimizer(torch.optim.Optimizer):
         """The step of ``_step_group`` with what ``plan`` holds and the step count and scalars ``prepared`` for it
         (``_planned_scalars``; None: a count was set by hand): launch, then advance the counts (the kernels do not
         read them, and the launch comes sooner) and bump the version counters; these two also when a launch
-        raises, as on the general path. A split launch runs its head, then the rest once the rest's placement is
-        checked (``plan.rest``); where that fails, the rest takes the general path."""
+        raises, as on the general path. Each stage after the first runs once its placement is checked; where that
+        fails, its parameters and those of the stages after it take the general path."""
         if prepared is None:  # one launch per count
             self._step_group(group, plan.params, plan.ids, plan.steps.add_(1).tolist())
             return
         t, scalars = prepared
-        moved = False  # the rest of a split plan no longer where the plan has it
+        stopped = 0  # the stage whose placement no longer holds (0: none)
+        launch, lists, rng = None, [], None
         try:
-            for launch in plan.launches:
-                rng = None if launch.streams is None else RngArgs(self.seed, t, launch.streams)
-                gs = grads if launch.positions is None else [grads[i] for i in launch.positions]
-                lists = [gs if lst is None else lst for lst in launch.lists]
-                if plan.rest is not None and launch is plan.launches[0]:  # the split launch
-                    launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng, part=0)
-                    moved = not plan.rest.holds(grads)
-                    if moved:
-                        break
-                    launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng, part=1)
-                else:
-                    launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng)
+            for k, stage in enumerate(plan.stages):
+                if k and not stage.placement.holds(grads):
+                    stopped = k
+                    break
+                if stage.launch is not launch:
+                    launch = stage.launch
+                    rng = None if launch.streams is None else RngArgs(self.seed, t, launch.streams)
+                    gs = grads if launch.positions is None else [grads[i] for i in launch.positions]
+                    lists = [gs if lst is None else lst for lst in launch.lists]
+                launch.launcher.run_plan(launch.plan, lists, scalars[launch.device], rng, part=stage.part)
         finally:
-            if moved:  # the head's counts (views of plan.steps, as checked) and versions only
-                plan.steps[plan.head_positions] += 1
-                torch.autograd.graph.increment_version(plan.head_written)
+            if stopped:  # the counts (views of plan.steps, as checked) and versions of the stages stepped
+                plan.steps[[i for stage in plan.stages[:stopped] for i in stage.positions]] += 1
+                torch.autograd.graph.increment_version([x for stage in plan.stages[:stopped] for x in stage.written])
             else:
                 plan.steps.add_(1)
                 torch.autograd.graph.increment_version(plan.written)
-        if moved:
+        if stopped:
             self._plans.plans.pop(id(group), None)
-            self._step_group(group, [plan.params[i] for i in plan.rest_positions],
-                             [plan.ids[i] for i in plan.rest_positions])
+            rest = sorted(i for stage in plan.stages[stopped:] for i in stage.positions)
+            self._step_group(group, [plan.params[i] for i in rest], [plan.ids[i] for i in rest])
 
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
         """Step each parameter during backward, as soon as its gradient is accumulated, and free the gradient.
