@@ -538,3 +538,28 @@ def test_each_launch_runs_once_its_own_tensors_are_checked(launches, monkeypatch
     twins.assert_equal()
     assert all(float(twins.planned.state[x]["step"]) == 2.0 for x in twins.a)
 
+
+def test_a_parameter_viewed_as_another_dtype_is_stepped_as_that_dtype():
+    """``p.data = p.data.view(torch.float16)`` on a bf16 parameter (and its gradient) keeps every address and
+    element count: the plan and the launcher's cached launch tables must still notice, and step the fp16 values
+    as the PyTorch fallback does."""
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen).to(DEVICE, torch.bfloat16) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES] for _ in range(3)]
+    stepped = {}
+    for backend in ("triton", "eager"):
+        ps = [torch.nn.Parameter(x.clone()) for x in base]
+        opt = optim.AdamW(ps, backend=backend)
+        for k in range(3):
+            if k == 2:
+                ps[1].data, ps[1].grad.data = ps[1].data.view(torch.float16), ps[1].grad.data.view(torch.float16)
+            for p, g in zip(ps, grads[k]):
+                if p.grad is None:
+                    p.grad = g.to(p.dtype)
+                else:
+                    p.grad.copy_(g)
+            opt.step()
+        stepped[backend] = ps
+    assert stepped["triton"][1].dtype == torch.float16
+    for x, y in zip(stepped["triton"], stepped["eager"]):
+        torch.testing.assert_close(x.float(), y.float(), rtol=2**-10, atol=0)

@@ -10,15 +10,15 @@ tables. Each step re-checks what they depend on, with passes that run in C (``ma
   ``PlanBook``), and the group's dicts hold the same state tensors, those the kernels use at the same
   addresses (``state["m"] = x``, ``state["m"].data = x`` change that; the step counts go by identity, as on
   the general path);
-- the group lists the same parameters, at the same addresses, with as many elements and the same contiguity
-  (``p.data = ...`` changes that), and starts at the same position among all parameters (the ids of its
+- the group lists the same parameters, at the same addresses, with as many elements, the same contiguity and
+  dtype (``p.data = ...`` changes these), and starts at the same position among all parameters (the ids of its
   stochastic-rounding streams);
-- every parameter has a dense gradient, at the address and with the contiguity the tables were built for (a
-  fresh gradient from the caching allocator usually lands where the last one was);
+- every parameter has a dense gradient, at the address and with the contiguity and dtype the tables were built
+  for (a fresh gradient from the caching allocator usually lands where the last one was);
 - the backend and ``min_quantized_size`` are unchanged.
 
-If any of it fails, the step takes the general path, which makes a new plan. Not checked: a tensor that
-changes dtype at the same address (``p.data = p.data.view(torch.float16)``).
+If any of it fails, the step takes the general path, which makes a new plan. Not checked: a state tensor that
+changes dtype at the same address (``state["m"].data = state["m"].data.view(torch.int8)``).
 
 The checks follow the launches (``Stage``): the state table's, every gradient's address and the first launch's
 tensors' (parameters, gradients' contiguity, states) come before the first launch; each later launch's tensors'
@@ -48,6 +48,7 @@ _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _numel = torch.Tensor.numel
 _getitem = dict.__getitem__
+_dtype = operator.attrgetter("dtype")
 
 
 def _one(position: int, entries: list) -> tuple:
@@ -79,10 +80,12 @@ class Placement:
 
     pick: Callable[[list], Any]  # the group's list -> these parameters' entries (their gradients)
     grad_contiguous: tuple[bool, ...]
+    grad_dtypes: tuple[torch.dtype, ...]
     params: list[torch.Tensor]
     param_ptrs: tuple[int, ...]
     param_numels: tuple[int, ...]
     param_contiguous: tuple[bool, ...]
+    param_dtypes: tuple[torch.dtype, ...]
     # every (dict, key) of their states and the value it held, as three flat lists (one pass checks them); the
     # values the kernels use and their addresses (not the step counts: the general path goes by identity there)
     state_dicts: list[dict[str, Any]]
@@ -105,19 +108,22 @@ class Placement:
         pairs = [(s, k) for s in states for k in s]
         values = [s[k] for s, k in pairs]
         in_kernel = [v for v in values if id(v) in launched]
-        return cls(pick, tuple(map(_is_contiguous, pick(grads))), params,
+        return cls(pick, tuple(map(_is_contiguous, pick(grads))), tuple(map(_dtype, pick(grads))), params,
                    tuple(map(_data_ptr, params)), tuple(map(_numel, params)), tuple(map(_is_contiguous, params)),
-                   [s for s, _ in pairs], [k for _, k in pairs], values,
+                   tuple(map(_dtype, params)), [s for s, _ in pairs], [k for _, k in pairs], values,
                    in_kernel, tuple(map(_data_ptr, in_kernel)))
 
     def holds(self, grads: list[torch.Tensor]) -> bool:
         """Whether the parameters, their ``grads`` (of the whole group, at the addresses checked) and their states
         are still as placed (the caller checked the parameters' identity)."""
         try:
-            return (tuple(map(_is_contiguous, self.pick(grads))) == self.grad_contiguous
+            mine = self.pick(grads)
+            return (tuple(map(_is_contiguous, mine)) == self.grad_contiguous
+                    and tuple(map(_dtype, mine)) == self.grad_dtypes
                     and tuple(map(_data_ptr, self.params)) == self.param_ptrs
                     and tuple(map(_numel, self.params)) == self.param_numels
                     and tuple(map(_is_contiguous, self.params)) == self.param_contiguous
+                    and tuple(map(_dtype, self.params)) == self.param_dtypes
                     and all(map(operator.is_, map(_getitem, self.state_dicts, self.state_keys), self.state_values))
                     and tuple(map(_data_ptr, self.kernel_values)) == self.kernel_ptrs)
         except KeyError:  # a state key deleted

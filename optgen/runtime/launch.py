@@ -242,10 +242,12 @@ class MultiTensorLauncher:
 
     def plan_for(self, lists: tuple[list[torch.Tensor], ...], with_rng: bool, shard: Sharding | None) -> _Plan:
         """The launch plan of these tensors, from the cache when they are where they were."""
-        # The plan depends on where every buffer lives, the parameters' shapes and every buffer's layout.
+        # The plan depends on where every buffer lives, the parameters' shapes, every buffer's layout and the
+        # dtypes its kernels are specialized for (a tensor viewed as another dtype stays where it was).
         whole = None if shard is None else shard.numels
         key = (tuple(map(torch.Tensor.data_ptr, itertools.chain(*lists))), tuple(map(torch.Tensor.size, lists[0])),
-               tuple(map(torch.Tensor.is_contiguous, itertools.chain(*lists))), whole)
+               tuple(map(torch.Tensor.is_contiguous, itertools.chain(*lists))), whole,
+               tuple(t.dtype for k in self.dtype_args.values() for t in lists[k]))
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(lists, with_rng, whole)
