@@ -21,11 +21,11 @@ If any of it fails, the step takes the general path, which makes a new plan. Not
 changes dtype at the same address (``state["m"].data = state["m"].data.view(torch.int8)``).
 
 The checks follow the launches (``Stage``): the state table's, every gradient's address and the first launch's
-tensors' (parameters, gradients' contiguity, states) come before the first launch; each later launch's tensors'
-right before it, while the launches before it run. A launch over many tensors runs in two parts
-(``MultiTensorLauncher.split_min_tensors``: the programs of its largest tensors first), two stages here, and goes
-first. If a later stage's checks fail, the stages before it have been stepped and the others' parameters take the
-general path, as one group. A missing or sparse gradient fails the first checks: nothing is stepped before the
+tensors' (parameters, their gradients' contiguity and dtype, states) come before the first launch; each later
+launch's tensors' right before it, while the launches before it run. A launch over many tensors runs in two
+parts (``MultiTensorLauncher.split_min_tensors``: the programs of its largest tensors first), two stages here, and
+goes first. If a later stage's checks fail, the stages before it have been stepped and the others' parameters
+take the general path, as one group. A missing or sparse gradient fails the first checks: nothing is stepped before the
 general path refuses it.
 
 Plans are made only by ``step()`` (gradient release steps one parameter at a time) and only for fp32 step
