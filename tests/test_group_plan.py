@@ -355,7 +355,7 @@ def test_planned_random_streams_with_the_fallback_beside_the_launch():
 
 def test_plan_follows_a_parameter_reshaped_at_the_same_address():
     """Parameters and gradients stay where they were; only sizes and strides change."""
-    for change in ("transpose", "square transpose", "cut"):
+    for change in ("transpose", "square transpose"):
         twins = Twins(shapes=[(4, 6), (6, 6), (3001,)])
         twins.fresh_grads()
         twins.step()
@@ -363,15 +363,33 @@ def test_plan_follows_a_parameter_reshaped_at_the_same_address():
             if change == "transpose":  # (6, 4), not contiguous; its gradient viewed as (6, 4) in place
                 params[0].data = params[0].data.t()
                 params[0].grad = params[0].grad.view(6, 4)
-            elif change == "square transpose":  # same shape, not contiguous
+            else:  # same shape, not contiguous
                 params[1].data = params[1].data.t()
-            else:  # fewer elements: the states keep their old size, and only the first 2000 elements step
-                params[2].data = params[2].data[:2000]
-                params[2].grad = params[2].grad[:2000]
         twins.fresh_grads()
         twins.step()
         twins.assert_equal()
         assert twins.general_path_calls == 2, change
+
+
+def test_a_parameter_cut_at_the_same_address_is_refused_before_any_change():
+    """Fewer elements than its states were made for: both paths refuse the step, as torch.optim does (its states
+    would no longer match the parameter), and nothing changes."""
+    twins = Twins(shapes=[(4, 6), (6, 6), (3001,)])
+    twins.fresh_grads()
+    twins.step()
+    for params in (twins.a, twins.b):
+        params[2].data = params[2].data[:2000]
+        params[2].grad = params[2].grad[:2000]
+    twins.fresh_grads()
+    before = [(x.detach().clone(), {k: v.clone() for k, v in twins.planned.state[x].items()}) for x in twins.a]
+    for opt in (twins.planned, twins.general):
+        with pytest.raises(ValueError, match=r"state 'm' of parameter 2: expected a torch.float32 tensor of shape "
+                                             r"\(2000,\) on .*, got a torch.float32 tensor of shape \(3001,\)"):
+            opt.step()
+    for x, (value, state) in zip(twins.a, before):
+        assert torch.equal(x, value)
+        assert state.keys() == twins.planned.state[x].keys()
+        assert all(torch.equal(v, twins.planned.state[x][k]) for k, v in state.items())
 
 
 def test_plan_follows_state_storage_swapped_in_place():
@@ -537,6 +555,34 @@ def test_each_launch_runs_once_its_own_tensors_are_checked(launches, monkeypatch
     twins.general.step()
     twins.assert_equal()
     assert all(float(twins.planned.state[x]["step"]) == 2.0 for x in twins.a)
+
+
+@pytest.mark.parametrize("where", ["first-stage", "last-stage"])
+def test_a_state_that_no_longer_fits_is_refused_by_the_stage_that_holds_it(launches, where):
+    """A state viewed as another dtype at the same address (the kernels would read its bytes as their own dtype):
+    the plan notices it in its stage's checks and the general path refuses it with a ValueError. In the first
+    stage nothing has been stepped; in a later one, the stages before it have (documented in the README)."""
+    twins = Twins(optim.FlashAdamW, dtype=torch.bfloat16, min_quantized_size=4000)
+    twins.run()
+    plan = twins.planned._plans.plans[id(twins.planned.param_groups[0])]
+    stage = plan.stages[0 if where == "first-stage" else -1]
+    i = stage.positions[0]
+    m = twins.planned.state[twins.a[i]]["m"]
+    m.data = m.data.view(torch.uint8 if m.dtype == torch.int8 else torch.int32)
+    twins.fresh_grads()
+    def held(j):  # the parameter's value, its states (the bf16 value alone may not move in one step), its count
+        state = twins.planned.state[twins.a[j]]
+        return [twins.a[j].detach().clone()] + [state[k].clone() for k in sorted(state) if k != "step"], \
+            float(state["step"])
+    before = {j: held(j) for j in range(4)}
+    with pytest.raises(ValueError, match=f"state 'm' of parameter {i}: expected a torch.(int8|float32) tensor"):
+        twins.planned.step()
+    stepped = {j for s in plan.stages[:plan.stages.index(stage)] for j in s.positions}
+    assert i not in stepped and (stepped == set() if where == "first-stage" else stepped)
+    for j, (values, count) in before.items():
+        now, now_count = held(j)
+        same = all(torch.equal(x, y) for x, y in zip(now, values))
+        assert (now_count, same) == ((count + 1, False) if j in stepped else (count, True)), j
 
 
 def test_a_parameter_viewed_as_another_dtype_is_stepped_as_that_dtype():

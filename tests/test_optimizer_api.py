@@ -210,6 +210,74 @@ def test_sparse_gradient_before_any_state():
     assert not opt.state.get(p)
 
 
+# ------------------------------------------------------------------------------------ states set by hand
+def _bad_state(state: dict, change: str) -> None:
+    m = state["m"]
+    if change == "dtype":  # another dtype, same shape (a float32 state where int8 codes belong, or float64)
+        state["m"] = m.to(torch.float64 if m.dtype == torch.float32 else torch.float32)
+    elif change == "view":  # the same storage seen as another dtype: the same address
+        m.data = m.data.view(torch.int32 if m.dtype == torch.float32 else torch.uint8)
+    elif change == "smaller":  # the kernels would write past its end
+        state["m"] = m.reshape(-1)[: m.numel() // 2].clone()
+    elif change == "missing":
+        del state["m"]
+    else:  # not a tensor
+        state["m"] = m.tolist()
+
+
+@pytest.mark.parametrize("change", ["dtype", "view", "smaller", "missing", "list"])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("spec", ["AdamW", "FlashAdamW"])
+def test_a_state_set_by_hand_that_does_not_fit_is_refused_before_any_change(spec, backend, change):
+    """The Triton kernels take the states' addresses: a state that does not fit its parameter would be read as
+    garbage or written past its end. Every step (planned ones too) refuses it with the key and the parameter's
+    index, before anything changes."""
+    from optgen import optim
+
+    cls = getattr(optim, spec)
+    dtype = getattr(torch, cls.param_dtypes[0])
+    params = rand_params(30, shapes=((64, 80), (96,)), dtype=dtype)
+    opt = cls([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.1}], lr=1e-2, backend=backend,
+              min_quantized_size=64)
+    gen = torch.Generator().manual_seed(30)
+    for _ in range(2):  # the second step is a planned one on the Triton backend
+        give_grads(gen, params)
+        opt.step()
+    give_grads(gen, params)
+    _bad_state(opt.state[params[1]], change)
+    before = [(p.detach().clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()})
+              for p in params]
+    with pytest.raises(ValueError, match=r"state 'm' of parameter 1: expected a torch\.(float32|int8) tensor of "
+                                         r"shape \(96,\) on cpu, got "):
+        opt.step()
+    for p, (value, state) in zip(params, before):
+        assert torch.equal(p, value) and state.keys() == opt.state[p].keys()
+        for k, v in state.items():
+            assert torch.equal(v, opt.state[p][k]) if isinstance(v, torch.Tensor) else v == opt.state[p][k]
+
+
+def test_a_state_made_for_another_layout_is_refused_until_it_is_started_afresh():
+    """``min_quantized_size`` chooses a parameter's layout when its state is made: raised afterwards, it makes the
+    existing 8-bit state the wrong one, which the step refuses; a state deleted starts again in the new layout."""
+    from optgen.optim import FlashAdamW
+
+    (p,) = rand_params(31, shapes=((64, 80),), dtype=torch.bfloat16)
+    opt = FlashAdamW([p], lr=1e-2, min_quantized_size=64)
+    gen = torch.Generator().manual_seed(31)
+    give_grads(gen, [p])
+    opt.step()
+    assert opt.state[p]["m"].dtype == torch.int8
+    opt.min_quantized_size = 10**6
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"state 'm' of parameter 0: expected a torch\.float32 tensor of shape "
+                                         r"\(64, 80\) on cpu, got a torch\.int8 tensor"):
+        opt.step()
+    assert_same_snapshot(snapshot(opt), before)
+    del opt.state[p]
+    opt.step()
+    assert opt.state[p]["m"].dtype == torch.float32 and float(opt.state[p]["step"]) == 1.0
+
+
 # ------------------------------------------------------------------------------------ groups and steps
 def test_param_groups_take_defaults_and_per_group_values():
     a, b = rand_params(8), rand_params(9)

@@ -8,8 +8,9 @@ tables. Each step re-checks what they depend on, with passes that run in C (``ma
 - the optimizer's state table files the same per-parameter dicts under the same parameters (``load_state_dict``,
   ``optimizer.state[p] = {}``, ``del optimizer.state[p]`` change that; checked once per step for all groups by
   ``PlanBook``), and the group's dicts hold the same state tensors, those the kernels use at the same
-  addresses (``state["m"] = x``, ``state["m"].data = x`` change that; the step counts go by identity, as on
-  the general path);
+  addresses and with the same dtypes (``state["m"] = x``, ``state["m"].data = x`` change that; the step counts go
+  by identity, as on the general path, which checks every state against its layout). Not checked: a state cut
+  at the same address (``state["m"].resize_(k)``): its storage still holds every element the kernel steps;
 - the group lists the same parameters, at the same addresses, with as many elements, the same contiguity and
   dtype (``p.data = ...`` changes these), and starts at the same position among all parameters (the ids of its
   stochastic-rounding streams);
@@ -17,15 +18,16 @@ tables. Each step re-checks what they depend on, with passes that run in C (``ma
   for (a fresh gradient from the caching allocator usually lands where the last one was);
 - the backend and ``min_quantized_size`` are unchanged.
 
-If any of it fails, the step takes the general path, which makes a new plan. Not checked: a state tensor that
-changes dtype at the same address (``state["m"].data = state["m"].data.view(torch.int8)``).
+If any of it fails, the step takes the general path, which makes a new plan (or refuses a state that does not fit
+its parameter's layout).
 
 The checks follow the launches (``Stage``): the state table's, every gradient's address and the first launch's
 tensors' (parameters, their gradients' contiguity and dtype, states) come before the first launch; each later
 launch's tensors' right before it, while the launches before it run. A launch over many tensors runs in two
 parts (``MultiTensorLauncher.split_min_tensors``: the programs of its largest tensors first), two stages here, and
 goes first. If a later stage's checks fail, the stages before it have been stepped and the others' parameters
-take the general path, as one group. A missing or sparse gradient fails the first checks: nothing is stepped before the
+take the general path, as one group (which refuses a state set by hand that does not fit its layout: the stages
+before it stay stepped). A missing or sparse gradient fails the first checks: nothing is stepped before the
 general path refuses it.
 
 Plans are made only by ``step()`` (gradient release steps one parameter at a time) and only for fp32 step
@@ -93,6 +95,7 @@ class Placement:
     state_values: list[Any]
     kernel_values: list[torch.Tensor]
     kernel_ptrs: tuple[int, ...]
+    kernel_dtypes: tuple[torch.dtype, ...]
 
     @classmethod
     def of(cls, positions: list[int], params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -111,7 +114,7 @@ class Placement:
         return cls(pick, tuple(map(_is_contiguous, pick(grads))), tuple(map(_dtype, pick(grads))), params,
                    tuple(map(_data_ptr, params)), tuple(map(_numel, params)), tuple(map(_is_contiguous, params)),
                    tuple(map(_dtype, params)), [s for s, _ in pairs], [k for _, k in pairs], values,
-                   in_kernel, tuple(map(_data_ptr, in_kernel)))
+                   in_kernel, tuple(map(_data_ptr, in_kernel)), tuple(map(_dtype, in_kernel)))
 
     def holds(self, grads: list[torch.Tensor]) -> bool:
         """Whether the parameters, their ``grads`` (of the whole group, at the addresses checked) and their states
@@ -125,7 +128,8 @@ class Placement:
                     and tuple(map(_is_contiguous, self.params)) == self.param_contiguous
                     and tuple(map(_dtype, self.params)) == self.param_dtypes
                     and all(map(operator.is_, map(_getitem, self.state_dicts, self.state_keys), self.state_values))
-                    and tuple(map(_data_ptr, self.kernel_values)) == self.kernel_ptrs)
+                    and tuple(map(_data_ptr, self.kernel_values)) == self.kernel_ptrs
+                    and tuple(map(_dtype, self.kernel_values)) == self.kernel_dtypes)
         except KeyError:  # a state key deleted
             return False
 

@@ -433,8 +433,14 @@ class OffloadedOptimizer(OptgenOptimizer):
             self._queues.synchronize(self._streams[1])
 
     # ------------------------------------------------------------------ step
-    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int]) -> None:
-        """The base class's step of one group, with each state list made of chunk views."""
+    def _check_states(self, params: list[torch.Tensor], ids: list[int], layouts: Any) -> None:
+        """Nothing to check: the kernels step the chunks (``optimizer.state`` holds views of them), and ``_place``
+        checks every state it packs into one."""
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int], counts: None = None,
+                    layouts: Any = None) -> None:
+        """The base class's step of one group, with each state list made of chunk views (no plans here, so no
+        ``counts``; ``layouts``, the base class's, is derived again by ``_buckets``)."""
         if torch.compiler.is_compiling():
             raise RuntimeError("an offloaded optimizer's step cannot be compiled: it schedules copies on side "
                                "streams (call step() outside torch.compile)")

@@ -131,6 +131,39 @@ _DTYPE_DEVICE = operator.attrgetter("dtype", "device")
 _NUMBER_TYPES = frozenset((float, int, bool))  # scalars of these types need no isinstance check for tensors
 
 
+@dataclass(frozen=True)
+class _ExpectedState:
+    """One state buffer of a list of parameters: each one's (dtype, device), number of elements and shape."""
+
+    buffer: Buffer
+    dtype_device: tuple[tuple[torch.dtype, torch.device], ...]
+    numels: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class _Layouts:
+    """Parameters grouped by (device, variant, sharding layout), and what each group's states must be."""
+
+    groups: dict[tuple, list[int]]  # indices of the parameters, by (device, variant, sharding layout)
+    params: list[torch.Tensor]  # kept alive: the cache key holds their ids
+    expected: dict[tuple, list[_ExpectedState]]  # by the same key as groups
+
+
+def _check_state(value: Any, key: str, index: int, dtype: torch.dtype, device: torch.device,
+                 shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``value``, state ``key`` of parameter ``index``, has this dtype, device and size."""
+    if isinstance(value, torch.Tensor) and value.dtype == dtype and value.device == device and \
+            value.numel() == math.prod(shape):
+        return
+    got = f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}" \
+        if isinstance(value, torch.Tensor) else "nothing" if value is None else type(value).__name__
+    raise ValueError(f"state '{key}' of parameter {index}: expected a {dtype} tensor of shape {shape} on {device}, "
+                     f"got {got}. A state is made for its parameter's layout at the first step (min_quantized_size "
+                     f"and the '{FP32_STATE_ATTR}' mark choose it): load states with load_state_dict, or delete the "
+                     f"parameter's state to start it afresh")
+
+
 class OptgenOptimizer(torch.optim.Optimizer):
     """Base class of generated optimizers. Subclasses set the class attributes below."""
 
@@ -178,7 +211,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return {
             "_release": None,  # the GradientRelease handle while gradient release is attached
             "_step_packs": {},  # packed step counts (_advance_packed): {ids of the views: (packed, views)}
-            "_layout_groups": {},  # _layout_groups_of's cache: {key: (indices by layout, the parameters)}
+            "_layout_groups": {},  # _layouts_of's cache: {key: _Layouts}
             "_plans": PlanBook(),  # each param group's eager Triton step, prepared
         }
 
@@ -333,8 +366,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
         crossed = iter(host_to_device(torch.stack(host).float(), device).unbind() if host else ())
         return torch.stack([v.reshape(()).float() if d else next(crossed) for v, d in zip(values, on_device)])
 
-    def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]],
-                 counts: list[float] | None = None) -> dict[tuple, list[int]]:
+    def _buckets(self, params: list[torch.Tensor], states: list[dict[str, Any]], counts: list[float] | None = None,
+                 layouts: _Layouts | None = None) -> dict[tuple, list[int]]:
         """Advance each parameter's step (unless ``counts``, the advanced counts, are given); group indices of
         parameters sharing (device, step count, variant, sharding layout). Every rank of a sharded model forms
         the same buckets (from the DTensors' global sizes), so the collectives of whole-tensor reductions match
@@ -352,7 +385,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             return buckets
         if counts is None:
             counts = self._advance_packed(states, steps)
-        groups = self._layout_groups_of(params)
+        groups = (layouts or self._layouts_of(params)).groups
         if counts.count(counts[0]) == len(counts):  # the usual case: every parameter at the same step
             return {(device, int(counts[0]), variant, layout): idx for (device, variant, layout), idx in groups.items()}
         for (device, variant, layout), idx in groups.items():
@@ -360,11 +393,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 buckets.setdefault((device, int(counts[i]), variant, layout), []).append(i)
         return buckets
 
-    def _layout_groups_of(self, params: list[torch.Tensor]) -> dict[tuple, list[int]]:
-        """Indices of ``params`` grouped by (device, variant, sharding layout). Cached (for a model of ~150
-        tensors, deriving it per parameter cost a third of the host time of a step): the key holds everything
-        ``variant_of`` reads (dtype, size, the fp32-state mark, ``min_quantized_size``) and the device; the
-        entry keeps the parameters alive, so their ids cannot be reused while it exists. A parameter's
+    def _layouts_of(self, params: list[torch.Tensor]) -> _Layouts:
+        """``params`` grouped by (device, variant, sharding layout), with what their states must be. Cached (for a
+        model of ~150 tensors, deriving it per parameter cost a third of the host time of a step): the key holds
+        everything ``variant_of`` reads (dtype, size, the fp32-state mark, ``min_quantized_size``) and the device;
+        the entry keeps the parameters alive, so their ids cannot be reused while it exists. A parameter's
         sharding layout is taken as fixed (FSDP2 replaces the parameter objects it shards)."""
         marks = tuple(getattr(p, FP32_STATE_ATTR, False) for p in params) if "fp32" in self.variants else ()
         key = (tuple(map(id, params)), tuple(map(_DTYPE_DEVICE, params)), tuple(map(torch.Tensor.numel, params)),
@@ -374,10 +407,48 @@ class OptgenOptimizer(torch.optim.Optimizer):
             groups: dict[tuple, list[int]] = {}
             for i, p in enumerate(params):
                 groups.setdefault((p.device, self.variant_of(p), distributed.layout(p)), []).append(i)
-            entry = self._layout_groups[key] = (groups, list(params))
+            entry = self._layout_groups[key] = _Layouts(groups, list(params), {
+                where: self._expected_states(where[1], [distributed.local(params[i]) for i in idx])
+                for where, idx in groups.items()})
             while len(self._layout_groups) > 4 * max(1, len(self.param_groups)):
                 self._layout_groups.pop(next(iter(self._layout_groups)))
-        return entry[0]
+        return entry
+
+    def _expected_states(self, variant: str, local: list[torch.Tensor]) -> list[_ExpectedState]:
+        """What each state buffer of ``variant`` must be for the parameters (their local shards) ``local``."""
+        return [_ExpectedState(b, tuple((b.torch_dtype(p.dtype), p.device) for p in local),
+                               tuple(math.prod(b.shape_for(p)) for p in local), tuple(b.shape_for(p) for p in local))
+                for b in self.variants[variant].buffers if b.key is not None]
+
+    def _check_states(self, params: list[torch.Tensor], ids: list[int], layouts: _Layouts | None) -> None:
+        """Raise ValueError unless every state buffer the kernels take is a tensor of the dtype, size and device its
+        layout gives the parameter (``layouts``: ``_layouts_of(params)``; None under torch.compile, where this runs
+        once, as the step is traced); a parameter with no state yet gets a fresh one. The Triton kernels take
+        addresses: a state set by hand (``optimizer.state[p]["m"] = x``) that is smaller would be written past its
+        end, one of another dtype read as garbage. So is a state made before ``min_quantized_size`` or a
+        parameter's fp32-state mark changed (another layout)."""
+        if layouts is None:
+            for p, i in zip(params, ids):
+                state, local = self.state.get(p), distributed.local(p)  # not ``state[p]``: it files an empty dict
+                for b in self.variants[self.variant_of(p)].buffers:
+                    if state and b.key is not None:
+                        _check_state(state.get(b.key), b.key, i, b.torch_dtype(local.dtype), local.device,
+                                     b.shape_for(local))
+            return
+        states = list(map(self.state.get, params))
+        for where, idx in layouts.groups.items():
+            for want in layouts.expected[where]:
+                try:  # one pass per buffer list, in C (``map``): a model's ~150 tensors are checked every step
+                    found = [states[i][want.buffer.key] for i in idx]
+                    if tuple(map(_DTYPE_DEVICE, found)) == want.dtype_device and \
+                            tuple(map(torch.Tensor.numel, found)) == want.numels:
+                        continue
+                except (KeyError, AttributeError, TypeError):  # no state yet, a key missing, a value no tensor
+                    pass
+                for k, i in enumerate(idx):  # the one that is not
+                    if states[i]:
+                        _check_state(states[i].get(want.buffer.key), want.buffer.key, ids[i], *want.dtype_device[k],
+                                     want.shapes[k])
 
     def _advance_packed(self, states: list[dict[str, Any]], steps: list[torch.Tensor]) -> list[float]:
         """Add 1 to every step count with one op and return the new counts.
@@ -401,16 +472,20 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return entry[0].tolist()
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int],
-                    counts: list[float] | None = None) -> GroupPlan | None:
+                    counts: list[float] | None = None, layouts: _Layouts | None = None) -> GroupPlan | None:
         """One launch per (device, step count, variant, sharding); ``ids`` are the parameters' stable ids.
         DTensor parameters (FSDP2) are stepped on their local shards, where their states live. Returns a plan
         for the next step (``optgen.runtime.group_plan``) when the eager Triton launcher stepped the whole
-        group at one step count."""
+        group at one step count. ``layouts``: the parameters' ``_layouts_of``, their states checked against it
+        (``step()`` checks every group's before it steps any)."""
         eager = not torch.compiler.is_compiling()
         if eager:
             refuse_graph_capture()  # before any state changes
+        if layouts is None:
+            layouts = self._layouts_of(params) if eager else None
+            self._check_states(params, ids, layouts)
         states = self._create_states(params)
-        buckets = self._buckets(params, states, counts)
+        buckets = self._buckets(params, states, counts, layouts)
         planned = []
         for (device, t, variant, sharded), idx in buckets.items():
             v = self.variants[variant]
@@ -557,8 +632,14 @@ class OptgenOptimizer(torch.optim.Optimizer):
         work, first_id = [], 0
         for group in self.param_groups:  # check every group before stepping any
             plan, grads = self._plans.holding(self, group, first_id) if eager else (None, [])
-            work.append((group, plan, grads) if plan is not None else
-                        (group, None, self._params_with_grad(group, first_id)))
+            if plan is not None:
+                work.append((group, plan, grads))
+            else:
+                params, ids = self._params_with_grad(group, first_id)
+                layouts = self._layouts_of(params) if eager and params else None
+                if layouts is not None:
+                    self._check_states(params, ids, layouts)
+                work.append((group, None, (params, ids, layouts)))
             first_id += len(group["params"])
         prepared = self._planned_scalars([(group, plan) for group, plan, _ in work if plan is not None]) \
             if eager else {}
@@ -566,7 +647,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if plan is not None:
                 self._step_planned(group, plan, found, prepared.get(id(plan)))
             elif found[0]:
-                plan = self._step_group(group, *found)
+                plan = self._step_group(group, found[0], found[1], layouts=found[2])
                 if plan is not None and eager:
                     self._plans.add(plan)
         if eager:
