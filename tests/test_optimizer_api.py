@@ -210,6 +210,25 @@ def test_sparse_gradient_before_any_state():
     assert not opt.state.get(p)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_a_gradient_cut_through_data_is_refused_and_changes_nothing(backend):
+    """``p.grad.data = x`` skips torch's checks of a gradient's shape; the kernels take addresses and would read
+    past its end. The second group's gradient is cut: nothing is stepped, not even the first group."""
+    p, q = rand_params(6, shapes=((4, 3), (5,)))
+    opt = AdamW([{"params": [q]}, {"params": [p], "lr": 0.1}], backend=backend)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(2):  # the second step is a planned one on the Triton backend
+        give_grads(gen, [p, q])
+        opt.step()
+    give_grads(gen, [p, q])
+    p.grad.data = p.grad.data.reshape(-1)[:5].clone()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"the gradient of parameter 1 has shape \(5,\) on cpu, the parameter "
+                                         r"\(4, 3\) on cpu"):
+        opt.step()
+    assert_same_snapshot(snapshot(opt), before)
+
+
 # ------------------------------------------------------------------------------------ states set by hand
 def _bad_state(state: dict, change: str) -> None:
     m = state["m"]

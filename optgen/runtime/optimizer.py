@@ -128,6 +128,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 _DTYPE_DEVICE = operator.attrgetter("dtype", "device")
+_DEVICE_INDEX = torch.Tensor.get_device  # -1 on the CPU: an int, cheaper to get than the device
 _NUMBER_TYPES = frozenset((float, int, bool))  # scalars of these types need no isinstance check for tensors
 
 
@@ -311,9 +312,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
         return v.op
 
     def _params_with_grad(self, group: dict[str, Any], first_id: int = 0) -> tuple[list[torch.Tensor], list[int]]:
-        """Parameters that have a gradient (torch's grad setter already checks shape, device and dtype) and
-        their stable ids: ``first_id`` + position in the group (the stochastic-rounding stream of each)."""
-        params, ids = [], []
+        """Parameters that have a gradient and their stable ids: ``first_id`` + position in the group (the
+        stochastic-rounding stream of each). torch's grad setter checks a gradient's shape, device and dtype, but
+        ``p.grad.data = x`` does not: the kernels take addresses, and would read past the end of a gradient with
+        fewer elements, or a host address as a device one. Such a gradient is refused here, before any change."""
+        params, ids, grads = [], [], []
         for k, p in enumerate(group["params"]):
             g = p.grad
             if g is not None:
@@ -321,6 +324,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 params.append(p)
                 ids.append(first_id + k)
+                grads.append(g)
+        if torch.compiler.is_compiling() or tuple(map(torch.Tensor.numel, grads)) != tuple(
+                map(torch.Tensor.numel, params)) or tuple(map(_DEVICE_INDEX, grads)) != tuple(map(_DEVICE_INDEX, params)):
+            for p, i, g in zip(params, ids, grads):  # the one that does not fit (traced: once, while compiling)
+                if g.numel() != p.numel() or g.device != p.device:
+                    raise ValueError(f"the gradient of parameter {i} has shape {tuple(g.shape)} on {g.device}, the "
+                                     f"parameter {tuple(p.shape)} on {p.device}")
         return params, ids
 
     def _create_states(self, params: list[torch.Tensor]) -> list[dict[str, Any]]:
