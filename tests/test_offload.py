@@ -202,6 +202,33 @@ def test_bad_state_dict_changes_nothing():
     assert_same(plain, pa, opt, pb)
 
 
+@pytest.mark.parametrize("budget", [None, 100.0], ids=["paged", "resident"])
+@pytest.mark.parametrize("change", ["state set by hand", "parameter grown"])
+def test_a_state_or_parameter_that_no_longer_fits_its_chunk_is_refused(budget, change):
+    """The kernels step the chunks: a state replaced by hand (which a resident chunk's kernel would take, and
+    write past its end) or a parameter resized through ``.data`` (whose kernel would step past its entries, into
+    the next tensor's states) is refused before anything changes."""
+    params = make_params(torch.float32, 10)
+    opt = off(AdamW8bit, params, budget)
+    set_grads([params], 0)
+    opt.step()
+    opt.synchronize()
+    if change == "state set by hand":
+        opt.state[params[0]]["m"] = torch.zeros(4, dtype=torch.uint8)
+        match = "state 'm' of parameter 0 is no longer the view of its chunk"
+    else:
+        params[2].data = torch.randn(90, 70)
+        match = r"parameter 2 \(shape \(90, 70\), torch.float32\) no longer fits its state 'm'"
+    set_grads([params], 1)
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    opt.synchronize()
+    for p, (value, state) in zip(params, before):
+        assert torch.equal(bits(p), bits(value))
+        assert all(torch.equal(bits(v), bits(opt.state[p][k])) for k, v in state.items())
+
+
 def test_torch_layout_export_and_import():
     base = make_params(torch.bfloat16, 4)
     pa, pb = clone(base), clone(base)

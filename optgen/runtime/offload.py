@@ -434,8 +434,29 @@ class OffloadedOptimizer(OptgenOptimizer):
 
     # ------------------------------------------------------------------ step
     def _check_states(self, params: list[torch.Tensor], ids: list[int], layouts: Any) -> None:
-        """Nothing to check: the kernels step the chunks (``optimizer.state`` holds views of them), and ``_place``
-        checks every state it packs into one."""
+        """Raise ValueError unless every parameter still fits the chunk entries its states were packed into (one
+        resized through ``.data`` would have the kernels step past them, into the next tensor's states) and each of
+        its states in ``optimizer.state`` is still its chunk's view (a resident chunk's kernels take those
+        tensors; one set by hand would be stepped in place of the chunk, or written past its end)."""
+        index = dict(zip(params, ids))
+        for chunk in {id(c): c for c in map(self._chunk_of.get, params) if c is not None}.values():
+            flat = chunk.gpu if chunk.gpu is not None else chunk.host
+            wants: dict[torch.Tensor, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
+            for e in chunk.entries:
+                if e.param not in index:
+                    continue
+                if e.param not in wants:
+                    wants[e.param] = {key: (dtype, shape) for key, dtype, shape, _, _ in self._state_layout(e.param)}
+                want, value = wants[e.param].get(e.key), self.state[e.param].get(e.key)
+                if want != (e.dtype, e.shape):
+                    raise ValueError(f"parameter {index[e.param]} (shape {tuple(e.param.shape)}, {e.param.dtype}) no "
+                                     f"longer fits its state '{e.key}' ({e.dtype}, shape {e.shape}): its size or "
+                                     f"dtype changed after its states were placed")
+                if not isinstance(value, torch.Tensor) or value.dtype != e.dtype or tuple(value.shape) != e.shape \
+                        or (e.nbytes and value.data_ptr() != flat.data_ptr() + e.offset):  # (empty views: no address)
+                    raise ValueError(f"state '{e.key}' of parameter {index[e.param]} is no longer the view of its "
+                                     f"chunk that this optimizer made: offloaded states cannot be set by hand (load "
+                                     f"them with load_state_dict)")
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], ids: list[int], counts: None = None,
                     layouts: Any = None) -> None:
