@@ -367,7 +367,9 @@ def load_spec_text(text: str, file: str = "<spec>") -> Spec:
 def load_spec(path: str | Path) -> Spec:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"cannot read spec: {exc.strerror}", file=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"cannot read spec: not UTF-8 text (byte {exc.start})", file=str(path)) from None
     return load_spec_text(text, str(path))

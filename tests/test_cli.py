@@ -164,6 +164,13 @@ def test_missing_file_and_unwritable_output_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("optgen: error: ") and "Traceback" not in err
 
 
+def test_a_spec_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    spec = tmp_path / "binary.yaml"
+    spec.write_bytes(b"name: x\n\xff\xfe")
+    assert main(["check", str(spec)]) == 1
+    assert capsys.readouterr().err == f"optgen: error: {spec}: cannot read spec: not UTF-8 text (byte 8)\n"
+
+
 def test_error_as_a_subprocess_has_no_traceback(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(BAD.replace("gg", "sqrt(g, g)"))

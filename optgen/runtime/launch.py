@@ -5,7 +5,7 @@ first element of its tile (one int64: tensor << 40 | first element). The launch 
 cached by the tensors' addresses, so a training loop builds it once.
 
 The kernel assumes 16-byte aligned, contiguous buffers (so loads are vectorised); any tensor that is not
-goes through the PyTorch fallback instead, in place.
+goes through the PyTorch fallback instead, in place (in a sharded launch, through an aligned copy the plan keeps).
 
 Why an opaque ``torch.library.custom_op`` around this and not ``triton_op``: pointer tables built from
 ``data_ptr()`` cannot be traced inside a ``triton_op`` (pytorch/pytorch#136271), and a kernel with a fixed

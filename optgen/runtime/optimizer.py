@@ -2,7 +2,7 @@
 
 The generated subclass only says what its spec decides (hyper-parameters, buffer layout, the op, the
 host scalars). Everything else lives here: validation before any state exists, lazy state, steps grouped
-into one op call per (param group, device, step count), backends, and exact state_dict round trips.
+into one op call per (param group, device, step count, storage layout), backends, and exact state_dict round trips.
 """
 
 from __future__ import annotations
