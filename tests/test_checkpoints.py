@@ -76,6 +76,19 @@ def test_load_torch_state_dict_with_wrong_shapes_changes_nothing():
     assert not opt.state and opt.param_groups[0]["lr"] == 1e-3
 
 
+@pytest.mark.parametrize("step", [-1.0, float("nan"), float("inf"), 0.5, "one"])
+def test_load_torch_state_dict_with_a_bad_step_changes_nothing(step):
+    """torch's step count is a whole number >= 0 (a Python number in old checkpoints, a tensor since); anything
+    else is refused before any change (a negative one used to fail at the next step, after advancing it)."""
+    params, ref = _trained_torch_adamw()
+    opt = AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-3)
+    saved = ref.state_dict()
+    saved["state"][0]["step"] = step if isinstance(step, str) else torch.tensor(step)
+    with pytest.raises(ValueError, match="state 'step' of parameter 0 must be a finite, non-negative whole number"):
+        opt.load_torch_state_dict(saved)
+    assert not opt.state and opt.param_groups[0]["lr"] == 1e-3
+
+
 def test_master_weights_decode_the_ecc_term():
     torch.manual_seed(1)
     p = torch.nn.Parameter(torch.randn(6000).bfloat16())

@@ -605,6 +605,10 @@ def _corrupt(kind: str, sd: dict) -> dict:
         state0["step"] = 2
     elif kind == "step_nan":
         state0["step"] = torch.tensor(float("nan"))
+    elif kind == "step_shape":  # one element, but not 0-d: every count would become a list
+        state0["step"] = state0["step"].reshape(1)
+    elif kind == "step_fraction":
+        state0["step"] = torch.tensor(2.5)
     elif kind == "not_a_state_dict":
         sd = {"weights": sd["state"]}
     return sd
@@ -626,6 +630,8 @@ CORRUPTIONS = [
     "not_a_state_dict",
     "step_not_a_tensor",
     "step_nan",
+    "step_shape",
+    "step_fraction",
 ]
 
 

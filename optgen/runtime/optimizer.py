@@ -151,6 +151,17 @@ class _Layouts:
     expected: dict[tuple, list[_ExpectedState]]  # by the same key as groups
 
 
+def _step_count(value: Any, index: Any) -> float:
+    """A saved step count (a number, or a one-element tensor anywhere: torch's capturable ones are on a GPU) as a
+    float; ValueError unless it is a finite, non-negative whole number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or value != int(value):
+        raise ValueError(f"state 'step' of parameter {index} must be a finite, non-negative whole number, got {value!r}")
+    return float(value)
+
+
 def _check_state(value: Any, key: str, index: int, dtype: torch.dtype, device: torch.device,
                  shape: tuple[int, ...]) -> None:
     """Raise ValueError unless ``value``, state ``key`` of parameter ``index``, has this dtype, device and size."""
@@ -732,10 +743,9 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if set(state) != expected:
                 raise ValueError(f"state for parameter {index} has keys {sorted(state)}, expected {sorted(expected)}")
             step = state.get("step")
-            if not isinstance(step, torch.Tensor) or step.numel() != 1 or not step.is_floating_point() or \
-                    not math.isfinite(float(step)) or float(step) < 0:
-                raise ValueError(f"state 'step' of parameter {index} must be a finite, non-negative 0-d float "
-                                 f"tensor, got {step!r}")
+            if not isinstance(step, torch.Tensor) or step.dim() != 0 or not step.is_floating_point():
+                raise ValueError(f"state 'step' of parameter {index} must be a 0-d float tensor, got {step!r}")
+            _step_count(step, index)
             if distributed.layout(p) is not None:
                 self._check_sharded_state(index, p, state)
                 continue
@@ -822,8 +832,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                                     distributed.layout(v) != distributed.layout(p)):
                     raise ValueError(f"state '{k}' of parameter {index} must be a tensor of shape {tuple(p.shape)}"
                                      f"{' placed like the parameter' if distributed.layout(p) else ''}")
-            step = torch.as_tensor(values.get("step", 0.0), dtype=torch.float32)  # torch's capturable: on a GPU
-            state = {"step": step.to("cpu", copy=True).reshape(())}
+            state = {"step": torch.tensor(_step_count(values.get("step", 0.0), index), dtype=torch.float32)}
             local = {k: distributed.local(v) for k, v in values.items() if k != "step"}
             state.update(self.variants[self.variant_of(p)].import_state(distributed.local(p).detach(), local))
             new_state[p] = state
