@@ -90,3 +90,27 @@ def test_release_refuses_a_model_with_parameters_outside_the_optimizer():
     opt = AdamW(list(model.parameters())[:2])
     with pytest.raises(ValueError, match="would keep their gradients"):
         opt.attach_gradient_release(model)
+
+
+def test_release_follows_the_groups_after_load_state_dict_and_add_param_group():
+    """``load_state_dict`` replaces the param group dicts: the hooks take the current ones (an lr set after the
+    load is the one used); a group added while attached is stepped in backward too. Both as the plain step."""
+    plain, released = _model(0), _model(0)
+    pa, pb = list(plain.parameters()), list(released.parameters())
+    opt_a, opt_b = AdamW(pa[:4], lr=1e-2), AdamW(pb[:4], lr=1e-2)
+    opt_b.attach_gradient_release()
+    saved = AdamW(pa[:4], lr=1e-2).state_dict()
+    for opt in (opt_a, opt_b):
+        opt.load_state_dict(saved)
+        opt.param_groups[0]["lr"] = 0.05
+        opt.add_param_group({"params": (pa if opt is opt_a else pb)[4:], "lr": 0.02})
+    for step in range(3):
+        x, y = _data(step)
+        nn.functional.mse_loss(plain(x), y).backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        nn.functional.mse_loss(released(x), y).backward()
+        assert all(p.grad is None for p in pb)  # every parameter consumed during backward, the added ones too
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+    assert float(opt_b.state[pb[-1]]["step"]) == 3.0

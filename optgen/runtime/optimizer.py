@@ -273,6 +273,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 group[rule.name] = rule.validate(group[rule.name])
         self._validate_group({**self.defaults, **group})
         super().add_param_group(group)
+        if self._release is not None:  # attached: the new parameters are stepped in backward too
+            self._release.hook_group(len(self.param_groups) - 1)
 
     # ------------------------------------------------------------------ step
     def variant_of(self, p: torch.Tensor) -> str:

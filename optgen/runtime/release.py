@@ -22,17 +22,24 @@ class GradientRelease:
     def __init__(self, optimizer: OptgenOptimizer) -> None:
         self.optimizer = optimizer
         self._handles: list[Any] = []
-        first_id = 0
-        for group in optimizer.param_groups:
-            for k, p in enumerate(group["params"]):
-                if p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(group, first_id + k)))
-            first_id += len(group["params"])
+        for index in range(len(optimizer.param_groups)):
+            self.hook_group(index)
 
-    def _hook(self, group: dict[str, Any], param_id: int):
-        """The hook of one parameter; ``param_id`` is its stable id, as in a plain ``step()``."""
+    def hook_group(self, index: int) -> None:
+        """Hook every parameter of param group ``index`` (``add_param_group`` calls this for a group added while
+        release is attached: its parameters would otherwise keep their gradients and never be stepped)."""
+        first_id = sum(len(group["params"]) for group in self.optimizer.param_groups[:index])
+        for k, p in enumerate(self.optimizer.param_groups[index]["params"]):
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(index, first_id + k)))
+
+    def _hook(self, index: int, param_id: int):
+        """The hook of one parameter of group ``index``; ``param_id`` is its stable id, as in a plain ``step()``.
+        It takes the group when it runs: ``load_state_dict`` replaces the group dicts (an LR scheduler then sets
+        the new ones)."""
         def step_and_free(p: torch.Tensor) -> None:
             with torch.no_grad():
+                group = self.optimizer.param_groups[index]
                 self.optimizer._step_group(group, *self.optimizer._params_with_grad({"params": [p]}, param_id))
             p.grad = None
         return step_and_free
