@@ -244,6 +244,18 @@ class OptgenOptimizer(torch.optim.Optimizer):
         if errors:
             raise ValueError("; ".join(errors))
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError unless the group's hyper-parameters are valid now (a scheduler, or a user, writes
+        ``group["lr"]`` between steps): ``step()`` checks every group it steps on the general path before it steps
+        any. A prepared step (``optgen.runtime.group_plan``) checks them only where its scalars cannot be made
+        from them, as ``torch.optim`` checks hyper-parameters only when a group is added; either way before any
+        launch."""
+        for rule in self.hyperparam_rules:
+            if rule.name not in group:
+                raise ValueError(f"param group lacks hyper-parameter '{rule.name}'")
+            rule.validate(group[rule.name])
+        self._validate_group(group)
+
     def _validate_params(self, params: list[Any]) -> None:
         seen: set[int] = set()
         for p in params:
@@ -560,11 +572,15 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if counts.count(counts[0]) != len(counts):
                 continue
             t = next_count(counts[0])
-            values = self._scalar_values(group, t)
-            tensors = not _NUMBER_TYPES.issuperset(map(type, values)) and \
-                any(isinstance(v, torch.Tensor) for v in values)
-            prepared[id(plan)] = (t, {d: self._scalars(group, t, d, values) if tensors else values
-                                      for d in plan.devices})
+            try:
+                values = self._scalar_values(group, t)
+                tensors = not _NUMBER_TYPES.issuperset(map(type, values)) and \
+                    any(isinstance(v, torch.Tensor) for v in values)
+                prepared[id(plan)] = (t, {d: self._scalars(group, t, d, values) if tensors else values
+                                          for d in plan.devices})
+            except Exception:  # a hyper-parameter set between steps: say which, else re-raise
+                self._check_group(group)
+                raise
         return prepared
 
     def _step_planned(self, group: dict[str, Any], plan: GroupPlan, grads: list[torch.Tensor],
@@ -659,6 +675,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 work.append((group, plan, grads))
             else:
                 params, ids = self._params_with_grad(group, first_id)
+                if params:
+                    self._check_group(group)
                 layouts = self._layouts_of(params) if eager and params else None
                 if layouts is not None:
                     self._check_states(params, ids, layouts)
