@@ -129,6 +129,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 _DTYPE_DEVICE = operator.attrgetter("dtype", "device")
 _DEVICE_INDEX = torch.Tensor.get_device  # -1 on the CPU: an int, cheaper to get than the device
+_DTYPE = operator.attrgetter("dtype")
+_GRAD_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))  # the kernels load these
 _NUMBER_TYPES = frozenset((float, int, bool))  # scalars of these types need no isinstance check for tensors
 
 
@@ -302,6 +304,16 @@ class OptgenOptimizer(torch.optim.Optimizer):
         """The backend that steps tensors on ``device``: the one asked for, else Triton on CUDA, eager elsewhere."""
         return self.backend or ("triton" if device.type == "cuda" else "eager")
 
+    def _check_backend(self, device: torch.device, variant: str) -> None:
+        """Raise unless the backend can step ``variant`` on ``device`` (checked before a step changes anything)."""
+        if device.type == "meta":
+            raise ValueError(f"{type(self).__name__}: a parameter on the meta device holds no values to step")
+        if self._backend_on(device) == "triton":
+            if self.variants[variant].triton_step is None:
+                raise RuntimeError(f"{type(self).__name__} has no Triton kernel; use backend='eager' or 'inductor'")
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+
     def _kernel(self, device: torch.device, variant: str,
                 shard: distributed.Sharding | None = None) -> Callable[..., Any]:
         """The step function of ``variant`` on ``device``. With ``shard`` (the tensors are shards), the
@@ -309,11 +321,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
         The eager Triton step returns the launcher and the launch plan it used (a ``GroupPlan`` keeps them);
         the others return None."""
         backend, v = self._backend_on(device), self.variants[variant]
+        self._check_backend(device, variant)
         if backend == "triton":
-            if v.triton_step is None:
-                raise RuntimeError(f"{type(self).__name__} has no Triton kernel; use backend='eager' or 'inductor'")
-            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-                raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
             if torch.compiler.is_compiling() and shard is None:
                 return v.triton_step
 
@@ -351,11 +360,12 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 ids.append(first_id + k)
                 grads.append(g)
         if torch.compiler.is_compiling() or tuple(map(torch.Tensor.numel, grads)) != tuple(
-                map(torch.Tensor.numel, params)) or tuple(map(_DEVICE_INDEX, grads)) != tuple(map(_DEVICE_INDEX, params)):
+                map(torch.Tensor.numel, params)) or tuple(map(_DEVICE_INDEX, grads)) != tuple(map(_DEVICE_INDEX, params)) \
+                or not _GRAD_DTYPES.issuperset(map(_DTYPE, grads)):
             for p, i, g in zip(params, ids, grads):  # the one that does not fit (traced: once, while compiling)
-                if g.numel() != p.numel() or g.device != p.device:
-                    raise ValueError(f"the gradient of parameter {i} has shape {tuple(g.shape)} on {g.device}, the "
-                                     f"parameter {tuple(p.shape)} on {p.device}")
+                if g.numel() != p.numel() or g.device != p.device or g.dtype not in _GRAD_DTYPES:
+                    raise ValueError(f"the gradient of parameter {i} is a {g.dtype} tensor of shape "
+                                     f"{tuple(g.shape)} on {g.device}, the parameter {tuple(p.shape)} on {p.device}")
         return params, ids
 
     def _create_states(self, params: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -436,12 +446,15 @@ class OptgenOptimizer(torch.optim.Optimizer):
         sharding layout is taken as fixed (FSDP2 replaces the parameter objects it shards)."""
         marks = tuple(getattr(p, FP32_STATE_ATTR, False) for p in params) if "fp32" in self.variants else ()
         key = (tuple(map(id, params)), tuple(map(_DTYPE_DEVICE, params)), tuple(map(torch.Tensor.numel, params)),
-               marks, self.min_quantized_size)
+               marks, self.min_quantized_size, self.backend)
         entry = self._layout_groups.get(key)
         if entry is None:
+            self._validate_params(params)  # a dtype set through ``p.data`` since the parameter was added
             groups: dict[tuple, list[int]] = {}
             for i, p in enumerate(params):
                 groups.setdefault((p.device, self.variant_of(p), distributed.layout(p)), []).append(i)
+            for device, variant, _ in groups:
+                self._check_backend(device, variant)
             entry = self._layout_groups[key] = _Layouts(groups, list(params), {
                 where: self._expected_states(where[1], [distributed.local(params[i]) for i in idx])
                 for where, idx in groups.items()})
