@@ -265,6 +265,28 @@ def test_triton_backend_without_a_gpu_or_the_interpreter_is_refused_before_any_c
     assert torch.equal(p, before) and not opt.state.get(p)
 
 
+@pytest.mark.parametrize("key, bad", [("lr", "0.001"), ("lr", None), ("lr", torch.tensor([1e-3, 2e-3])),
+                                      ("betas", (0.9,))], ids=["str", "None", "2-element", "1-beta"])
+@pytest.mark.parametrize("prepared", [False, True], ids=["general", "prepared"])
+def test_a_hyperparameter_set_badly_between_steps_is_refused_before_any_change(key, bad, prepared):
+    """As a scheduler writes ``group["lr"]``: the second group's value cannot be used; the first group is not
+    stepped either (the general path checks every group first, a prepared step makes every group's scalars
+    before its first launch)."""
+    p, q = rand_params(32, shapes=((4, 3), (5,)))
+    opt = AdamW([{"params": [p]}, {"params": [q]}], lr=1e-2, backend="triton")
+    gen = torch.Generator().manual_seed(32)
+    for _ in range(2 if prepared else 0):
+        give_grads(gen, [p, q])
+        opt.step()
+    give_grads(gen, [p, q])
+    opt.param_groups[1][key] = bad
+    before = {**snapshot(opt), "groups": None}  # (a tensor of two values cannot be compared with ==)
+    with pytest.raises(ValueError, match=f"Invalid {key}"):
+        opt.step()
+    assert_same_snapshot({**snapshot(opt), "groups": None}, before)
+    assert opt.param_groups[1][key] is bad
+
+
 # ------------------------------------------------------------------------------------ states set by hand
 def _bad_state(state: dict, change: str) -> None:
     m = state["m"]

@@ -247,11 +247,22 @@ class OptgenOptimizer(torch.optim.Optimizer):
             raise ValueError("; ".join(errors))
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        """Raise ValueError unless the group's hyper-parameters are valid now (a scheduler, or a user, writes
-        ``group["lr"]`` between steps): ``step()`` checks every group it steps on the general path before it steps
-        any. A prepared step (``optgen.runtime.group_plan``) checks them only where its scalars cannot be made
-        from them, as ``torch.optim`` checks hyper-parameters only when a group is added; either way before any
-        launch."""
+        """Raise unless the kernel's scalars can be made from the group's hyper-parameters as they are now (a
+        scheduler, or a user, writes ``group["lr"]`` between steps); ``step()`` checks every group it steps on the
+        general path before it steps any (a prepared step makes its scalars before its first launch). Values the
+        constructor would refuse but that make scalars pass (DCP steps with ``lr=0.0`` to create the states), as
+        in ``torch.optim``, which checks hyper-parameters only when a group is added."""
+        try:
+            values = self._scalar_values(group, 1)
+        except Exception:  # say which value, else re-raise
+            self._name_bad_hyperparameter(group)
+            raise
+        if not all(v.numel() == 1 for v in values if isinstance(v, torch.Tensor)):
+            self._name_bad_hyperparameter(group)
+            raise ValueError("a tensor hyper-parameter must hold one value")
+
+    def _name_bad_hyperparameter(self, group: dict[str, Any]) -> None:
+        """Raise ValueError naming the first hyper-parameter of ``group`` the constructor would refuse, if any."""
         for rule in self.hyperparam_rules:
             if rule.name not in group:
                 raise ValueError(f"param group lacks hyper-parameter '{rule.name}'")
@@ -592,7 +603,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 prepared[id(plan)] = (t, {d: self._scalars(group, t, d, values) if tensors else values
                                           for d in plan.devices})
             except Exception:  # a hyper-parameter set between steps: say which, else re-raise
-                self._check_group(group)
+                self._name_bad_hyperparameter(group)
                 raise
         return prepared
 
@@ -688,7 +699,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 work.append((group, plan, grads))
             else:
                 params, ids = self._params_with_grad(group, first_id)
-                if params:
+                if eager and params:  # (traced, the values are symbols: nothing to compare them with)
                     self._check_group(group)
                 layouts = self._layouts_of(params) if eager and params else None
                 if layouts is not None:
