@@ -229,6 +229,29 @@ def test_a_state_or_parameter_that_no_longer_fits_its_chunk_is_refused(budget, c
         assert all(torch.equal(bits(v), bits(opt.state[p][k])) for k, v in state.items())
 
 
+def test_a_state_dict_with_a_state_on_the_meta_device_changes_nothing():
+    """The offloaded loader copies the saved states into new chunks after loading the groups: a state that holds
+    no values is refused first, as the plain optimizer refuses it."""
+    base = make_params(torch.float32, 11)
+    pa, pb = clone(base), clone(base)
+    plain, opt = AdamW8bit(pa), off(AdamW8bit, pb, 4.0)
+    set_grads([pa, pb], 0)
+    plain.step()
+    opt.step()
+    bad = opt.state_dict()
+    bad["param_groups"][0]["lr"] = 0.5
+    bad["state"][0]["m"] = bad["state"][0]["m"].to("meta")
+    for target in (plain, opt):
+        with pytest.raises(ValueError, match="state 'm' of parameter 0 is on the meta device"):
+            target.load_state_dict(bad)
+        assert target.param_groups[0]["lr"] == 1e-3
+    assert_in_chunks(opt)
+    set_grads([pa, pb], 1)
+    plain.step()
+    opt.step()
+    assert_same(plain, pa, opt, pb)
+
+
 def test_torch_layout_export_and_import():
     base = make_params(torch.bfloat16, 4)
     pa, pb = clone(base), clone(base)

@@ -802,6 +802,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
                     got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
                     raise ValueError(f"state '{b.key}' of parameter {index}: expected shape {shape} "
                                      f"and dtype {dtype}, got {got}")
+                if value.is_meta:  # an offloaded optimizer copies states into its chunks after loading the groups
+                    raise ValueError(f"state '{b.key}' of parameter {index} is on the meta device: it holds no values")
 
     def _check_sharded_state(self, index: Any, p: torch.Tensor, state: dict[str, Any]) -> None:
         """The saved state of DTensor parameter ``p``: every entry with its shape and dtype, and DTensors
