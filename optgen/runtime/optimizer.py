@@ -475,9 +475,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
     def _expected_states(self, variant: str, local: list[torch.Tensor]) -> list[_ExpectedState]:
         """What each state buffer of ``variant`` must be for the parameters (their local shards) ``local``."""
-        return [_ExpectedState(b, tuple((b.torch_dtype(p.dtype), p.device) for p in local),
-                               tuple(math.prod(b.shape_for(p)) for p in local), tuple(b.shape_for(p) for p in local))
-                for b in self.variants[variant].buffers if b.key is not None]
+        expected = []
+        for b in self.variants[variant].buffers:
+            if b.key is not None:
+                shapes = tuple(b.shape_for(p) for p in local)
+                expected.append(_ExpectedState(b, tuple((b.torch_dtype(p.dtype), p.device) for p in local),
+                                               tuple(map(math.prod, shapes)), shapes))
+        return expected
 
     def _check_states(self, params: list[torch.Tensor], ids: list[int], layouts: _Layouts | None) -> None:
         """Raise ValueError unless every state buffer the kernels take is a tensor of the dtype, size and device its
@@ -699,10 +703,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 work.append((group, plan, grads))
             else:
                 params, ids = self._params_with_grad(group, first_id)
-                if eager and params:  # (traced, the values are symbols: nothing to compare them with)
+                layouts = None  # traced: hyper-parameters are symbols, and _step_group checks the states
+                if eager and params:
                     self._check_group(group)
-                layouts = self._layouts_of(params) if eager and params else None
-                if layouts is not None:
+                    layouts = self._layouts_of(params)
                     self._check_states(params, ids, layouts)
                 work.append((group, None, (params, ids, layouts)))
             first_id += len(group["params"])
