@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optgen.codecs import ecc
-from optgen.optim import AdamW, AdamW8bit, FlashAdamW
+from optgen.optim import SGD, AdamW, AdamW8bit, FlashAdamW, Lion
 
 SHAPES = [(64, 96), (5000,)]  # above min_quantized_size: the compressed layouts are used
 
@@ -74,6 +74,53 @@ def test_load_torch_state_dict_with_wrong_shapes_changes_nothing():
     with pytest.raises(ValueError, match="shape"):
         opt.load_torch_state_dict(ref.state_dict())
     assert not opt.state and opt.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("kwargs", [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True},
+                                    {"momentum": 0.9, "dampening": 0.3}], ids=["momentum", "nesterov", "dampening"])
+def test_torch_sgd_state_continues_as_torch_sgd(kwargs):
+    """torch.optim.SGD saves its momentum buffer and no step count. The buffer was made by a step, so the import
+    must not apply the first step's rule (buffer = gradient) again: the run goes on as torch's own."""
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    ref = torch.optim.SGD(params, lr=1e-2, weight_decay=0.1, **kwargs)
+    grads = [[torch.randn(s) for s in SHAPES] for _ in range(6)]
+    for step in grads[:3]:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        ref.step()
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = SGD(ours, lr=1.0)
+    opt.load_torch_state_dict(ref.state_dict())
+    assert float(opt.state[ours[0]]["step"]) == 1.0
+    for step in grads[3:]:
+        for p, q, g in zip(params, ours, step):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+    for p, q in zip(params, ours):
+        assert float((p - q).abs().max() / p.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["AdamW into Lion", "AdamW into SGD", "amsgrad", "maximize"])
+def test_load_torch_state_dict_of_another_optimizer_is_refused_and_changes_nothing(case):
+    """torch.optim.AdamW's states are not Lion's nor SGD's, and optgen's AdamW has no amsgrad or maximize: each is
+    refused, with the groups' hyper-parameters and the states as they were."""
+    torch.manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    flags = {"amsgrad": True} if case == "amsgrad" else {"maximize": True} if case == "maximize" else {}
+    ref = torch.optim.AdamW(params, lr=3e-3, betas=(0.8, 0.99), **flags)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    ref.step()
+    cls = {"AdamW into Lion": Lion, "AdamW into SGD": SGD}.get(case, AdamW)
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = cls(ours, lr=1e-4)
+    groups = [dict(g) for g in opt.param_groups]
+    match = f"was saved with {case}=True" if flags else "a state_dict of another optimizer"
+    with pytest.raises(ValueError, match=match):
+        opt.load_torch_state_dict(ref.state_dict())
+    assert not opt.state and opt.param_groups == groups
 
 
 @pytest.mark.parametrize("step", [-1.0, float("nan"), float("inf"), 0.5, "one"])

@@ -32,9 +32,17 @@ def assert_rel(ours: torch.Tensor, ref: torch.Tensor, what: str = "") -> None:
     assert err <= REL * scale, f"{what}: max abs error {err:.3e} > {REL:g} * {scale:.3e}"
 
 
-def rand_params(seed: int, shapes=((3, 4), (5,), ()), dtype=torch.float32) -> list[torch.Tensor]:
+# Where a test of the Triton backend puts its tensors: the GPU where there is one, else the CPU (the interpreter)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_for(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def rand_params(seed: int, shapes=((3, 4), (5,), ()), dtype=torch.float32, device="cpu") -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    return [torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in shapes]
 
 
 def clones(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -43,7 +51,7 @@ def clones(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def give_grads(gen: torch.Generator, *param_lists: list[torch.Tensor]) -> None:
     for same in zip(*param_lists):
-        g = torch.randn(same[0].shape, generator=gen).to(same[0].dtype)
+        g = torch.randn(same[0].shape, generator=gen).to(same[0].device, same[0].dtype)
         for p in same:
             p.grad = g.clone()
 
@@ -161,6 +169,8 @@ def test_unknown_backend():
         ({"params_dtype": torch.int64}, "int64"),
         ({"duplicate": True}, "more than one parameter group"),
         ({"twice": True}, "twice"),
+        ({"maximize": True}, "does not implement torch.optim's 'maximize' option"),
+        ({"amsgrad": True}, "does not implement torch.optim's 'amsgrad' option"),
     ],
 )
 def test_add_param_group_is_validated(group, fragment):
@@ -182,6 +192,22 @@ def test_add_param_group_is_validated(group, fragment):
         opt.add_param_group({"params": new, **group})
     assert len(opt.param_groups) == 1
     assert_same_snapshot(snapshot(opt), before)
+
+
+def test_named_parameters_numpy_scalars_and_sets_as_torch_takes_them():
+    """``model.named_parameters()`` keeps the names in the group (and the state_dict), numpy scalars are numbers,
+    and a param group holding a set of parameters (no stable order) is refused, as in torch.optim."""
+    np = pytest.importorskip("numpy")
+    model = torch.nn.Linear(3, 2)
+    opt = AdamW(model.named_parameters(), lr=np.float32(1e-2), betas=(np.float64(0.9), 0.99))
+    ref = torch.optim.AdamW(model.named_parameters(), lr=1e-2)
+    assert opt.param_groups[0]["param_names"] == ref.param_groups[0]["param_names"] == ["weight", "bias"]
+    assert opt.param_groups[0]["params"] == list(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert opt.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+    with pytest.raises(TypeError, match="sets will change between runs"):
+        AdamW([{"params": set(model.parameters())}])
 
 
 # ------------------------------------------------------------------------------------ sparse gradients
@@ -216,7 +242,7 @@ def test_a_gradient_changed_through_data_is_refused_and_changes_nothing(backend,
     """``p.grad.data = x`` skips torch's checks of a gradient's shape and dtype; the kernels take addresses and
     would read past the end of a cut one, and load no complex or bool values. The second group's gradient is
     changed: nothing is stepped, not even the first group."""
-    p, q = rand_params(6, shapes=((4, 3), (5,)))
+    p, q = rand_params(6, shapes=((4, 3), (5,)), device=device_for(backend))
     opt = AdamW([{"params": [q]}, {"params": [p], "lr": 0.1}], backend=backend)
     gen = torch.Generator().manual_seed(6)
     for _ in range(2):  # the second step is a planned one on the Triton backend
@@ -225,7 +251,7 @@ def test_a_gradient_changed_through_data_is_refused_and_changes_nothing(backend,
     give_grads(gen, [p, q])
     if change == "cut":
         p.grad.data = p.grad.data.reshape(-1)[:5].clone()
-        match = r"the gradient of parameter 1 is a torch.float32 tensor of shape \(5,\) on cpu, the parameter"
+        match = rf"the gradient of parameter 1 is a torch.float32 tensor of shape \(5,\) on {p.device}, the parameter"
     else:
         p.grad.data = p.grad.data.to(torch.complex64 if change == "complex" else torch.bool)
         match = f"the gradient of parameter 1 is a torch.{'complex64' if change == 'complex' else 'bool'} tensor"
@@ -239,7 +265,7 @@ def test_a_gradient_changed_through_data_is_refused_and_changes_nothing(backend,
 def test_a_parameter_changed_to_a_dtype_the_spec_does_not_store_is_refused(backend):
     """The constructor refuses a float64 parameter for AdamW; one made float64 through ``p.data`` later is refused
     by the step, before any change."""
-    p, q = rand_params(33, shapes=((4, 3), (5,)))
+    p, q = rand_params(33, shapes=((4, 3), (5,)), device=device_for(backend))
     opt = AdamW([p, q], lr=1e-2, backend=backend)
     gen = torch.Generator().manual_seed(33)
     for _ in range(2):
@@ -272,7 +298,7 @@ def test_a_hyperparameter_set_badly_between_steps_is_refused_before_any_change(k
     """As a scheduler writes ``group["lr"]``: the second group's value cannot be used; the first group is not
     stepped either (the general path checks every group first, a prepared step makes every group's scalars
     before its first launch)."""
-    p, q = rand_params(32, shapes=((4, 3), (5,)))
+    p, q = rand_params(32, shapes=((4, 3), (5,)), device=TRITON_DEVICE)
     opt = AdamW([{"params": [p]}, {"params": [q]}], lr=1e-2, backend="triton")
     gen = torch.Generator().manual_seed(32)
     for _ in range(2 if prepared else 0):
@@ -313,7 +339,7 @@ def test_a_state_set_by_hand_that_does_not_fit_is_refused_before_any_change(spec
 
     cls = getattr(optim, spec)
     dtype = getattr(torch, cls.param_dtypes[0])
-    params = rand_params(30, shapes=((64, 80), (96,)), dtype=dtype)
+    params = rand_params(30, shapes=((64, 80), (96,)), dtype=dtype, device=device_for(backend))
     opt = cls([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.1}], lr=1e-2, backend=backend,
               min_quantized_size=64)
     gen = torch.Generator().manual_seed(30)
@@ -325,7 +351,7 @@ def test_a_state_set_by_hand_that_does_not_fit_is_refused_before_any_change(spec
     before = [(p.detach().clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()})
               for p in params]
     with pytest.raises(ValueError, match=r"state 'm' of parameter 1: expected a torch\.(float32|int8) tensor of "
-                                         r"shape \(96,\) on cpu, got "):
+                                         rf"shape \(96,\) on {params[1].device}, got "):
         opt.step()
     for p, (value, state) in zip(params, before):
         assert torch.equal(p, value) and state.keys() == opt.state[p].keys()
@@ -712,8 +738,10 @@ def test_load_state_dict_rejects_mismatch_and_changes_nothing(kind):
     assert torch.equal(target.state[target.param_groups[0]["params"][0]]["m"], good["state"][0]["m"])
 
 
-def test_load_state_dict_from_another_spec_is_rejected():
-    """SGD and Lion both keep one fp32 state 'm' per parameter: only the spec name tells them apart."""
+@pytest.mark.parametrize("top_level", [True, False], ids=["whole", "as-DCP-gives-it"])
+def test_load_state_dict_from_another_spec_is_rejected(top_level):
+    """SGD and Lion both keep one fp32 state 'm' per parameter: only the spec name tells them apart. DCP's
+    ``get_optimizer_state_dict`` keeps only 'state' and 'param_groups': each group names the spec too."""
     params = rand_params(21)
     sgd = SGD(params, lr=0.1, momentum=0.9)
     _train(sgd, params, torch.Generator().manual_seed(21), 2)
@@ -721,9 +749,80 @@ def test_load_state_dict_from_another_spec_is_rejected():
     lion = Lion(lion_params, lr=1e-3)
     _train(lion, lion_params, torch.Generator().manual_seed(22), 1)
     before = snapshot(lion)
+    saved = sgd.state_dict()
+    if not top_level:
+        del saved["optgen"]
     with pytest.raises(ValueError, match="sgd"):
-        lion.load_state_dict(_through_disk(sgd.state_dict()))
+        lion.load_state_dict(_through_disk(saved))
     assert_same_snapshot(snapshot(lion), before)
+
+
+def test_the_seed_is_restored_from_a_state_dict_as_dcp_gives_it():
+    """StochasticAdamW's rounding bits come from its seed: a state_dict without its top-level 'optgen' entry
+    (DCP's) still restores it, so the resumed step is the same step, bit for bit."""
+    from optgen.optim import StochasticAdamW
+
+    params = rand_params(25, shapes=((8, 8), (8,)), dtype=torch.bfloat16)
+    opt = StochasticAdamW(params, lr=1e-2, seed=123)
+    gen = torch.Generator().manual_seed(25)
+    _train(opt, params, gen, 1)
+    saved = _through_disk(opt.state_dict())
+    del saved["optgen"]
+    resumed_params = clones(params)
+    resumed = StochasticAdamW(resumed_params, lr=1e-2, seed=999)
+    resumed.load_state_dict(saved)
+    assert resumed.seed == 123 and "optgen" not in resumed.param_groups[0]
+    grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    for p, q, g in zip(params, resumed_params, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    resumed.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, resumed_params))
+
+
+def test_load_state_dict_hooks_run_as_torch_runs_them():
+    """A pre-hook runs before anything is checked (it may convert the dict) and what it changes is loaded; a
+    post-hook sees the states as loaded, in their saved dtypes (FlashAdamW's int8 codes, not torch's cast)."""
+    from optgen.optim import FlashAdamW
+
+    params = rand_params(26, shapes=((64, 80),), dtype=torch.bfloat16)
+    opt = FlashAdamW(params, lr=1e-2, min_quantized_size=64)
+    _train(opt, params, torch.Generator().manual_seed(26), 2)
+    saved = _through_disk(opt.state_dict())
+    renamed = {**saved, "state": {i: {("moment" if k == "m" else k): v for k, v in s.items()}
+                                  for i, s in saved["state"].items()}}
+
+    def convert(optimizer, state_dict):  # a user's converter from another layout
+        state_dict["state"] = {i: {("m" if k == "moment" else k): v for k, v in s.items()}
+                               for i, s in state_dict["state"].items()}
+        state_dict["param_groups"][0]["lr"] = 0.5
+
+    seen = {}
+    target = FlashAdamW(clones(params), lr=1e-2, min_quantized_size=64)
+    target.register_load_state_dict_pre_hook(convert)
+    target.register_load_state_dict_post_hook(
+        lambda optimizer: seen.update({k: v.dtype for k, v in optimizer.state[optimizer.param_groups[0]["params"][0]].items()}))
+    target.load_state_dict(renamed)
+    assert target.param_groups[0]["lr"] == 0.5 and seen["m"] == torch.int8 and seen["v"] == torch.uint8
+    assert torch.equal(target.state[target.param_groups[0]["params"][0]]["m"], saved["state"][0]["m"])
+
+
+def test_a_never_stepped_parameter_with_an_empty_state_entry_round_trips():
+    """Reading ``optimizer.state[p]`` (a defaultdict) files an empty dict for a parameter never stepped; torch
+    saves and loads it, and so does optgen. Its own exports do not file one."""
+    params = rand_params(27)
+    opt = AdamW(params, lr=1e-2)
+    _train(opt, params[:2], torch.Generator().manual_seed(27), 1)
+    params[2].grad = None
+    opt.master_weights()
+    opt.torch_state_dict()
+    assert params[2] not in opt.state
+    assert opt.state[params[2]] == {}
+    saved = _through_disk(opt.state_dict())
+    assert saved["state"][2] == {}
+    target = AdamW(clones(params), lr=1e-2)
+    target.load_state_dict(saved)
+    assert sorted(target.state[target.param_groups[0]["params"][0]]) == ["m", "step", "v"]
 
 
 def test_load_torch_adamw_state_dict_is_rejected():

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from optgen.runtime.optimizer import OptgenOptimizer
+from optgen.runtime.optimizer import OptgenOptimizer, _param_list, _tensors_of
 from optgen.runtime.transfer import make_rng, refuse_graph_capture
 
 ALIGN = 256  # bytes: every state view starts on this boundary (the kernels need 16 for vector loads)
@@ -281,11 +281,11 @@ class OffloadedOptimizer(OptgenOptimizer):
         """Also check, before anything is stored, that every parameter is on the one offload device and that
         its states fit one chunk or can be stepped in pieces."""
         if isinstance(param_group, dict):
-            params = param_group["params"]
-            param_group = {**param_group, "params": [params] if isinstance(params, torch.Tensor) else list(params)}
-            self._validate_params(param_group["params"])
+            param_group = {**param_group, "params": _param_list(param_group["params"])}
+            tensors = _tensors_of(param_group["params"])
+            self._validate_params(tensors)
             device = self._device
-            for p in param_group["params"]:
+            for p in tensors:
                 if _is_dtensor(p):
                     raise ValueError(f"{type(self).__name__}: sharded (DTensor) parameters cannot have offloaded "
                                      f"states")
@@ -581,12 +581,11 @@ class OffloadedOptimizer(OptgenOptimizer):
                        for index, state in sd["state"].items()}
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check everything, load groups and seed, then copy the saved states straight into new chunks (the
-        base loader would first rebuild every state on the GPU)."""
-        self._check_state_dict(state_dict)
+    def _load_checked(self, state_dict: dict[str, Any]) -> None:
+        """Load groups and seed, then copy the saved states straight into new chunks (the base loader would
+        first rebuild every state on the GPU)."""
         self.synchronize()
-        super().load_state_dict({**state_dict, "state": {}})
+        super()._load_checked({**state_dict, "state": {}})
         self._drop_chunks()
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -610,7 +609,7 @@ class OffloadedOptimizer(OptgenOptimizer):
     def _export(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """export_state of one parameter, its states brought to the parameter's device one tensor at a time."""
         layout = self.variants[self.variant_of(p)]
-        state = self.state[p] if self.state[p] else layout.init_state(p.detach())
+        state = self.state.get(p) or layout.init_state(p.detach())
         local = {k: v if k == "step" else v.to(p.device) for k, v in state.items()}
         return layout.export_state(p.detach(), local)
 
@@ -624,7 +623,7 @@ class OffloadedOptimizer(OptgenOptimizer):
         sd = torch.optim.Optimizer.state_dict(self)
         state = {}
         for index, p in enumerate(p for g in self.param_groups for p in g["params"]):
-            if self.state[p]:
+            if self.state.get(p):
                 values = self._export(p)
                 values.pop("master")
                 state[index] = {"step": self.state[p]["step"].clone(), **{k: v.cpu() for k, v in values.items()}}

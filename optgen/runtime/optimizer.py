@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterable
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,7 +46,7 @@ class HyperParamRule:
         return f"{'[' if self.low_closed else '('}{self.low}, {self.high}{']' if self.high_closed else ')'}"
 
     def _check_number(self, value: Any, what: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):  # numpy scalars too
             raise ValueError(f"Invalid {what}: expected a number, got {type(value).__name__} {value!r}")  # noqa: TRY004 - torch.optim raises ValueError for bad hyper-parameters
         if isinstance(value, torch.Tensor):
             if value.numel() != 1 or value.is_complex() or not value.is_floating_point():
@@ -132,6 +135,10 @@ _DEVICE_INDEX = torch.Tensor.get_device  # -1 on the CPU: an int, cheaper to get
 _DTYPE = operator.attrgetter("dtype")
 _GRAD_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))  # the kernels load these
 _NUMBER_TYPES = frozenset((float, int, bool))  # scalars of these types need no isinstance check for tensors
+# torch.optim options: a param group that sets one the spec lacks is refused, not ignored. Those that change the
+# math are also refused in a torch.optim state_dict that load_torch_state_dict is given (the others are harmless there).
+_TORCH_MATH_OPTIONS = ("maximize", "amsgrad", "nesterov", "dampening", "momentum")
+_TORCH_OPTIONS = (*_TORCH_MATH_OPTIONS, "foreach", "fused", "capturable", "differentiable")
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,27 @@ def _check_state(value: Any, key: str, index: int, dtype: torch.dtype, device: t
                      f"got {got}. A state is made for its parameter's layout at the first step (min_quantized_size "
                      f"and the '{FP32_STATE_ATTR}' mark choose it): load states with load_state_dict, or delete the "
                      f"parameter's state to start it afresh")
+
+
+def _saved_meta(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The 'optgen' entry (spec name, seed) of a saved state_dict: at the top, else in its first param group."""
+    groups = state_dict.get("param_groups") or [{}]
+    meta = state_dict.get("optgen") or (groups[0].get("optgen") if isinstance(groups[0], dict) else None)
+    return meta if isinstance(meta, dict) else {}
+
+
+def _param_list(params: Any) -> list[Any]:
+    """A param group's 'params' as a list, as torch.optim takes them: one tensor, or an ordered collection of
+    tensors or of (name, tensor) pairs (``model.named_parameters()``: torch keeps the names)."""
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                        "tensors in sets will change between runs. Please use a list instead.")
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def _tensors_of(params: list[Any]) -> list[Any]:
+    """The tensors of a ``_param_list``: the second item of each (name, tensor) pair."""
+    return [p[1] if isinstance(p, tuple) else p for p in params]
 
 
 class OptgenOptimizer(torch.optim.Optimizer):
@@ -289,10 +317,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
         """Validate the group (parameters and every hyper-parameter) before anything is stored."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        group = dict(param_group)
-        params = group["params"]
-        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
-        self._validate_params(group["params"])
+        group = {**param_group, "params": _param_list(param_group["params"])}
+        self._validate_params(_tensors_of(group["params"]))
+        names = {rule.name for rule in self.hyperparam_rules}
+        for key in _TORCH_OPTIONS:
+            if key not in names and group.get(key):
+                raise ValueError(f"{type(self).__name__} ({self.spec_name}) does not implement torch.optim's "
+                                 f"'{key}' option; a param group sets {key}={group[key]!r}")
         for rule in self.hyperparam_rules:
             if rule.name in group:
                 group[rule.name] = rule.validate(group[rule.name])
@@ -743,29 +774,24 @@ class OptgenOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict, exact: compressed states as stored. The states of DTensor parameters
-        (FSDP2) are DTensors placed like them, in a layout DCP can reshard (``optgen.runtime.distributed``),
-        and each param group names the spec, since DCP's ``get_optimizer_state_dict`` keeps only
-        'state' and 'param_groups'."""
+        (FSDP2) are DTensors placed like them, in a layout DCP can reshard (``optgen.runtime.distributed``).
+        The spec and the stochastic-rounding seed are saved at the top and in each param group, since DCP's
+        ``get_optimizer_state_dict`` keeps only 'state' and 'param_groups'."""
         sd = super().state_dict()
         sd["optgen"] = {"spec": self.spec_name, "seed": self.seed}
+        for g in sd["param_groups"]:
+            g["optgen"] = dict(sd["optgen"])
         params = [p for g in self.param_groups for p in g["params"]]
-        sharded = [i for i, p in enumerate(params) if distributed.layout(p) is not None]
-        for index in sharded:
-            if index in sd["state"]:
-                p = params[index]
+        for index, p in enumerate(params):
+            if distributed.layout(p) is not None and sd["state"].get(index):
                 sd["state"][index] = distributed.state_dict_sharded(self.variants[self.variant_of(p)], p, self.state[p])
-        if sharded:
-            for g in sd["param_groups"]:
-                g["optgen"] = dict(sd["optgen"])
         return sd
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Raise ValueError unless ``state_dict`` fits this optimizer exactly (nothing is changed)."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state_dict: expected keys 'state' and 'param_groups'")
-        groups = state_dict["param_groups"]
-        meta = state_dict.get("optgen") or (groups[0].get("optgen") if groups and isinstance(groups[0], dict) else None)
-        spec = (meta or {}).get("spec", self.spec_name)
+        spec = _saved_meta(state_dict).get("spec", self.spec_name)
         if spec != self.spec_name:
             raise ValueError(f"state_dict was saved by optgen spec '{spec}', not '{self.spec_name}'")
         groups = state_dict["param_groups"]
@@ -783,6 +809,8 @@ class OptgenOptimizer(torch.optim.Optimizer):
         for index, state in state_dict["state"].items():
             if index not in index_to_param:
                 raise ValueError(f"state_dict has state for unknown parameter index {index}")
+            if isinstance(state, dict) and not state:  # never stepped (reading ``optimizer.state[p]`` files a {})
+                continue
             p = index_to_param[index]
             buffers = self.variants[self.variant_of(p)].buffers
             expected = {"step"} | {b.key for b in buffers if b.key is not None}
@@ -830,7 +858,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         """fp32 values (states under torch names, and "master") of ``p``; DTensors for a DTensor ``p``."""
         layout = self.variants[self.variant_of(p)]
         p_local = distributed.local(p).detach()
-        state = self.state[p] if self.state[p] else {**layout.init_state(p_local)}
+        state = self.state.get(p) or layout.init_state(p_local)
         values = layout.export_state(p_local, state)
         if distributed.layout(p) is not None:
             values = {k: distributed.as_dtensor(v, p) for k, v in values.items()}
@@ -848,7 +876,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         state = {}
         for index, p in enumerate(params):
-            if self.state[p]:
+            if self.state.get(p):
                 values = self._export(p)
                 values.pop("master")
                 state[index] = {"step": self.state[p]["step"].clone(), **values}
@@ -856,14 +884,21 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
     def load_torch_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load fp32 states saved by the matching torch.optim optimizer (or by ``torch_state_dict``), encoding
-        them into this spec's storage. Hyper-parameters this spec has are taken from the saved groups.
-        Everything is checked before anything changes."""
+        them into this spec's storage. Hyper-parameters this spec has are taken from the saved groups. A state
+        with other keys than this spec's (another optimizer's), or a group saved with a torch.optim option that
+        changes the math and that this spec lacks (``maximize``, ``amsgrad``), is refused. Everything is checked
+        before anything changes."""
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
                                                           for a, b in zip(groups, self.param_groups)):
             raise ValueError("the state_dict's param groups do not match this optimizer's")
+        names = {rule.name for rule in self.hyperparam_rules}
         new_groups = []
         for saved, group in zip(groups, self.param_groups):
+            for key in _TORCH_MATH_OPTIONS:
+                if key not in names and saved.get(key):
+                    raise ValueError(f"the state_dict was saved with {key}={saved[key]!r}, which {type(self).__name__} "
+                                     f"({self.spec_name}) does not implement")
             merged = dict(group)
             for rule in self.hyperparam_rules:
                 if rule.name in saved:
@@ -877,12 +912,19 @@ class OptgenOptimizer(torch.optim.Optimizer):
             values = state_dict["state"].get(index)
             if not values:
                 continue
+            expected = {b.state for b in self.variants[self.variant_of(p)].buffers if b.state}
+            if set(values) - {"step"} != expected:
+                raise ValueError(f"state of parameter {index} has keys {sorted(values)}, but {type(self).__name__} "
+                                 f"({self.spec_name}) imports {sorted(expected)} (and 'step'): a state_dict of another "
+                                 f"optimizer")
             for k, v in values.items():
                 if k != "step" and (not isinstance(v, torch.Tensor) or v.shape != p.shape or
                                     distributed.layout(v) != distributed.layout(p)):
                     raise ValueError(f"state '{k}' of parameter {index} must be a tensor of shape {tuple(p.shape)}"
                                      f"{' placed like the parameter' if distributed.layout(p) else ''}")
-            state = {"step": torch.tensor(_step_count(values.get("step", 0.0), index), dtype=torch.float32)}
+            # torch.optim.SGD keeps no step count: a state it saved was made by a step (so the first step's rule,
+            # e.g. SGD's momentum buffer = gradient, is not applied again)
+            state = {"step": torch.tensor(_step_count(values.get("step", 1.0), index), dtype=torch.float32)}
             local = {k: distributed.local(v) for k, v in values.items() if k != "step"}
             state.update(self.variants[self.variant_of(p)].import_state(distributed.local(p).detach(), local))
             new_state[p] = state
@@ -892,9 +934,9 @@ class OptgenOptimizer(torch.optim.Optimizer):
         for p, state in new_state.items():
             self.state[p] = state
 
-    def _load_sharded(self, state_dict: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """Load a checked state_dict into an optimizer with DTensor parameters: encode every state first
-        (nothing changes if that fails), then the param groups through torch, then the states."""
+    def _sharded_states(self, state_dict: dict[str, Any], params: list[torch.Tensor]) -> dict[torch.Tensor, dict]:
+        """The states of a checked state_dict for an optimizer with DTensor parameters, encoded (nothing changes
+        if that fails): DTensor parameters take theirs from the sharded layout ``state_dict`` gives them."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         new_states = {}
         for index, p in zip(saved_ids, params):
@@ -907,30 +949,41 @@ class OptgenOptimizer(torch.optim.Optimizer):
             else:
                 state.update({k: v.detach().to(device=p.device, copy=True) for k, v in saved.items() if k != "step"})
             new_states[p] = state
-        groups = state_dict["param_groups"]
-        meta = state_dict.get("optgen") or (groups[0].get("optgen") if groups else None) or {}
-        super().load_state_dict({"state": {}, "param_groups": [
-            {k: v for k, v in g.items() if k != "optgen"} for g in groups]})
-        for p, state in new_states.items():
-            self.state[p] = state
-        self.seed = meta.get("seed", self.seed)
+        return new_states
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load exactly: torch's loader casts states to the parameter dtype, so restore the saved dtypes.
-        DTensor parameters take their states from the sharded layout ``state_dict`` gives them."""
-        self._check_state_dict(state_dict)
+    def _load_checked(self, state_dict: dict[str, Any]) -> None:
+        """Load a checked state_dict exactly: copies of the saved states in their saved dtypes (torch's loader
+        would cast them to the parameter's dtype), the saved groups' settings, and the seed."""
         self._plans.clear()  # they would keep the replaced states alive until the next step
         params = [p for g in self.param_groups for p in g["params"]]
         if any(distributed.layout(p) is not None for p in params):
-            self._load_sharded(state_dict, params)
-            return
-        super().load_state_dict(state_dict)
-        self.seed = state_dict.get("optgen", {}).get("seed", self.seed)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(index, {}).items():
-                # copies, never the saved tensors themselves: the step count is updated in place
-                device = torch.device("cpu") if key == "step" else p.device
-                self.state[p][key] = value.detach().to(device=device, dtype=value.dtype, copy=True).reshape(
-                    value.shape)
+            new_states = self._sharded_states(state_dict, params)
+        else:
+            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            # copies, never the saved tensors themselves: the step count is updated in place
+            new_states = {p: {key: value.detach().to(device="cpu" if key == "step" else p.device, dtype=value.dtype,
+                                                     copy=True).reshape(value.shape)
+                              for key, value in state_dict["state"][index].items()}
+                          for index, p in zip(saved_ids, params) if state_dict["state"].get(index)}
+        groups = []
+        for group, saved in zip(self.param_groups, deepcopy(state_dict["param_groups"])):
+            saved.pop("optgen", None)
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:  # as torch.optim keeps them
+                saved["param_names"] = group["param_names"]
+            groups.append(saved)
+        self.__setstate__({"state": defaultdict(dict, new_states), "param_groups": groups})
+        self.seed = _saved_meta(state_dict).get("seed", self.seed)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load_state_dict, exact: the load pre-hooks run first (they may convert the dict), then
+        everything is checked before anything changes, then the post-hooks run on the loaded states."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._check_state_dict(state_dict)
+        self._load_checked(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
