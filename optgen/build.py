@@ -336,14 +336,23 @@ def display_path(path: Path) -> str:
     return f"specs/{path.name}" if path.resolve().parent == builtin else str(path)
 
 
-def build_file(spec_path: str | Path, out_dir: str | Path) -> Path:
-    """``optgen build``: spec file → ``out_dir/<name>.py``."""
-    spec = load_spec(spec_path)
-    source = render(spec, display_path(Path(spec_path)))
-    out = Path(out_dir) / f"{spec.name}.py"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(source)
-    return out
+def build_files(spec_paths: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """``optgen build``: each spec file → ``out_dir/<name>.py``. Every spec is compiled before any file is
+    written, so a bad spec, or two specs of one name, leaves the folder as it was."""
+    sources: dict[str, tuple[str, str]] = {}  # name -> (spec file, generated source)
+    for path in spec_paths:
+        spec = load_spec(path)
+        if spec.name in sources:
+            raise spec.error(f"name '{spec.name}' is also the name of {sources[spec.name][0]}: both would be "
+                             f"written to {spec.name}.py", ("name",))
+        sources[spec.name] = (str(path), render(spec, display_path(Path(path))))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    outs = []
+    for name, (_, source) in sources.items():
+        out = Path(out_dir) / f"{name}.py"
+        out.write_text(source)
+        outs.append(out)
+    return outs
 
 
 def load(spec_path: str | Path) -> type:

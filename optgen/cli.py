@@ -7,7 +7,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from optgen.build import build_file, display_path, render
+from optgen.build import build_files, display_path, render
 from optgen.errors import SpecError
 from optgen.ir import lower
 from optgen.spec import load_spec
@@ -20,8 +20,7 @@ def builtin_specs() -> list[Path]:
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
-    for path in args.specs:
-        out = build_file(path, args.output)
+    for path, out in zip(args.specs, build_files(args.specs, args.output)):
         print(f"built {display_path(Path(path))} -> {out}")
 
 

@@ -81,6 +81,7 @@ BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: la
 # update needs one.
 MAX_CONSTANT_EXPONENT = 1024
 NOT_FINITE = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan, sympy.I)
+FP32_MAX = 3.4028234663852886e38  # the largest finite fp32 value: constants beyond it are refused
 
 COMPARE = {ast.Lt: sympy.Lt, ast.LtE: sympy.Le, ast.Gt: sympy.Gt, ast.GtE: sympy.Ge, ast.Eq: sympy.Eq,
            ast.NotEq: sympy.Ne}
@@ -121,6 +122,16 @@ class ExprBuilder:
         # exp(1) evaluates to sympy's E (printed as a bare name): keep named constants as plain numbers
         return value.xreplace({c: sympy.Float(c.evalf(30), 30) for c in value.atoms(sympy.NumberSymbol)})
 
+    def _fits_fp32(self, node: ast.AST, value: sympy.Basic) -> sympy.Basic:
+        """Refuse a constant beyond the fp32 range as soon as it is built: the kernels compute in fp32, and a
+        nested power such as (9**1024)**1024 would otherwise grow for ever."""
+        if isinstance(value, sympy.Expr) and value.is_number:
+            magnitude = abs(value.evalf(20))
+            if magnitude.is_real and magnitude.is_finite and magnitude > FP32_MAX:
+                raise self.error(node, f"the constant {str(value)[:40]} is outside the fp32 range "
+                                       f"(|x| <= {FP32_MAX:.7g})")
+        return value
+
     def _power(self, node: ast.BinOp) -> sympy.Basic:
         base, exponent = self._build(node.left), self._build(node.right)
         if exponent.is_Number and abs(exponent) > MAX_CONSTANT_EXPONENT:
@@ -133,9 +144,9 @@ class ExprBuilder:
             if isinstance(node.value, bool):
                 return sympy.true if node.value else sympy.false
             if isinstance(node.value, int):
-                return sympy.Integer(node.value)
+                return self._fits_fp32(node, sympy.Integer(node.value))
             if isinstance(node.value, float):
-                return sympy.Float(node.value)
+                return self._fits_fp32(node, sympy.Float(node.value))
             raise self.error(node, f"only numbers are allowed as constants, got {node.value!r}")
         if isinstance(node, ast.Name):
             if node.id not in self.env:
@@ -143,9 +154,9 @@ class ExprBuilder:
                                        "a temporary must be assigned before it is read)")
             return self.env[node.id]
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-            return self._power(node)
+            return self._fits_fp32(node, self._power(node))
         if isinstance(node, ast.BinOp) and type(node.op) in BINOPS:
-            return BINOPS[type(node.op)](self._build(node.left), self._build(node.right))
+            return self._fits_fp32(node, BINOPS[type(node.op)](self._build(node.left), self._build(node.right)))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             operand = self._build(node.operand)
             return -operand if isinstance(node.op, ast.USub) else operand
@@ -171,7 +182,7 @@ class ExprBuilder:
             fn, counts = FUNCTIONS[name]
             if len(node.args) not in counts:
                 raise self.error(node, f"{name}() takes {' or '.join(map(str, counts))} arguments")
-            return fn(*[self._build(a) for a in node.args])
+            return self._fits_fp32(node, fn(*[self._build(a) for a in node.args]))
         raise self.error(node, f"'{type(node).__name__}' is not allowed in a spec expression "
                                "(only arithmetic, comparisons and whitelisted functions)")
 
@@ -226,4 +237,8 @@ def parse_update(text: str, env: dict[str, sympy.Symbol], assignable: set[str], 
 def parse_condition(text: str, env: dict[str, sympy.Symbol], file: str, field: str, line: int) -> sympy.Basic:
     """Parse a single boolean expression (a spec's ``checks``)."""
     node = _parse(text, "eval", file, field, lambda _: line)
-    return as_condition(ExprBuilder(env, file, field, lambda _: line).build(node.body))
+    condition = as_condition(ExprBuilder(env, file, field, lambda _: line).build(node.body))
+    if condition.has(*REDUCTIONS):
+        raise SpecError("a check is on hyper-parameters: whole-tensor reductions (sum, max, norm) have no value "
+                        "there", file=file, line=line, field=field)
+    return condition

@@ -23,7 +23,16 @@ GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", 
                    "backend", "defaults", "group", "hp", "errors", "optgen_tl", "libdevice", "pid", "tensor",
                    "start", "numel", "numels", "blocks", "tile", "offs", "mask", "key", "ROWS", "COLS",
                    "optgen_torch", "value", "out", "rng", "red", "shard", "variants",
-                   "violated_checks", "numel_here", "part", "Sharding"}
+                   "violated_checks", "numel_here", "part", "Sharding",
+                   # the kernel's slice loop, the generated class and its functions' own names
+                   "k", "start_k", "offs_k", "self", "state", "values", "seed", "device", "tl_rng_args",
+                   "min_quantized_size", "spec_name", "hyperparam_rules", "param_dtypes", "host_scalars", "op",
+                   "fallback", "triton_step", "buffers", "annotations",
+                   *(f"{f}{layout}" for f in ("init_state", "export_state", "import_state")
+                     for layout in ("", "_fp32", "_native")),
+                   "Buffer", "HyperParamRule", "MultiTensorLauncher", "OptgenOptimizer", "Variant",
+                   # param group keys that torch.optim and its LR schedulers write ("params" is above)
+                   "param_names", "initial_lr", "max_lr", "min_lr", "optgen"}
 GENERATED_NAMES |= set(STREAM_NAMES)  # the kernel's random streams
 # and the codec modules the generated functions call (``from optgen.codecs import q8``: q8.torch_decode(...))
 GENERATED_NAMES |= {line.rsplit(" ", 1)[1] for codec in CODECS.values() for line in codec.imports}
@@ -244,6 +253,38 @@ def _prune(statements: list[Statement], outputs: set[sympy.Symbol]) -> list[Stat
     return kept[::-1]
 
 
+def _check_names_against_buffers(spec: Spec, tensors: list[TensorIO],
+                                 symbols: list[tuple[str, tuple, int | None]]) -> None:
+    """Names that depend on the codecs chosen: the op's buffer arguments (and their ``_ptrs`` tables), the codecs'
+    kernel constants, the generated functions (``<name>_step...``) and class. And the keys of
+    ``optimizer.state[p]``: each buffer's and each state's torch name once, never 'step' (the step count) or
+    'master' (the fp32 weight that ``master_weights`` exports)."""
+    taken = {a for tio in tensors for a in tio.arg_names} | {c for tio in tensors for c, _ in tio.codec.constants}
+    taken |= {a + "_ptrs" for a in taken} | {spec.class_name}
+    for name, path, line in symbols:  # (name, field, line of an update statement or None)
+        if name in taken or name.startswith(f"{spec.name}_step"):
+            raise spec.error(f"'{name}' is a name the generated code uses for this spec's buffers or functions; "
+                             f"choose another name", path, line=line)
+    keys: dict[str, str] = {}
+    for tio in tensors:
+        for key in tio.state_keys:
+            if key is None:
+                continue
+            owner = tio.name if tio.role == "state" else "p"
+            if key == "step" or key in keys:
+                held = "the step count" if key == "step" else f"a buffer of '{keys[key]}'"
+                raise spec.error(f"a buffer of '{owner}' would be kept under the key '{key}' in optimizer.state[p], "
+                                 f"which holds {held}; rename the state", ("state", tio.name) if tio.role == "state"
+                                 else ("param",))
+            keys[key] = owner
+    torch_names: dict[str, str] = {}
+    for st in spec.state:
+        if st.torch_name in ("step", "master") or st.torch_name in torch_names:
+            raise spec.error(f"torch_name '{st.torch_name}' is taken (by 'step', 'master' or another state); each "
+                             f"state needs its own", ("state", st.name, "torch_name"))
+        torch_names[st.torch_name] = st.name
+
+
 def lower(spec: Spec, fp32_states: bool = False, native_param: bool = False) -> IR:
     """Spec → IR. Raises SpecError (file, line, field) for anything the dataclass check could not see.
 
@@ -256,6 +297,9 @@ def lower(spec: Spec, fp32_states: bool = False, native_param: bool = False) -> 
     for name, path in defined:
         if _reserved(name):
             raise spec.error(f"'{name}' is reserved by the generated code; choose another name", path)
+    if spec.class_name in GENERATED_NAMES:
+        raise spec.error(f"class '{spec.class_name}' is reserved by the generated code; choose another name",
+                         ("class",))
 
     param_codec = _codec(spec, spec.param, "param", ("param",))
     if native_param:  # the parameter in its own dtype (an fp32 norm weight beside bf16+ecc8 weights)
@@ -296,6 +340,9 @@ def lower(spec: Spec, fp32_states: bool = False, native_param: bool = False) -> 
     for s, codec in zip(spec.state, state_codecs):
         side = tuple((k, sympy.Symbol(n), final.get(n)) for k, n in side_names.get(s.name, []))
         tensors.append(TensorIO("state", s.name, codec, s.init, sympy.Symbol(s.name), final[s.name], side))
+
+    _check_names_against_buffers(spec, tensors, [(n, path, None) for n, path in defined] +
+                                 [(st.name, ("update",), st.line) for st in statements])
 
     outputs = {tio.output for tio in tensors if tio.output is not None}
     outputs |= {out for tio in tensors for _, _, out in tio.side if out is not None}

@@ -6,9 +6,11 @@ and checks every field against a fixed schema. Expressions stay text here; ``opt
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import yaml
 
 from optgen.errors import SpecError
+from optgen.expr import FP32_MAX
 
 IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 CLASS_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*$")
@@ -29,6 +32,8 @@ STORAGE_FIELDS = {"storage"}  # codec-specific options are checked by the codec
 STATE_FIELDS = {"storage", "init", "torch_name"}
 CHECK_FIELDS = {"require", "message"}
 RESERVED = {"p", "g", "t"}
+# modules the generated code imports (a generated module of the same name in their folder would shadow them)
+SHADOWED_MODULES = {"torch", "triton", "optgen", "sympy", "jinja2", "yaml", "numpy"}
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,11 @@ def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str)
         return node.value
     # Build the scalar from the composed node (never by parsing its text again as a YAML document).
     construct = yaml.constructor.SafeConstructor.yaml_constructors[node.tag]
-    value = construct(yaml.constructor.SafeConstructor(), node)
+    try:
+        value = construct(yaml.constructor.SafeConstructor(), node)
+    except (ValueError, KeyError, TypeError, yaml.YAMLError) as exc:  # '!!int adamw', '!!bool maybe'
+        raise SpecError(f"the value {node.value!r} is not a valid {node.tag.rsplit(':', 1)[-1]} ({exc})", file=file,
+                        line=node.start_mark.line + 1, field=".".join(map(str, path))) from None
     if node.style is None and isinstance(value, str) and NUMBER.match(value):  # YAML 1.1 reads '1e-3' as text
         return float(value)
     return value
@@ -205,8 +214,11 @@ def _parse_interval(text: Any, err) -> Interval:
 
 
 def _number(value: Any, err) -> float:
+    """A finite number that fp32 holds (the generated code computes in fp32 and prints it as a literal)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise err(f"expected a number, got {value!r}")
+    if isinstance(value, int) and abs(value) > FP32_MAX or not abs(float(value)) <= FP32_MAX:
+        raise err(f"expected a finite number within the fp32 range (|x| <= {FP32_MAX:.7g}), got {value!r}")
     return float(value)
 
 
@@ -304,9 +316,14 @@ def load_spec_text(text: str, file: str = "<spec>") -> Spec:
     if not isinstance(spec.name, str) or not MODULE_NAME.match(spec.name) or keyword.iskeyword(spec.name):
         raise spec.error(f"name must be a lower-case module name like 'flash_adamw', got {spec.name!r}",
                          ("name",))
+    if spec.name in SHADOWED_MODULES or spec.name in sys.stdlib_module_names:
+        raise spec.error(f"name '{spec.name}' is the name of a module the generated code (or Python) imports: a "
+                         f"generated {spec.name}.py would shadow it", ("name",))
     spec.class_name = data["class"]
-    if not isinstance(spec.class_name, str) or not CLASS_NAME.match(spec.class_name):
-        raise spec.error(f"class must be a CamelCase class name, got {spec.class_name!r}", ("class",))
+    if not isinstance(spec.class_name, str) or not CLASS_NAME.match(spec.class_name) or \
+            keyword.iskeyword(spec.class_name) or hasattr(builtins, spec.class_name):
+        raise spec.error(f"class must be a CamelCase class name that is not a Python keyword or builtin, got "
+                         f"{spec.class_name!r}", ("class",))
     spec.doc = _text(data.get("doc"), lambda m: spec.error(m, ("doc",)))
 
     hyper = data.get("hyperparams", {}) or {}

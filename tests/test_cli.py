@@ -69,6 +69,20 @@ def test_build_several_specs(tmp_path, capsys):
         compile((tmp_path / f"{s.stem}.py").read_text(), s.name, "exec")
 
 
+def test_a_build_of_several_specs_writes_nothing_if_one_fails(tmp_path, capsys):
+    """Every spec is compiled before any file is written: a bad one, or two of one name (the second would
+    overwrite the first's module), leaves the output folder as it was."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    twin = tmp_path / "twin.yaml"
+    twin.write_text((SPECS / "sgd.yaml").read_text())
+    out = tmp_path / "out"
+    for later, fragment in ((bad, "unknown name 'gg'"), (twin, f"name 'sgd' is also the name of {SPECS / 'sgd.yaml'}")):
+        assert main(["build", str(SPECS / "sgd.yaml"), str(later), "-o", str(out)]) == 1
+        assert fragment in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_build_as_a_subprocess_matches_in_process(tmp_path):
     out_sub, out_in = tmp_path / "sub", tmp_path / "in"
     result = subprocess.run(

@@ -253,6 +253,35 @@ def test_per_tensor_scale_from_scalars_alone(tmp_path, backend):
         assert float((stored.reshape(-1) - rm.reshape(-1)).abs().max()) <= 0.04 * 2 ** -6
 
 
+SUM_OF_A_SUM_SPEC = """\
+name: sum_of_sum
+class: SumOfSum
+hyperparams:
+  lr: {default: 0.1}
+param: {storage: fp32}
+update: |
+  s = sum(g)
+  p = p - lr*sum(s)/numel
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_sum_of_a_per_tensor_temporary_is_over_every_element(tmp_path, backend):
+    """``s = sum(g)`` holds one value per tensor; ``sum(s)`` adds it once per element (numel * s), on both backends:
+    the fallback used to sum the 0-d tensor (s) while the kernel summed a tile of it."""
+    cls = _load(tmp_path, SUM_OF_A_SUM_SPEC)
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(3001,), (40, 50)]]
+    ref = [p.detach().double().clone() for p in params]
+    opt = cls(params, lr=0.1, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p, r in zip(params, ref):
+        expected = r - 0.1 * p.grad.double().sum()  # numel * sum(g) / numel
+        assert torch.allclose(p.detach().double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend (CUDA, or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("spec", [SPEC, TWO_LEVEL_SPEC], ids=["sum-max", "two-levels"])
 def test_a_split_launch_reduces_each_part_as_one_launch(tmp_path, spec, step_whole_and_split, monkeypatch):

@@ -271,6 +271,48 @@ CASES = [
         "hyperparams.m",
         "twice",
     ),
+    # names the generated code uses: the kernel's slice loop overwrote a hyper-parameter 'k' (wrong results),
+    # 'self' or a pointer table made the module fail to import, 'initial_lr' is an LR scheduler's group key
+    ("hyperparameter_named_k", edit({6: "  betas: {default: [0.9, 0.99]}\n  k: {default: 1.0}"}), 7,
+     "hyperparams.k", "reserved"),
+    ("hyperparameter_named_self", edit({6: "  betas: {default: [0.9, 0.99]}\n  self: {default: 1.0}"}), 7,
+     "hyperparams.self", "reserved"),
+    ("hyperparameter_named_initial_lr", edit({6: "  betas: {default: [0.9, 0.99]}\n  initial_lr: {default: 1.0}"}),
+     7, "hyperparams.initial_lr", "reserved"),
+    ("temporary_named_like_a_pointer_table", edit({12: "  param_ptrs = g\n  m = beta1*m + (1 - beta1)*param_ptrs"}),
+     12, "update", "buffers or functions"),
+    ("temporary_named_like_a_codec_buffer", edit({10: "  m: {storage: q8_dynamic}",
+                                                  12: "  state_m_absmax = g\n  m = beta1*m + (1 - beta1)*g"}),
+     12, "update", "reserved"),
+    ("temporary_named_like_a_generated_function", edit({12: "  errspec_step_kernel = g\n  m = beta1*m + (1 - beta1)*g"}),
+     12, "update", "buffers or functions"),
+    # keys of optimizer.state[p]: the step count, another buffer's key, torch names
+    ("state_named_step", edit({10: "  step: {storage: fp32}", 12: "  step = beta1*step + (1 - beta1)*g",
+                               13: "  p = p - lr*step"}), 10, "state.step", "the step count"),
+    ("state_named_like_a_side_buffer", edit({10: "  m: {storage: q8_dynamic}\n  m_absmax: {storage: fp32}",
+                                             12: "  m = beta1*m + (1 - beta1)*g\n  m_absmax = g"}),
+     11, "state.m_absmax", "a buffer of 'm'"),
+    ("torch_name_master", edit({10: "  m: {storage: fp32, torch_name: master}"}), 10, "state.m.torch_name", "taken"),
+    ("torch_name_twice", edit({10: "  m: {storage: fp32, torch_name: exp_avg}\n  v: {storage: fp32, torch_name: exp_avg}",
+                               12: "  m = beta1*m + (1 - beta1)*g\n  v = g*g"}), 11, "state.v.torch_name", "taken"),
+    # class and module names the generated module would break or shadow
+    ("class_None", edit({2: "class: None"}), 2, "class", "keyword or builtin"),
+    ("class_builtin", edit({2: "class: Exception"}), 2, "class", "keyword or builtin"),
+    ("class_named_like_an_import", edit({2: "class: Buffer"}), 2, "class", "reserved"),
+    ("name_torch", edit({1: "name: torch"}), 1, "name", "shadow"),
+    ("name_stdlib", edit({1: "name: random"}), 1, "name", "shadow"),
+    # numbers: fp32 computes the update, and the generated code prints them as literals
+    ("default_nan", edit({5: "  lr: {default: .nan}"}), 5, "hyperparams.lr.default", "finite"),
+    ("default_inf", edit({5: "  lr: {default: .inf}"}), 5, "hyperparams.lr.default", "finite"),
+    ("init_too_large", edit({10: "  m: {storage: fp32, init: 1.0e300}"}), 10, "state.m.init", "fp32 range"),
+    ("constant_beyond_fp32", edit({13: "  p = p - 2.0**1024*m"}), 13, "update", "fp32 range"),
+    ("constant_beyond_fp32_int", edit({13: "  p = p - 2**1000*m"}), 13, "update", "fp32 range"),
+    ("constant_exp_beyond_fp32", edit({13: "  p = p - exp(1000)*m"}), 13, "update", "fp32 range"),
+    ("nested_power_does_not_hang", edit({13: "  p = p - ((9**1024)**1024)**1024*m"}), 13, "update", "fp32 range"),
+    # YAML tags that do not fit their value, and reductions in checks
+    ("yaml_int_tag_on_text", edit({1: "name: !!int errspec"}), 1, "name", "not a valid int"),
+    ("yaml_bool_tag_on_text", edit({5: "  lr: {default: !!bool maybe}"}), 5, "hyperparams.lr.default", "not a valid bool"),
+    ("check_with_a_reduction", edit(append="checks:\n  - require: sum(lr) > 0\n"), 15, "checks", "reductions"),
 ]
 
 

@@ -79,6 +79,9 @@ def render_torch_step(ir: IR) -> TorchStep:
     column = {r.symbol: j for j, r in enumerate(ir.reductions)}
     per_tensor = {s.symbol for s in ir.scalars} | {r.symbol for r in ir.reductions} | {sympy.Symbol("numel")}
     per_tensor |= {sym for t in ir.tensors for _, sym, _ in t.side}
+    for st in ir.statements:  # a temporary made of per-tensor values only (s = sum(p)) is one too
+        if st.expr.free_symbols and st.expr.free_symbols <= per_tensor:
+            per_tensor.add(st.target)
 
     def loads_for(wanted: set) -> list[str]:
         lines = [line for t in ir.tensors if t.input in wanted
