@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import os
 import re
 import sys
 import tempfile
@@ -369,7 +370,12 @@ def load(spec_path: str | Path) -> type:
         folder = Path(tempfile.gettempdir()) / "optgen_cache"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{module_name}.py"
-        path.write_text(source)
+        if not path.is_file() or path.read_text() != source:
+            # written whole, then renamed: processes loading the same spec at once (torchrun's ranks) never
+            # read a file another one is still writing
+            with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as tmp:
+                tmp.write(source)
+            os.replace(tmp.name, path)
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         assert module_spec is not None and module_spec.loader is not None
         module: ModuleType = importlib.util.module_from_spec(module_spec)

@@ -16,7 +16,21 @@ class StableEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, *args, **kwargs) -> None:
         super().__init__(num_embeddings, embedding_dim, *args, **kwargs)
         self.norm = nn.LayerNorm(embedding_dim, device=self.weight.device)
+        self._mark_weight()
+
+    def _mark_weight(self) -> None:
         setattr(self.weight, FP32_STATE_ATTR, True)
+
+    # The mark is an attribute of the Parameter object: ``to_empty()`` (meta-device init) and
+    # ``load_state_dict(assign=True)`` put a new Parameter in its place, which is marked again here.
+    def _apply(self, *args, **kwargs):
+        module = super()._apply(*args, **kwargs)
+        self._mark_weight()
+        return module
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._mark_weight()
 
     def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.weight)

@@ -85,6 +85,36 @@ def test_release_refuses_a_closure_and_a_second_attach():
         opt.attach_gradient_release(model)
 
 
+def test_a_gradient_release_did_not_take_is_refused():
+    """A gradient left from before attaching would be added into the first released step; a parameter frozen
+    when release was attached has no hook, so once unfrozen its gradient would pile up unstepped. Both are
+    refused (attach, then step()), and zero_grad() clears gradients while attached, as torch's does."""
+    model = _model(0)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    x, y = _data(1)
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="holds a gradient that gradient release did not take"):
+        opt.attach_gradient_release(model)
+    assert opt._release is None and all(p.grad is not None for p in model.parameters())
+    opt.zero_grad()
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    handle = opt.attach_gradient_release()
+    frozen.requires_grad_(True)  # unfrozen after attaching: no hook
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"step\(\): parameter 0 \(shape \(64, 32\)\) holds a gradient"):
+        opt.step()
+    assert torch.equal(frozen, before[0]) and not torch.equal(model[2].weight, before[2])  # the hooked ones stepped
+    opt.zero_grad()
+    assert frozen.grad is None
+    handle.remove()
+    opt.attach_gradient_release(model)  # attached again: the unfrozen parameter is hooked now
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(frozen, before[0]) and frozen.grad is None
+
+
 def test_release_refuses_a_model_with_parameters_outside_the_optimizer():
     model = _model(0)
     opt = AdamW(list(model.parameters())[:2])

@@ -162,6 +162,13 @@ def test_state_dict_round_trip(cls, dtype):
         set_grads([p_plain, p_off], step)
         plain.step()
         opt.step()
+    state, weights = opt.state_dict(), [p.detach().clone() for p in p_off]
+    set_grads([p_off], 99)
+    opt.step()  # the saved state_dict holds copies: the step count (advanced in place) too
+    assert all(float(s["step"]) == 3.0 for s in state["state"].values())
+    opt.load_state_dict(state)  # and back, so that both continue from step 3
+    for p, w in zip(p_off, weights):
+        p.data.copy_(w)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
@@ -182,6 +189,22 @@ def test_state_dict_round_trip(cls, dtype):
         assert_same(plain, p_plain, opt, p_off)
         assert_same(plain, p_plain, plain2, p_back)
         assert_same(plain, p_plain, opt2, p_fromplain)
+
+
+@pytest.mark.parametrize("load", ["load_state_dict", "load_torch_state_dict"])
+def test_a_load_keeps_each_chunk_to_one_param_group(load):
+    """A chunk is stepped once per param group: states loaded into chunks are packed group by group, as the
+    first step packs them (a chunk of two groups would cross the bus twice per step)."""
+    base, plain_params = make_params(torch.float32, 5), make_params(torch.float32, 5)
+    plain = AdamW([{"params": plain_params[:2]}, {"params": plain_params[2:], "lr": 0.1}])
+    set_grads([plain_params], 0)
+    plain.step()
+    opt = offloaded(AdamW)([{"params": base[:2]}, {"params": base[2:], "lr": 0.1}], chunk_mib=1000,
+                           staging_device="cpu")
+    saved = plain.state_dict() if load == "load_state_dict" else plain.torch_state_dict()
+    getattr(opt, load)(saved)
+    group_of = {p: k for k, g in enumerate(opt.param_groups) for p in g["params"]}
+    assert [sorted({group_of[e.param] for e in c.entries}) for c in opt._chunks] == [[0], [1]]
 
 
 @pytest.mark.parametrize("corruption", ["float codes", "meta"])
@@ -290,8 +313,9 @@ def test_budget_smaller_than_a_chunk_is_refused():
     with pytest.raises(ValueError, match="smaller than one chunk"):
         offloaded(AdamW)(params, chunk_mib=1, gpu_budget_mib=0.5, staging_device="cpu")
     opt = offloaded(AdamW)(params, chunk_mib=1, gpu_budget_mib=1.5, staging_device="cpu")
-    with pytest.raises(ValueError, match="at least one chunk"):
-        opt.set_gpu_budget(0.99)
+    for bad in (0.99, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="at least one chunk"):
+            opt.set_gpu_budget(bad)
     assert opt.gpu_budget_bytes == 1.5 * MiB
 
 
@@ -361,6 +385,9 @@ def test_misuse_is_refused():
     opt = off(AdamW, make_params(torch.float32, 0))
     with pytest.raises(RuntimeError, match="gradient release"):
         opt.attach_gradient_release()
+    for copy in (__import__("copy").deepcopy, lambda o: torch.save(o, io.BytesIO())):  # a copy would not work
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            copy(opt)
     assert offloaded(AdamW) is type(opt) and isinstance(opt, AdamW)
 
 

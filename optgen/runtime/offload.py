@@ -315,6 +315,10 @@ class OffloadedOptimizer(OptgenOptimizer):
         raise RuntimeError("gradient release is not supported with offloaded states: each parameter's step would "
                            "move its whole chunk across the bus")
 
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(f"{type(self).__name__} cannot be copied or pickled: its states live in pinned host chunks "
+                        f"and CUDA streams. Save its state_dict() and load it into a new optimizer")
+
     # ------------------------------------------------------------------ placement
     def _alloc_host(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=not self._testing_cpu)
@@ -326,8 +330,8 @@ class OffloadedOptimizer(OptgenOptimizer):
 
     def _place(self, values: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
         """Pack the given parameters' states (key -> tensor, any device) into new host chunks, in order, then
-        rebalance. A chunk holds whole tensors of at most ``chunk_bytes``, or the states of one larger tensor,
-        which is then streamed in pieces."""
+        rebalance. A chunk holds whole tensors of one param group, at most ``chunk_bytes``, or the states of one
+        larger tensor, which is then streamed in pieces."""
         pending: list[torch.Tensor] = []
         size = 0
 
@@ -353,10 +357,13 @@ class OffloadedOptimizer(OptgenOptimizer):
             pending.clear()
             size = 0
 
-        for p in values:
+        group_of = {p: k for k, g in enumerate(self.param_groups) for p in g["params"]}
+        last_group = None
+        for p in values:  # (a chunk is stepped once per param group: it never mixes two)
             need = self._state_bytes(p)
-            if size + need > self.chunk_bytes:
+            if size + need > self.chunk_bytes or group_of[p] != last_group:
                 close()
+            last_group = group_of[p]
             pending.append(p)
             size += need
             if need > self.chunk_bytes:
@@ -414,6 +421,7 @@ class OffloadedOptimizer(OptgenOptimizer):
         out now. A budget below one chunk is refused and changes nothing."""
         if gpu_budget_mib is not None and (isinstance(gpu_budget_mib, bool) or
                                            not isinstance(gpu_budget_mib, (int, float)) or
+                                           not math.isfinite(gpu_budget_mib) or
                                            not gpu_budget_mib * MiB >= self.chunk_bytes):
             raise ValueError(f"Invalid gpu_budget_mib: {gpu_budget_mib!r} (None, or at least one chunk: "
                              f"{self.chunk_bytes / MiB} MiB)")
@@ -574,11 +582,11 @@ class OffloadedOptimizer(OptgenOptimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """As the base class, but each state tensor is a copy (on the device its chunk is on now): the live
-        states are views of different dtypes into one buffer, which ``torch.save`` refuses."""
+        states are views of different dtypes into one buffer, which ``torch.save`` refuses (and the step count,
+        which the next step advances in place)."""
         self.synchronize()
         sd = super().state_dict()
-        sd["state"] = {index: {k: v if k == "step" else v.clone() for k, v in state.items()}
-                       for index, state in sd["state"].items()}
+        sd["state"] = {index: {k: v.clone() for k, v in state.items()} for index, state in sd["state"].items()}
         return sd
 
     def _load_checked(self, state_dict: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import torch
 from optgen.runtime import distributed
 from optgen.runtime.group_plan import GroupPlan, PlanBook, PlannedLaunch, next_count
 from optgen.runtime.launch import RngArgs, Scalars
+from optgen.runtime.release import attach, check_no_gradient_left
 from optgen.runtime.step_hooks import with_step_hooks
 from optgen.runtime.transfer import host_to_device, make_rng, refuse_graph_capture, to_device
 
@@ -681,22 +682,20 @@ class OptgenOptimizer(torch.optim.Optimizer):
     def attach_gradient_release(self, model: torch.nn.Module | None = None) -> Any:
         """Step each parameter during backward, as soon as its gradient is accumulated, and free the gradient.
 
-        Returns a handle whose ``remove()`` undoes it. While attached, ``step()`` and ``zero_grad()`` do
-        nothing (the work happened in backward), a closure is refused, and the learning rate and other
-        hyper-parameters are read when each hook runs, so LR schedulers work. Gradient clipping over all
-        parameters and accumulation over micro-batches cannot work (each gradient is gone when backward
-        ends); DistributedDataParallel is refused. Pass ``model`` to check that it owns no parameter this
+        Returns a handle whose ``remove()`` undoes it. While attached, ``step()`` does nothing (the work
+        happened in backward), a closure is refused, and the learning rate and other hyper-parameters are read
+        when each hook runs, so LR schedulers work. Gradient clipping over all parameters and accumulation over
+        micro-batches cannot work (each gradient is gone when backward ends); DistributedDataParallel is
+        refused. Attaching while a parameter holds a gradient is refused (the first released step would add it
+        in), and so is ``step()`` while one holds a gradient no hook took (a parameter frozen when release was
+        attached and unfrozen since: attach again). Pass ``model`` to check that it owns no parameter this
         optimizer lacks.
         """
-        from optgen.runtime.release import attach
-
         return attach(self, model)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, but traceable: torch's is excluded from Dynamo, which would split a compiled
-        training step in two. Nothing to do with gradient release attached (no gradient outlives backward)."""
-        if self._release is not None:
-            return
+        training step in two."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -719,6 +718,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             if closure is not None:
                 raise RuntimeError("step(closure) cannot run with gradient release attached: the parameters "
                                    "are stepped inside backward")
+            check_no_gradient_left(self, "step()")
             return None
         loss = None
         if closure is not None:

@@ -56,6 +56,16 @@ class GradientRelease:
             self.optimizer._release = None
 
 
+def check_no_gradient_left(optimizer: OptgenOptimizer, when: str) -> None:
+    """Raise unless every parameter's gradient is gone: one still there was never stepped by a hook (the
+    parameter did not require grad when release was attached), or would be added into the next one."""
+    for k, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        if p.grad is not None:
+            raise RuntimeError(f"{when}: parameter {k} (shape {tuple(p.shape)}) holds a gradient that gradient "
+                               f"release did not take (attach with no gradients left, after zero_grad(); a "
+                               f"parameter unfrozen since attaching needs remove() and a new attach)")
+
+
 def attach(optimizer: OptgenOptimizer, model: torch.nn.Module | None = None) -> GradientRelease:
     """Check that release can work here and attach the hooks (see OptgenOptimizer.attach_gradient_release)."""
     if optimizer._release is not None:
@@ -68,6 +78,7 @@ def attach(optimizer: OptgenOptimizer, model: torch.nn.Module | None = None) -> 
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
         if missing:
             raise ValueError(f"parameters not in this optimizer would keep their gradients: {', '.join(missing[:5])}")
+    check_no_gradient_left(optimizer, "attach_gradient_release")
     release = GradientRelease(optimizer)
     optimizer._release = release
     return release
