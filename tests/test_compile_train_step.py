@@ -89,3 +89,33 @@ def test_old_torch_is_a_clear_error(monkeypatch):
     monkeypatch.delattr(torch._dynamo.config, "trace_autograd_ops", raising=False)
     with pytest.raises(RuntimeError, match="trace_autograd_ops"):
         compile_training_step(lambda: None)
+
+
+def test_a_parameter_that_starts_late_is_refused_in_a_compiled_step():
+    """A compiled step gives a param group one step count; a parameter unfrozen after two steps is at count 0
+    when the others are at 2, and would take their bias correction (a silently wrong first update). The graph
+    refuses it before any count advances; the eager step handles it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 4)).to(DEVICE)
+    opt = optim.AdamW(model.parameters(), lr=torch.tensor(1e-2, device=DEVICE))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    compiled = compile_training_step(step, backend="aot_eager")
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 24, generator=gen).to(DEVICE), torch.randn(16, 4, generator=gen).to(DEVICE))
+            for _ in range(3)]
+    model[2].requires_grad_(False)
+    for x, y in data[:2]:
+        compiled(x, y)
+    model[2].requires_grad_(True)
+    counts = [float(opt.state[p]["step"]) for p in model[0].parameters()]
+    with pytest.raises(RuntimeError, match="different counts"):
+        compiled(*data[2])
+    assert [float(opt.state[p]["step"]) for p in model[0].parameters()] == counts == [2.0, 2.0]

@@ -122,9 +122,16 @@ def exact_keys(variant: Variant) -> tuple[list[str], list[str]]:
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp8 codes are saved as their bytes: gloo cannot gather float8 (a full state dict gathers)."""
+def saved_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp8 codes are saved as their bytes: gloo cannot gather float8 (a full state dict gathers). Plain
+    parameters' states are saved the same way, so that DCP, which copies a checkpoint's values into the
+    loading side's tensors, copies bytes into bytes between a sharded model and an unwrapped one."""
     return torch.uint8 if dtype in FP8 else dtype
+
+
+def as_stored(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A saved state in the dtype its buffer stores: fp8 codes saved as their bytes are viewed as fp8 again."""
+    return value.view(dtype) if dtype in FP8 and value.dtype == torch.uint8 else value
 
 
 def as_dtensor(value: torch.Tensor, p: DTensor) -> DTensor:
@@ -140,7 +147,7 @@ def state_dict_sharded(variant: Variant, p: DTensor, state: dict[str, torch.Tens
     # the optimizer has checked it
     out: dict[str, Any] = {"step": state["step"].clone()}
     for key in exact:
-        value = state[key].clone().view(_saved_dtype(state[key].dtype))
+        value = state[key].clone().view(saved_dtype(state[key].dtype))
         out[key] = value if shapes[key] == "scalar" else as_dtensor(value, p)
     if decoded:
         values = variant.export_state(local(p).detach(), state)
@@ -156,7 +163,7 @@ def expected_sharded(variant: Variant, p: DTensor) -> dict[str, tuple[tuple[int,
     for b in variant.buffers:
         if b.key in exact:
             shape = () if b.shape == "scalar" else tuple(p.shape)
-            out[b.key] = (shape, _saved_dtype(b.torch_dtype(p.dtype)), b.shape != "scalar")
+            out[b.key] = (shape, saved_dtype(b.torch_dtype(p.dtype)), b.shape != "scalar")
     for name in decoded:
         out[name] = (tuple(p.shape), torch.float32, True)
     return out

@@ -603,7 +603,7 @@ class OffloadedOptimizer(OptgenOptimizer):
             if saved:
                 step = saved["step"]
                 self.state[p]["step"] = step.detach().to(device="cpu", dtype=step.dtype, copy=True).reshape(step.shape)
-                values[p] = {k: v for k, v in saved.items() if k != "step"}
+                values[p] = {k: v for k, v in self._as_stored(p, saved).items() if k != "step"}
         self._place(values)
 
     def load_torch_state_dict(self, state_dict: dict[str, Any]) -> None:

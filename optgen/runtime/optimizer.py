@@ -136,6 +136,10 @@ _DEVICE_INDEX = torch.Tensor.get_device  # -1 on the CPU: an int, cheaper to get
 _DTYPE = operator.attrgetter("dtype")
 _GRAD_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))  # the kernels load these
 _NUMBER_TYPES = frozenset((float, int, bool))  # scalars of these types need no isinstance check for tensors
+_MIXED_COUNTS_UNDER_COMPILE = (
+    "a compiled step takes one step count per param group, and the parameters of this group are at different "
+    "counts (one got its first gradient later, e.g. unfrozen): put such parameters in their own param group, "
+    "or step eagerly")
 # torch.optim options: a param group that sets one the spec lacks is refused, not ignored. Those that change the
 # math are also refused in a torch.optim state_dict that load_torch_state_dict is given (the others are harmless there).
 _TORCH_MATH_OPTIONS = ("maximize", "amsgrad", "nesterov", "dampening", "momentum")
@@ -462,11 +466,15 @@ class OptgenOptimizer(torch.optim.Optimizer):
         across ranks.
 
         Under torch.compile the step count stays a tensor (no ``.item()``, no recompiles as it grows) and
-        the parameters of a group share the first one's count, as they do when every one gets a gradient.
+        the parameters of a group share the first one's count, as they do when every one gets a gradient. A
+        group whose counts differ (a parameter that got its first gradient later) would take a wrong bias
+        correction: the compiled step refuses it before any count advances.
         """
         buckets: dict[tuple, list[int]] = {}
         steps = [state["step"] for state in states]
         if torch.compiler.is_compiling():
+            if len(steps) > 1:
+                torch._assert_async(torch.all(torch.stack(steps) == steps[0]), _MIXED_COUNTS_UNDER_COMPILE)
             torch._foreach_add_(steps, 1)
             for i, p in enumerate(params):
                 buckets.setdefault((p.device, steps[0], self.variant_of(p), distributed.layout(p)), []).append(i)
@@ -783,8 +791,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
             g["optgen"] = dict(sd["optgen"])
         params = [p for g in self.param_groups for p in g["params"]]
         for index, p in enumerate(params):
-            if distributed.layout(p) is not None and sd["state"].get(index):
+            state = sd["state"].get(index)
+            if not state:
+                continue
+            if distributed.layout(p) is not None:
                 sd["state"][index] = distributed.state_dict_sharded(self.variants[self.variant_of(p)], p, self.state[p])
+            elif any(v.dtype in distributed.FP8 for v in state.values()):  # as bytes, as sharded states are
+                sd["state"][index] = {k: v.view(distributed.saved_dtype(v.dtype)) for k, v in state.items()}
         return sd
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -828,8 +841,9 @@ class OptgenOptimizer(torch.optim.Optimizer):
             for b in buffers:
                 if b.key is None:
                     continue
-                value = state[b.key]
                 dtype, shape = b.torch_dtype(p.dtype), b.shape_for(p)
+                value = state[b.key]
+                value = distributed.as_stored(value, dtype) if isinstance(value, torch.Tensor) else value
                 if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
                     got = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value)
                     raise ValueError(f"state '{b.key}' of parameter {index}: expected shape {shape} "
@@ -951,6 +965,11 @@ class OptgenOptimizer(torch.optim.Optimizer):
             new_states[p] = state
         return new_states
 
+    def _as_stored(self, p: torch.Tensor, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The saved states of plain parameter ``p`` in the dtypes its buffers store (fp8 saved as bytes)."""
+        dtypes = {b.key: b.torch_dtype(p.dtype) for b in self.variants[self.variant_of(p)].buffers if b.key}
+        return {k: distributed.as_stored(v, dtypes[k]) if k in dtypes else v for k, v in saved.items()}
+
     def _load_checked(self, state_dict: dict[str, Any]) -> None:
         """Load a checked state_dict exactly: copies of the saved states in their saved dtypes (torch's loader
         would cast them to the parameter's dtype), the saved groups' settings, and the seed."""
@@ -963,7 +982,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
             # copies, never the saved tensors themselves: the step count is updated in place
             new_states = {p: {key: value.detach().to(device="cpu" if key == "step" else p.device, dtype=value.dtype,
                                                      copy=True).reshape(value.shape)
-                              for key, value in state_dict["state"][index].items()}
+                              for key, value in self._as_stored(p, state_dict["state"][index]).items()}
                           for index, p in zip(saved_ids, params) if state_dict["state"].get(index)}
         groups = []
         for group, saved in zip(self.param_groups, deepcopy(state_dict["param_groups"])):
