@@ -17,6 +17,17 @@ def _data(seed: int):
     return torch.randn(16, 32, generator=g), torch.randn(16, 4, generator=g)
 
 
+def _plain_step_and_released_backward(plain: nn.Module, opt_plain, released: nn.Module, step: int) -> None:
+    """One step of the usual loop on ``plain``, and the backward of ``released`` (whose hooks step it), on the same
+    batch: every gradient of ``released`` is consumed during backward."""
+    x, y = _data(step)
+    nn.functional.mse_loss(plain(x), y).backward()
+    opt_plain.step()
+    opt_plain.zero_grad()
+    nn.functional.mse_loss(released(x), y).backward()
+    assert all(p.grad is None for p in released.parameters())
+
+
 @pytest.mark.parametrize("cls, kw", [(AdamW, {"lr": 1e-2, "weight_decay": 0.1}), (SGD, {"lr": 0.1, "momentum": 0.9}),
                                      (Lion, {"lr": 1e-3}), (AdamW8bit, {"lr": 1e-2, "min_quantized_size": 1024})],
                          ids=lambda x: getattr(x, "__name__", ""))
@@ -27,12 +38,7 @@ def test_release_equals_plain_step_with_scheduler(cls, kw):
     sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda s: 1 / (1 + s))
     handle = opt_b.attach_gradient_release(released)
     for step in range(5):
-        x, y = _data(step)
-        nn.functional.mse_loss(plain(x), y).backward()
-        opt_a.step()
-        opt_a.zero_grad()
-        nn.functional.mse_loss(released(x), y).backward()
-        assert all(p.grad is None for p in released.parameters())  # consumed during backward
+        _plain_step_and_released_backward(plain, opt_a, released, step)
         opt_b.step()  # a no-op while release is attached
         opt_b.zero_grad()
         sched_a.step()
@@ -134,13 +140,8 @@ def test_release_follows_the_groups_after_load_state_dict_and_add_param_group():
         opt.load_state_dict(saved)
         opt.param_groups[0]["lr"] = 0.05
         opt.add_param_group({"params": (pa if opt is opt_a else pb)[4:], "lr": 0.02})
-    for step in range(3):
-        x, y = _data(step)
-        nn.functional.mse_loss(plain(x), y).backward()
-        opt_a.step()
-        opt_a.zero_grad()
-        nn.functional.mse_loss(released(x), y).backward()
-        assert all(p.grad is None for p in pb)  # every parameter consumed during backward, the added ones too
+    for step in range(3):  # every parameter consumed during backward, the added ones too
+        _plain_step_and_released_backward(plain, opt_a, released, step)
     for p, q in zip(pa, pb):
         assert torch.equal(p, q)
     assert float(opt_b.state[pb[-1]]["step"]) == 3.0

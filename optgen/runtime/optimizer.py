@@ -318,17 +318,21 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} is listed twice in one param group")
             seen.add(id(p))
 
+    def _lacked_option(self, group: dict[str, Any], options: tuple[str, ...]) -> str | None:
+        """The first of torch.optim's ``options`` that ``group`` turns on and this spec has no hyper-parameter for."""
+        names = {rule.name for rule in self.hyperparam_rules}
+        return next((key for key in options if key not in names and group.get(key)), None)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate the group (parameters and every hyper-parameter) before anything is stored."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         group = {**param_group, "params": _param_list(param_group["params"])}
         self._validate_params(_tensors_of(group["params"]))
-        names = {rule.name for rule in self.hyperparam_rules}
-        for key in _TORCH_OPTIONS:
-            if key not in names and group.get(key):
-                raise ValueError(f"{type(self).__name__} ({self.spec_name}) does not implement torch.optim's "
-                                 f"'{key}' option; a param group sets {key}={group[key]!r}")
+        key = self._lacked_option(group, _TORCH_OPTIONS)
+        if key is not None:
+            raise ValueError(f"{type(self).__name__} ({self.spec_name}) does not implement torch.optim's "
+                             f"'{key}' option; a param group sets {key}={group[key]!r}")
         for rule in self.hyperparam_rules:
             if rule.name in group:
                 group[rule.name] = rule.validate(group[rule.name])
@@ -906,13 +910,12 @@ class OptgenOptimizer(torch.optim.Optimizer):
         if len(groups) != len(self.param_groups) or any(len(a["params"]) != len(b["params"])
                                                           for a, b in zip(groups, self.param_groups)):
             raise ValueError("the state_dict's param groups do not match this optimizer's")
-        names = {rule.name for rule in self.hyperparam_rules}
         new_groups = []
         for saved, group in zip(groups, self.param_groups):
-            for key in _TORCH_MATH_OPTIONS:
-                if key not in names and saved.get(key):
-                    raise ValueError(f"the state_dict was saved with {key}={saved[key]!r}, which {type(self).__name__} "
-                                     f"({self.spec_name}) does not implement")
+            key = self._lacked_option(saved, _TORCH_MATH_OPTIONS)
+            if key is not None:
+                raise ValueError(f"the state_dict was saved with {key}={saved[key]!r}, which {type(self).__name__} "
+                                 f"({self.spec_name}) does not implement")
             merged = dict(group)
             for rule in self.hyperparam_rules:
                 if rule.name in saved:
