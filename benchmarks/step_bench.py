@@ -21,8 +21,14 @@ parameter element:
 
 where ``state`` is the optimizer's state in bytes per parameter element, measured by
 summing ``nbytes`` over every tensor in ``optimizer.state`` (quantization scales and
-error-correction bits included) and dividing by the parameter count. An optgen class may
-declare its own figure through ``cls.bytes_moved_per_element(param_dtype, grad_dtype)``.
+error-correction bits included) and dividing by the parameter count. That is one pass over
+the tensors. optgen's classes declare their figure (``cls.bytes_per_element(param_dtype,
+grad_dtype, moved=True)``), which differs only for a spec with whole-tensor reductions: no
+element of LAMB's update can be stored before the norms over the whole tensor are known, so
+its step reads the tensors twice. fp32 LAMB moves 40 B per element (first pass: read p, g,
+m, v and store the new m, v; second: read p, m, v and store p), not 28; LAMB16 26 B, not 16
+(the second pass reads p, g and the fp8 m, v again, since their new scales come from the
+first). The table shows that figure; the count of one pass is given beside it in the text.
 
 Columns: ``GB/s`` = moved * numel / time; ``frac copy BW`` = GB/s over the copy bandwidth;
 ``floor ratio`` = time / (moved * numel / copy bandwidth), i.e. how many times slower than

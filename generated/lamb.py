@@ -281,10 +281,10 @@ if triton is not None:
 
 MAIN_VARIANT = Variant(
     buffers=(
-        Buffer('param', None, 'param', written=True),
+        Buffer('param', None, 'param', written=True, reads=2),
         Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True, state='exp_avg'),
-        Buffer('state_v', 'v', 'float32', written=True, state='exp_avg_sq'),
+        Buffer('state_m', 'm', 'float32', written=True, reads=2, state='exp_avg'),
+        Buffer('state_v', 'v', 'float32', written=True, reads=2, state='exp_avg_sq'),
     ),
     init_state=init_state,
     export_state=export_state,

@@ -313,12 +313,12 @@ if triton is not None:
 
 MAIN_VARIANT = Variant(
     buffers=(
-        Buffer('param', None, 'param', written=True),
-        Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float8_e4m3fn', written=True, state='exp_avg'),
-        Buffer('state_m_scale', 'm_scale', 'float32', written=True, shape='scalar', state='exp_avg'),
-        Buffer('state_v', 'v', 'float8_e5m2', written=True, state='exp_avg_sq'),
-        Buffer('state_v_scale', 'v_scale', 'float32', written=True, shape='scalar', state='exp_avg_sq'),
+        Buffer('param', None, 'param', written=True, reads=2),
+        Buffer('grad', None, 'param', reads=2),
+        Buffer('state_m', 'm', 'float8_e4m3fn', written=True, reads=2, state='exp_avg'),
+        Buffer('state_m_scale', 'm_scale', 'float32', written=True, reads=2, shape='scalar', state='exp_avg'),
+        Buffer('state_v', 'v', 'float8_e5m2', written=True, reads=2, state='exp_avg_sq'),
+        Buffer('state_v_scale', 'v_scale', 'float32', written=True, reads=2, shape='scalar', state='exp_avg_sq'),
     ),
     init_state=init_state,
     export_state=export_state,
@@ -546,10 +546,10 @@ if triton is not None:
 
 FP32_VARIANT = Variant(
     buffers=(
-        Buffer('param', None, 'param', written=True),
-        Buffer('grad', None, 'param'),
-        Buffer('state_m', 'm', 'float32', written=True, state='exp_avg'),
-        Buffer('state_v', 'v', 'float32', written=True, state='exp_avg_sq'),
+        Buffer('param', None, 'param', written=True, reads=2),
+        Buffer('grad', None, 'param', reads=2),
+        Buffer('state_m', 'm', 'float32', written=True, reads=2, state='exp_avg'),
+        Buffer('state_v', 'v', 'float32', written=True, reads=2, state='exp_avg_sq'),
     ),
     init_state=init_state_fp32,
     export_state=export_state_fp32,

@@ -211,11 +211,14 @@ def _buffer_records(ir: IR) -> list[str]:
     """``Buffer(...)`` constructor calls, one per op argument, for the generated class."""
     records = []
     names = {s.name: s.torch_name for s in ir.spec.state}
+    reads = ir.reads_per_step()
     for t in ir.tensors:
         for arg, key, b in zip(t.arg_names, t.state_keys, t.codec.buffers()):
             fields = [repr(arg), repr(key), repr(b.dtype)]
             if t.output is not None:
                 fields.append("written=True")
+            if reads[t.name] != 1:
+                fields.append(f"reads={reads[t.name]}")
             if b.shape != "param":
                 fields.append(f"shape={b.shape!r}")
             if b.shape == "groups":

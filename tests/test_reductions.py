@@ -4,6 +4,7 @@ on both backends, and a custom spec that uses sum, max and numel."""
 import inspect
 import itertools
 import os
+import re
 import sys
 
 import pytest
@@ -309,3 +310,27 @@ def test_a_split_launch_reduces_each_part_as_one_launch(tmp_path, spec, step_who
     assert any(plan.parts is not None for plan in sys.modules[cls.__module__]._launcher._plans.values())
     for x, y in zip(eager.param_groups[0]["params"], split.param_groups[0]["params"]):  # sums in another order
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Lamb", "Lamb16"])
+def test_bytes_moved_count_every_pass(name):
+    """A whole-tensor reduction must be complete before any element is stored, so LAMB reads its tensors twice.
+    The bytes a step moves count every pass: each buffer as often as the generated kernel's passes load it
+    (counted here in its source), plus one write per written buffer."""
+    cls = getattr(optgen.optim, name)
+    source = inspect.getsource(sys.modules[cls.__module__])
+    for variant in cls.variants.values():
+        kernel = variant.triton_launcher.kernel.fn.__name__  # <spec>_step[_<layout>]_kernel, its tile function first
+        tile = source[source.index(f"def {kernel.removesuffix('_kernel')}_tile("):source.index(f"def {kernel}(")]
+        sections = tile.split("PASS == ")[1:]
+        for b in variant.buffers:
+            if b.shape == "scalar":  # a per-tensor number (0 bytes per element)
+                continue
+            loaded = re.compile(rf"(tl\.load\(|triton_decode\w*\(){b.arg}\b")
+            assert b.reads == sum(bool(loaded.search(s)) for s in sections), (name, b.arg)
+    # fp32 LAMB: the first pass reads p, g, m, v (16 B) and stores the new m and v (8 B), which the second reads
+    # back with p (12 B) before storing p (4 B). LAMB16 (fp8 m and v, whose new per-tensor scales the first pass
+    # computes): the first pass reads p, g, m, v (4 + 4 + 1 + 1 B); the second reads them again and stores p, m, v.
+    expected = {"Lamb": 16 + 8 + 12 + 4, "Lamb16": 10 + 10 + 6}[name]
+    assert cls.bytes_per_element(torch.float32, moved=True) == expected
+    assert cls.bytes_per_element(torch.float32) == {"Lamb": 16, "Lamb16": 10}[name]

@@ -17,7 +17,7 @@ from typing import ClassVar
 import sympy
 
 from optgen.backends.printing import BasePrinter
-from optgen.ir import IR
+from optgen.ir import IR, Pass
 
 TL_DTYPES = {"float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.float16", "int8": "tl.int8",
              "uint8": "tl.uint8", "int16": "tl.int16", "int32": "tl.int32", "float8_e4m3fn": "tl.float8e4nv",
@@ -126,43 +126,19 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
         return [f"{r.symbol.name} = tl.load(red + tensor * NRED + {j})" for j, r in enumerate(ir.reductions)
                 if r.level < level]
 
-    def needed_for(wanted: set, known: set) -> tuple[list, set]:
-        """The statements that compute ``wanted`` from the inputs and the ``known`` symbols, in order, and every
-        symbol they (or ``wanted`` itself) read."""
-        needed, reads = [], set(wanted)
-        for st in reversed(ir.statements):
-            if st.target in reads and st.target not in known:
-                needed.append(st)
-                reads |= st.expr.free_symbols
-        return needed[::-1], reads
+    def decode(step_pass: Pass) -> list[str]:
+        """Loads of the inputs the pass reads, and of the new values of the states stored by an earlier pass."""
+        return (loads_for(step_pass.inputs)
+                + [line for t in step_pass.stored_earlier
+                   for line in t.codec.triton_decode(t.output.name, t.arg_names, "offs", "mask")])
 
-    def decode_inputs(reads: set) -> list[str]:
-        """Loads of the inputs in ``reads``, and of the new values of the states stored by an earlier pass."""
-        return (loads_for([t for t in ir.tensors if t.input in reads])
-                + [line for t in early for line in t.codec.triton_decode(t.output.name, t.arg_names, "offs", "mask")
-                   if t.output in reads])
-
-    # A state stored losslessly (fp32) whose new value a reduction pass already computes is stored by that pass,
-    # if nothing after it reads the old value: later passes decode the new value instead of recomputing it and
-    # need none of its inputs (LAMB's second pass then reads neither the gradient nor the old moments). A step
-    # stopped between its passes (a failed all-reduce under FSDP) leaves such states updated and the rest not.
-    sides = {out for t in ir.tensors for _, _, out in t.side if out is not None}  # new per-tensor scales
-    early: list = []
+    *reduction_passes, final = ir.schedule()
     passes = []
-    for level in range(1, ir.passes + 1):
-        known = {t.output for t in early}
-        needed, reads = needed_for(set().union(*(r.arg.free_symbols for r in ir.reductions if r.level == level)), known)
-        lines = decode_inputs(reads) + load_reductions(level)
-        lines += [f"{st.target.name} = {tile(st.expr)}" for st in needed]
-        for t in ir.written:
-            if t.role != "state" or not t.codec.lossless or t.side or t.output not in {st.target for st in needed}:
-                continue
-            later = set().union(*(r.arg.free_symbols for r in ir.reductions if r.level > level),
-                                {u.output for u in ir.written if u is not t and u not in early} | sides)
-            if t.input not in needed_for(later, known | {t.output})[1]:
-                lines += t.codec.triton_encode(t.output.name, t.arg_names, "offs", "mask")
-                early.append(t)
-                known.add(t.output)
+    for level, step_pass in enumerate(reduction_passes, 1):
+        lines = decode(step_pass) + load_reductions(level)
+        lines += [f"{st.target.name} = {tile(st.expr)}" for st in step_pass.statements]
+        for t in step_pass.stores:  # states stored losslessly as soon as their new value is known
+            lines += t.codec.triton_encode(t.output.name, t.arg_names, "offs", "mask")
         for j, r in enumerate(ir.reductions):
             if r.level == level:
                 if r.kind == "sum":
@@ -172,12 +148,7 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
                     lines.append(f"tl.atomic_max(red + tensor * NRED + {j}, "
                                  f"tl.max(tl.where(mask, {tile(r.arg)}, float('-inf'))))")
         passes.append(lines)
-    if early:  # the final pass computes only what it still stores
-        stored_last = {t.output for t in ir.written if t not in early} | sides
-        needed, reads = needed_for(stored_last, {t.output for t in early})
-        loads, body = decode_inputs(reads), [f"{st.target.name} = {tile(st.expr)}" for st in needed]
-    else:
-        loads, body = loads_for(ir.tensors), [f"{st.target.name} = {tile(st.expr)}" for st in ir.statements]
+    loads, body = decode(final), [f"{st.target.name} = {tile(st.expr)}" for st in final.statements]
     loads += [f"{sym.name} = tl.load({t.arg_names[k]})" for t in ir.tensors for k, sym, _ in t.side]
     # A new per-tensor scale cannot be written to its buffer while other programs still decode with the old
     # one: every program stores it in its own row of ``part`` (the same value), encodes with it, and the epilogue
@@ -186,7 +157,7 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
     # back), LAMB16's step took 9 % longer on an H100.
     slots = [r.kind for r in ir.reductions]
     stores, epilogue = [], []
-    for t in [t for t in ir.written[1:] + ir.written[:1] if t not in early]:
+    for t in final.stores:
         ptrs = list(t.arg_names)
         for k, _, out in t.side:
             if out is not None:

@@ -87,6 +87,7 @@ class Buffer:
     shape: str = "param"  # "param", "groups" (one per `group` elements), "half" (4-bit pairs) or "scalar"
     group: int = 1
     state: str | None = None  # torch name of the spec state it stores (None: the parameter and its side buffers)
+    reads: int = 1  # passes of a step that read it: more than one where whole-tensor reductions come first (LAMB)
 
     def torch_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
         return param_dtype if self.dtype == "param" else getattr(torch, self.dtype)
@@ -775,12 +776,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
     @classmethod
     def bytes_per_element(cls, param_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype | None = None,
                           moved: bool = False) -> float:
-        """Bytes held per parameter element (or, with ``moved``, read + written by one step)."""
+        """Bytes held per parameter element (or, with ``moved``, read + written by one step: a spec with
+        whole-tensor reductions reads some buffers in more than one pass, see ``optgen.ir.IR.schedule``)."""
         grad_dtype = grad_dtype or param_dtype
         total = 0.0
         for b in cls.buffers:
             size = b.bytes_per_element(grad_dtype if b.arg == "grad" else param_dtype)
-            total += size * (2 if moved and b.written else 1)
+            total += size * (b.reads + b.written if moved else 1)
         return total
 
     # ------------------------------------------------------------------ checkpoints
