@@ -3,7 +3,7 @@
 
 Update, per element in fp32 math (t = step, from 1):
     g = g + weight_decay*p
-    m = momentum*m + (1 - dampening)*g
+    m = momentum*m + where(momentum == 0, 1, 1 - dampening)*g # no momentum: dampening ignored, as FlashOptim and torch do
     p = p - lr*where(nesterov, g + momentum*m, m)
 
 Storage: parameter bf16+ecc8, gradient native, m q8_softsign.
@@ -40,7 +40,7 @@ def host_scalars(hp: dict, t: int) -> list:
     nesterov = hp['nesterov']
     return [
         weight_decay,  # weight_decay
-        1 - dampening,  # c0
+        hm.where((momentum == 0), 1, 1 - dampening),  # c0
         momentum,  # momentum
         hm.flag((nesterov != 0)),  # c1
         -lr,  # c2

@@ -914,3 +914,30 @@ def test_nonfinite_gradient_adamw8bit(backend):
     check_step(opt, p, before, p.grad, 5, entry, f"AdamW8bit[{backend}] after non-finite", stats)
     m_new = decode_all(opt, p, entry)["m"]
     assert (m_new[bad] != 0).all()
+
+
+# ==========================================================================================================
+# 7. FlashSGD without momentum ignores dampening, as FlashOptim and torch.optim.SGD do
+# ==========================================================================================================
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_flash_sgd_without_momentum_ignores_dampening(backend):
+    """momentum=0: FlashOptim steps p -= lr·(g + wd·p) whatever the dampening (it keeps no momentum buffer);
+    a dampening of 0.5 must not halve the step. Same bits as dampening 0, and the step of a float64 transcription
+    to within the 24-bit master weight's precision."""
+    if backend == "triton":
+        need_interpreter()
+    gen = torch.Generator().manual_seed(11)
+    (p0,) = make_params(gen, [(5000,)], torch.bfloat16)
+    runs = {}
+    for damp in (0.0, 0.5):
+        p = p0.detach().clone().requires_grad_()
+        opt = optim.FlashSGD([p], lr=0.05, momentum=0.0, dampening=damp, weight_decay=0.1, backend=backend)
+        g_gen = torch.Generator().manual_seed(12)
+        ref = p0.detach().double()
+        for _ in range(3):
+            p.grad = fresh_grad(g_gen, p).to(torch.bfloat16)
+            ref = ref - 0.05 * (p.grad.double() + 0.1 * ref)
+            opt.step()
+        runs[damp] = opt.master_weights()[0].double()
+        assert (runs[damp] - ref).abs().max() <= 2e-5 * ref.abs().max(), damp
+    assert torch.equal(runs[0.0], runs[0.5])
