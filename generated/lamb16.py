@@ -568,7 +568,7 @@ class Lamb16(OptgenOptimizer):
 
     Args:
         params: parameters or param groups to optimize.
-        lr: default 0.001, in (0.0, inf).
+        lr: default 0.001, in [0.0, inf).
         betas: default (0.9, 0.999), in [0.0, 1.0).
         eps: default 1e-06, in [0.0, inf).
         weight_decay: default 0.0, in [0.0, inf).
@@ -581,7 +581,7 @@ class Lamb16(OptgenOptimizer):
     spec_name = 'lamb16'
     param_dtypes = ('float32', 'bfloat16', 'float16')
     hyperparam_rules = (
-        HyperParamRule('lr', 'float', 0.001, low=0.0, high=math.inf, low_closed=False, high_closed=False),
+        HyperParamRule('lr', 'float', 0.001, low=0.0, high=math.inf, low_closed=True, high_closed=False),
         HyperParamRule('betas', 'tuple', (0.9, 0.999), low=0.0, high=1.0, low_closed=True, high_closed=False),
         HyperParamRule('eps', 'float', 1e-06, low=0.0, high=math.inf, low_closed=True, high_closed=False),
         HyperParamRule('weight_decay', 'float', 0.0, low=0.0, high=math.inf, low_closed=True, high_closed=False),

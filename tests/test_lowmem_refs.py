@@ -537,3 +537,26 @@ def test_lamb16_vs_lamb_regression():
     print("\n" + msg)
     assert all(math.isfinite(v) for v in (loss_lamb, loss16, loss16_fp32)), msg
     assert loss16 < 0.1 * first and loss_lamb < 0.1 * first, msg  # measured: 0.038x and 0.024x
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_lamb16_lr_zero_leaves_the_weights_and_steps_the_moments(backend):
+    """lr = 0 (a warmup from 0), accepted as vxst/LAMB16 accepts it: the trust ratio's 1e-3/lr is inf, τ clamps to
+    2 and p moves by 0·2·a = 0; the moments and their scales step as at any lr (they do not depend on it)."""
+    need_interpreter(backend)
+    gen = torch.Generator().manual_seed(31)
+    (p0,) = make_params(gen, [(5000,)], torch.float32)
+    opts = {}
+    for lr in (0.0, 1e-3):
+        p = p0.detach().clone().requires_grad_()
+        opts[lr] = optim.Lamb16([p], lr=lr, weight_decay=0.01, backend=backend)
+        g_gen = torch.Generator().manual_seed(32)
+        for _ in range(2):
+            p.grad = fresh_grad(g_gen, p.shape)
+            opts[lr].step()
+    (p,) = opts[0.0].param_groups[0]["params"]
+    assert torch.equal(p.detach(), p0.detach())
+    (q,) = opts[1e-3].param_groups[0]["params"]
+    assert not torch.equal(q.detach(), p0.detach())
+    for key in ("m", "m_scale", "v", "v_scale"):
+        assert torch.equal(opts[0.0].state[p][key].float(), opts[1e-3].state[q][key].float()), key
