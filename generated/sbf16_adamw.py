@@ -426,7 +426,7 @@ class StochasticAdamW(OptgenOptimizer):
         lr: default 0.001, in [0.0, inf).
         betas: default (0.9, 0.999), in [0.0, 1.0).
         eps: default 1e-08, in [0.0, inf).
-        weight_decay: default 0.01, in [0.0, inf).
+        weight_decay: default 0.0, in [0.0, inf).
         backend: "triton", "inductor" or "eager"; None picks Triton on CUDA and eager elsewhere.
         min_quantized_size: tensors with fewer elements keep fp32 states (as do parameters with
             ``optgen_fp32_state = True``).
@@ -439,7 +439,7 @@ class StochasticAdamW(OptgenOptimizer):
         HyperParamRule('lr', 'float', 0.001, low=0.0, high=math.inf, low_closed=True, high_closed=False),
         HyperParamRule('betas', 'tuple', (0.9, 0.999), low=0.0, high=1.0, low_closed=True, high_closed=False),
         HyperParamRule('eps', 'float', 1e-08, low=0.0, high=math.inf, low_closed=True, high_closed=False),
-        HyperParamRule('weight_decay', 'float', 0.01, low=0.0, high=math.inf, low_closed=True, high_closed=False),
+        HyperParamRule('weight_decay', 'float', 0.0, low=0.0, high=math.inf, low_closed=True, high_closed=False),
     )
     variants = {'': MAIN_VARIANT, 'native': NATIVE_VARIANT}
     buffers = MAIN_VARIANT.buffers
@@ -455,7 +455,7 @@ class StochasticAdamW(OptgenOptimizer):
         lr=0.001,
         betas=(0.9, 0.999),
         eps=1e-08,
-        weight_decay=0.01,
+        weight_decay=0.0,
         *,
         backend: str | None = None,
         min_quantized_size: int = 4096,

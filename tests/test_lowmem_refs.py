@@ -560,3 +560,21 @@ def test_lamb16_lr_zero_leaves_the_weights_and_steps_the_moments(backend):
     assert not torch.equal(q.detach(), p0.detach())
     for key in ("m", "m_scale", "v", "v_scale"):
         assert torch.equal(opts[0.0].state[p][key].float(), opts[1e-3].state[q][key].float()), key
+
+
+@pytest.mark.parametrize("name, reference", [
+    # ALGORITHMS.md, from each reference's code: the defaults of its constructor
+    ("StochasticAdamW", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),  # torchastic 0.1.2
+    ("Lamb", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0}),  # pytorch-lamb
+    ("Lamb16", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "trust_scale": 0.382}),
+    ("FlashAdamW", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}),  # FlashOptim 0.1.4
+    ("FlashAdam", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
+    ("FlashLion", {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0}),
+    ("FlashSGD", {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}),
+    ("AdamW8bit", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}),  # bitsandbytes
+    ("AdamW4bit", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}),  # torchao
+])
+def test_defaults_are_the_references(name, reference):
+    """A built-in named after a reference takes its defaults (StochasticAdamW's weight decay was torch's 1e-2)."""
+    defaults = getattr(optim, name)([torch.zeros(2, requires_grad=True)]).defaults
+    assert {k: defaults[k] for k in reference} == reference
