@@ -327,6 +327,7 @@ def render(spec: Spec, spec_path: str, op_name: str | None = None) -> str:
         "hyperparams": [_hyperparam_context(h) for h in spec.hyperparams],
         "param_dtypes": ir.param.codec.param_dtypes,
         "needs_rng": ir.needs_rng,
+        "quantized_multiple": math.lcm(*(t.codec.group_size for t in ir.tensors if t.codec.whole_groups)),
         "needs_shard": any(v["torch"].global_values for v in variants),
     }
     return _environment().get_template("optimizer.py.j2").render(**context)

@@ -26,7 +26,7 @@ GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", 
                    "violated_checks", "numel_here", "part", "Sharding",
                    # the kernel's slice loop, the generated class and its functions' own names
                    "k", "start_k", "offs_k", "self", "state", "values", "seed", "device", "tl_rng_args",
-                   "min_quantized_size", "spec_name", "hyperparam_rules", "param_dtypes", "host_scalars", "op",
+                   "min_quantized_size", "quantized_multiple", "spec_name", "hyperparam_rules", "param_dtypes", "host_scalars", "op",
                    "fallback", "triton_step", "buffers", "annotations",
                    *(f"{f}{layout}" for f in ("init_state", "export_state", "import_state")
                      for layout in ("", "_fp32", "_native")),

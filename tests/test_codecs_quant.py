@@ -176,7 +176,8 @@ def test_registry_and_buffers():
     ("q8_sqrt", {"block": 32}, "takes only the option 'group'"),
     ("q8_dynamic", {"signed": "yes"}, "signed must be true or false"),
     ("q8_dynamic", {"group": 256}, "takes only the option 'signed'"),
-    ("q4_dynamic", {"group": 128}, "takes no options"),
+    ("q4_dynamic", {"group": 128}, "takes only the option 'whole_groups'"),
+    ("q4_linear", {"whole_groups": "yes"}, "whole_groups must be true or false"),
     ("fp8_e4m3_norm", {"scale": 1.0}, "takes only the option .clip."),
     ("fp8_e5m2_norm", {"clip": -1}, "clip must be a positive number"),
 ])

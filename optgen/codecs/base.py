@@ -42,6 +42,9 @@ class Codec:
     group_size: ClassVar[int] = 1  # elements per scale group (Triton tiles are rows of a multiple of it)
     needs_rng: ClassVar[bool] = False  # stochastic rounding: the renderings use the random streams (see below)
     lossless: ClassVar[bool] = False  # decode(encode(x)) == x for every fp32 x (a kernel may store it early)
+    # Quantizes whole groups only: a tensor whose size is not a multiple of group_size keeps fp32 states (an option
+    # of the formats that take it)
+    whole_groups: bool = False
     # Triton register cap per thread its kernels were measured faster with (optgen.build.formats_register_cap)
     register_cap: ClassVar[int | None] = None
     # Whether a kernel holding this grouped format may tell Triton its tiles are aligned (vector loads), as measured

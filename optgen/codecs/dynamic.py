@@ -487,6 +487,17 @@ class Q4Codec(Codec):
     signed: bool
     numel_expr = "param[i].numel()"
 
+    def __init__(self, options: dict[str, Any], fail) -> None:
+        """Option ``whole_groups`` (default false): quantize only tensors whose size is a multiple of the block, as
+        torchao does (a tensor of another size keeps fp32 states; torchao's keep the parameter's dtype)."""
+        unknown = sorted(set(options) - {"whole_groups"})
+        if unknown:
+            raise fail(f"storage '{self.name}' takes only the option 'whole_groups', got: {', '.join(unknown)}")
+        whole = options.get("whole_groups", False)
+        if not isinstance(whole, bool):
+            raise fail(f"storage '{self.name}': whole_groups must be true or false, got {whole!r}")
+        self.whole_groups = whole
+
     def buffers(self) -> list[Buffer]:
         return [Buffer("", "uint8", 0.0, "half"), Buffer("scale", "float32", 0.0, "groups")]
 

@@ -218,6 +218,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
     spec_name: ClassVar[str]
     hyperparam_rules: ClassVar[tuple[HyperParamRule, ...]]
     param_dtypes: ClassVar[tuple[str, ...]]
+    quantized_multiple: ClassVar[int] = 1  # only tensors of a multiple of this many elements get quantized states
     # "" the spec's layout; "fp32" with fp32 states (if the spec quantizes states); "native": fp32 states and
     # the parameter in its own dtype (if the spec's parameter format cannot hold fp32)
     variants: ClassVar[dict[str, Variant]]
@@ -344,11 +345,13 @@ class OptgenOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def variant_of(self, p: torch.Tensor) -> str:
-        """Which storage layout parameter ``p`` uses: fp32 states for small or marked parameters, and for
-        parameters the spec's parameter format cannot hold (an fp32 norm weight beside bf16+ecc8 weights)."""
+        """Which storage layout parameter ``p`` uses: fp32 states for small or marked parameters (and, in a spec
+        whose formats quantize whole groups only, for sizes of partial groups), and for parameters the spec's
+        parameter format cannot hold (an fp32 norm weight beside bf16+ecc8 weights)."""
         if _dtype_name(p.dtype) not in self.variants[""].param_dtypes and "native" in self.variants:
             return "native"
-        if "fp32" in self.variants and (p.numel() < self.min_quantized_size or getattr(p, FP32_STATE_ATTR, False)):
+        if "fp32" in self.variants and (p.numel() < self.min_quantized_size or getattr(p, FP32_STATE_ATTR, False)
+                                        or p.numel() % self.quantized_multiple):
             return "fp32"
         return ""
 
