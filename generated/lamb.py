@@ -9,7 +9,7 @@ Update, per element in fp32 math (t = step, from 1):
     w = min(norm(p), 10)
     a = mh/(sqrt(vh) + eps) + weight_decay*p
     r = norm(a)
-    trust = where(w > 0 and r > 0, w/r, 1)
+    trust = where(w == 0 or r == 0, 1, w/r) # a NaN norm gives NaN, as in the reference
     p = p - lr*trust*a
 
 Storage: parameter native, gradient native, m fp32, v fp32.
@@ -149,7 +149,7 @@ def lamb_step_torch(param: list[torch.Tensor], grad: list[torch.Tensor], state_m
         a = mh/(eps + optgen_torch.sqrt_rn(vh)) + p*weight_decay
         r1 = torch.sum(a**2) if red is None else red[i, 1]
         r = optgen_torch.sqrt_rn(r1)
-        trust = torch.where(((r > 0)) & ((w > 0)), w/r, 1)
+        trust = torch.where(((r == 0)) | ((w == 0)), 1, w/r)
         p_1 = a*c5*trust + p
         state_m[i].copy_(m_1.view(state_m[i].shape))
         state_v[i].copy_(v_1.view(state_v[i].shape))
@@ -197,7 +197,7 @@ if triton is not None:
             w = optgen_tl.minimum(tl.full((), 10, tl.float32), tl.sqrt_rn(r0))
             a = tl.div_rn(mh, eps + tl.sqrt_rn(vh)) + p*weight_decay
             r = tl.sqrt_rn(r1)
-            trust = tl.where(((r > 0)) & ((w > 0)), tl.div_rn(w, r), 1)
+            trust = tl.where(((r == 0)) | ((w == 0)), 1, tl.div_rn(w, r))
             p_1 = a*c5*trust + p
             optgen_tl.store_rne(param + offs, p_1, mask)
 

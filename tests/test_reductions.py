@@ -63,6 +63,21 @@ def test_lamb_trust_is_one_for_a_zero_parameter():
     assert torch.allclose(p.detach().double(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lamb_nan_gradient_spreads_over_the_tensor_as_in_the_reference(backend):
+    """pytorch-lamb takes trust = 1 only where a norm is 0: a NaN element makes |a| NaN, so the trust ratio and
+    every element of that tensor become NaN (the other tensors step as usual)."""
+    torch.manual_seed(3)
+    hit, other = (torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in ((500,), (300,)))
+    before = other.detach().clone()
+    opt = Lamb([hit, other], lr=0.1, backend=backend)
+    hit.grad, other.grad = torch.randn_like(hit), torch.randn_like(other)
+    hit.grad[7] = float("nan")
+    opt.step()
+    assert hit.isnan().all()
+    assert other.isfinite().all() and not torch.equal(other.detach(), before)
+
+
 SPEC = """
 name: clipped_sgd
 class: ClippedSGD
