@@ -146,13 +146,19 @@ class IR:
     def written(self) -> list[TensorIO]:
         return [t for t in self.tensors if t.output is not None]
 
+    def _param_bytes(self) -> int:
+        """The size of a parameter stored in its own dtype: fp32 where its format takes fp32, else 16 bits."""
+        return 4 if "float32" in self.param.codec.param_dtypes else 2
+
     def _grad_bytes(self, param_bytes: int) -> int:
         """A native gradient has the dtype of the model's parameter (the param codec's main buffer)."""
         main = self.param.codec.buffers()[0].dtype
         return param_bytes if main == "param" else DTYPE_BYTES[main]
 
-    def bytes_per_param(self, param_bytes: int = 4, grad_bytes: int | None = None) -> float:
-        """Bytes held per parameter: parameter (+ its side buffers), gradient and states."""
+    def bytes_per_param(self, param_bytes: int | None = None, grad_bytes: int | None = None) -> float:
+        """Bytes held per parameter: parameter (+ its side buffers), gradient and states (``param_bytes``: the
+        size of a buffer in the parameter's dtype, by default fp32's where the format takes fp32)."""
+        param_bytes = self._param_bytes() if param_bytes is None else param_bytes
         grad_bytes = self._grad_bytes(param_bytes) if grad_bytes is None else grad_bytes
         total = 0.0
         for t in self.tensors:
@@ -209,10 +215,11 @@ class IR:
         passes.append(Pass(needed, inputs, stored_earlier, last))
         return passes
 
-    def bytes_moved_per_element(self, param_bytes: int = 4, grad_bytes: int | None = None) -> float:
+    def bytes_moved_per_element(self, param_bytes: int | None = None, grad_bytes: int | None = None) -> float:
         """Bytes one step moves per element, pass by pass (``schedule``): every buffer a pass decodes read once
         and every buffer it stores written once. For an elementwise update (one pass), each buffer read once and
         each written buffer written once."""
+        param_bytes = self._param_bytes() if param_bytes is None else param_bytes
         grad_bytes = self._grad_bytes(param_bytes) if grad_bytes is None else grad_bytes
 
         def size(t: TensorIO) -> float:

@@ -379,6 +379,19 @@ def test_ecc_codes_equal_float64_reference(name, fmt, n):
           f"(window {window:.1e})")
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_narrow_ecc8_is_the_format_of_the_parameter(fmt):
+    """``narrow+ecc8`` (fmt "param") encodes and decodes a bf16 parameter as bf16+ecc8 and an fp16 one as fp16+ecc8,
+    bit for bit."""
+    gen = torch.Generator().manual_seed(107)
+    x = ecc_data(fmt, gen)
+    p, e = _encode(x, fmt, 127)
+    q, r = torch.empty_like(p), torch.empty_like(e)
+    ecc.torch_encode(x, q, r, "param", 127)
+    assert torch.equal(_bits(p), _bits(q)) and torch.equal(e, r)
+    assert _same_bits(ecc.torch_decode(q, r, "param", 127), ecc.torch_decode(p, e, fmt, 127))
+
+
 @pytest.mark.parametrize("name,fmt,n", ECC_FORMATS, ids=[f[0] for f in ECC_FORMATS])
 def test_ecc_reference_decode_matches_torch_decode(name, fmt, n):
     gen = torch.Generator().manual_seed(106 + n)

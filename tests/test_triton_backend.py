@@ -28,8 +28,10 @@ def _kwargs(cls: type[OptgenOptimizer]) -> dict:
     return {k: v for k, v in HYPER.items() if k in names}
 
 
-def _random_state(cls: type[OptgenOptimizer], shapes, param_dtype=torch.float32, seed=0):
-    """Lists of buffers for one op call, filled with fresh random data (states are positive where squared)."""
+def _random_state(cls: type[OptgenOptimizer], shapes, param_dtype=None, seed=0):
+    """Lists of buffers for one op call, filled with fresh random data (states are positive where squared); the
+    parameters in ``param_dtype``, by default the first the spec takes."""
+    param_dtype = param_dtype or getattr(torch, cls.param_dtypes[0])
     gen = torch.Generator().manual_seed(seed)
     lists = []
     for b in cls.buffers:

@@ -8,7 +8,7 @@ from typing import Any
 from optgen.codecs.base import Buffer, Codec
 from optgen.codecs.bf16_sr import Bf16SR
 from optgen.codecs.dynamic import Q4Dynamic, Q4Linear, Q8Dynamic
-from optgen.codecs.ecc import Bf16Ecc8, Bf16Ecc16, Fp16Ecc8
+from optgen.codecs.ecc import Bf16Ecc8, Bf16Ecc16, Fp16Ecc8, NarrowEcc8
 from optgen.codecs.fp8 import Fp8E4M3Norm, Fp8E5M2Norm
 from optgen.codecs.kahan import Bf16Kahan
 from optgen.codecs.plain import Bf16, Fp16, Fp32, Native
@@ -17,7 +17,8 @@ from optgen.errors import SpecError
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (Native, Fp32, Bf16, Fp16)}
 CODECS.update({c.name: c for c in (Q8Linear, Q8Softsign, Q8Sqrt, Q8Dynamic, Q4Dynamic, Q4Linear,
-                                    Fp8E4M3Norm, Fp8E5M2Norm, Bf16SR, Bf16Ecc8, Bf16Ecc16, Fp16Ecc8, Bf16Kahan)})
+                                    Fp8E4M3Norm, Fp8E5M2Norm, Bf16SR, Bf16Ecc8, Bf16Ecc16, Fp16Ecc8, NarrowEcc8,
+                                    Bf16Kahan)})
 
 
 def get_codec(name: str, options: dict[str, Any], role: str, fail: Callable[[str], SpecError]) -> Codec:

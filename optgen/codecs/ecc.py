@@ -1,5 +1,6 @@
 """Master weights split as FlashOptim does: the narrow value the model computes with (bf16 or fp16) plus a
-signed integer correction scaled by that value's own ULP: ``bf16+ecc8``, ``bf16+ecc16``, ``fp16+ecc8``.
+signed integer correction scaled by that value's own ULP: ``bf16+ecc8``, ``bf16+ecc16``, ``fp16+ecc8``, and
+``narrow+ecc8`` (bf16+ecc8 or fp16+ecc8, whichever the parameter's dtype is).
 
 Encode an fp32 master x (M mantissa bits of the narrow format, N = 127 or 32767):
   p = round_to_nearest_even(x);  E = unbiased exponent of p (1 - bias when p is 0 or subnormal)
@@ -67,8 +68,17 @@ def _round_narrow(x: torch.Tensor, fmt: str) -> torch.Tensor:
     return torch_round_bf16(x) if fmt == "bf16" else x.to(torch.float16).float()
 
 
+NARROW_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _format(p: torch.Tensor, fmt: str) -> str:
+    """``fmt``, or the format of the narrow tensor ``p`` itself where ``fmt`` is "param" (``narrow+ecc8``)."""
+    return NARROW_FORMATS[p.dtype] if fmt == "param" else fmt
+
+
 def torch_decode(p: torch.Tensor, ecc: torch.Tensor, fmt: str, n: int) -> torch.Tensor:
     """The fp32 master weight (flat) from the narrow value and its correction."""
+    fmt = _format(p, fmt)
     p32 = p.reshape(-1).float()
     frac = ecc.reshape(-1).float() / torch.full((), float(n), device=p32.device)
     return p32 + frac * _half_ulp(p32, fmt)
@@ -76,6 +86,7 @@ def torch_decode(p: torch.Tensor, ecc: torch.Tensor, fmt: str, n: int) -> torch.
 
 def torch_encode(x: torch.Tensor, p: torch.Tensor, ecc: torch.Tensor, fmt: str, n: int) -> None:
     """Store the fp32 master x (flat) as narrow value + correction, in place."""
+    fmt = _format(p, fmt)
     p32 = _round_narrow(x, fmt)
     z = (x - p32) * _inverse_exponent(p32, fmt) * float(2 ** FORMATS[fmt][0] * n)  # |z| <= n: p32 is x rounded
     rho = torch.sign(z) * torch.floor(torch.abs(z) + 0.5)
@@ -120,6 +131,23 @@ if triton is not None:
         rho = (z + half).to(tl.int32)
         tl.store(p_ptr + offs, narrow, mask=mask)
         tl.store(e_ptr + offs, rho.to(e_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def triton_decode_narrow(p_ptr, e_ptr, offs, mask, N: tl.constexpr):
+        """``triton_decode`` in the format of ``p_ptr``'s elements (bf16 or fp16), known when the kernel compiles."""
+        if p_ptr.dtype.element_ty == tl.float16:
+            out = triton_decode(p_ptr, e_ptr, offs, mask, 10, -14, N)
+        else:
+            out = triton_decode(p_ptr, e_ptr, offs, mask, 7, -126, N)
+        return out
+
+    @triton.jit
+    def triton_encode_narrow(x, p_ptr, e_ptr, offs, mask, N: tl.constexpr):
+        """``triton_encode`` in the format of ``p_ptr``'s elements (bf16 or fp16)."""
+        if p_ptr.dtype.element_ty == tl.float16:
+            triton_encode(x, p_ptr, e_ptr, offs, mask, 10, -14, N)
+        else:
+            triton_encode(x, p_ptr, e_ptr, offs, mask, 7, -126, N)
 
 
 # ----------------------------------------------------------------------------------------------- codecs
@@ -166,6 +194,20 @@ class Bf16Ecc16(EccCodec):
 class Fp16Ecc8(EccCodec):
     name, fmt, narrow_dtype, ecc_dtype, n = "fp16+ecc8", "fp16", "float16", "int8", 127
     param_dtypes = ("float16",)
+
+
+class NarrowEcc8(EccCodec):
+    """The parameter's own 16-bit format, bf16 or fp16, + int8 correction: FlashOptim's choice per parameter
+    (bf16+ecc8 for a bf16 parameter, fp16+ecc8 for an fp16 one), in one layout."""
+
+    name, fmt, narrow_dtype, ecc_dtype, n = "narrow+ecc8", "param", "param", "int8", 127
+    param_dtypes = ("bfloat16", "float16")
+
+    def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        return [f"{out} = ecc.triton_decode_narrow({ptrs[0]}, {ptrs[1]}, {offs}, {mask}, {self.n})"]
+
+    def triton_encode(self, value: str, ptrs: list[str], offs: str, mask: str) -> list[str]:
+        return [f"ecc.triton_encode_narrow({value}, {ptrs[0]}, {ptrs[1]}, {offs}, {mask}, {self.n})"]
 
 
 def _reference_rne(x64: torch.Tensor, fmt: str) -> torch.Tensor:
