@@ -59,6 +59,17 @@ class Codec:
         if options:
             raise fail(f"storage '{self.name}' takes no options, got: {', '.join(options)}")
 
+    def _bool_option(self, options: dict[str, Any], name: str, default: bool,
+                     fail: Callable[[str], SpecError]) -> bool:
+        """The value of the format's one option ``name``, a boolean (``default`` where the spec leaves it out)."""
+        unknown = sorted(set(options) - {name})
+        if unknown:
+            raise fail(f"storage '{self.name}' takes only the option '{name}', got: {', '.join(unknown)}")
+        value = options.get(name, default)
+        if not isinstance(value, bool):
+            raise fail(f"storage '{self.name}': {name} must be true or false, got {value!r}")
+        return value
+
     def buffers(self) -> list[Buffer]:
         raise NotImplementedError
 

@@ -441,13 +441,7 @@ class Q8Dynamic(Codec):
     imports = ("from optgen.codecs import dynamic",)
 
     def __init__(self, options: dict[str, Any], fail) -> None:
-        unknown = sorted(set(options) - {"signed"})
-        if unknown:
-            raise fail(f"storage '{self.name}' takes only the option 'signed', got: {', '.join(unknown)}")
-        signed = options.get("signed", True)
-        if not isinstance(signed, bool):
-            raise fail(f"storage '{self.name}': signed must be true or false, got {signed!r}")
-        self.signed = signed
+        signed = self.signed = self._bool_option(options, "signed", True, fail)
         self.table_arg = "qmap_signed" if signed else "qmap_unsigned"
         self.constants = ((self.table_arg, f"dynamic.qmap_table({signed}, {{device}})"),)
 
@@ -490,13 +484,7 @@ class Q4Codec(Codec):
     def __init__(self, options: dict[str, Any], fail) -> None:
         """Option ``whole_groups`` (default false): quantize only tensors whose size is a multiple of the block, as
         torchao does (a tensor of another size keeps fp32 states; torchao's keep the parameter's dtype)."""
-        unknown = sorted(set(options) - {"whole_groups"})
-        if unknown:
-            raise fail(f"storage '{self.name}' takes only the option 'whole_groups', got: {', '.join(unknown)}")
-        whole = options.get("whole_groups", False)
-        if not isinstance(whole, bool):
-            raise fail(f"storage '{self.name}': whole_groups must be true or false, got {whole!r}")
-        self.whole_groups = whole
+        self.whole_groups = self._bool_option(options, "whole_groups", False, fail)
 
     def buffers(self) -> list[Buffer]:
         return [Buffer("", "uint8", 0.0, "half"), Buffer("scale", "float32", 0.0, "groups")]
