@@ -61,7 +61,7 @@ def violated_checks(hp: dict) -> list[str]:
 def init_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (as specified): each state at its initial value, encoded."""
     numel = p.numel()
-    param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    param_ecc = torch.zeros(p.shape, dtype=ecc.ecc8_dtype(p.dtype), device=p.device)
     state_m = torch.empty(p.shape, dtype=torch.int8, device=p.device)
     state_m_scale = torch.empty(((numel + 31) // 32,), dtype=torch.float16, device=p.device)
     m = torch.full((numel,), 0.0, device=p.device)
@@ -89,7 +89,7 @@ def export_state(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
 def import_state(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
     numel = p.numel()
-    param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    param_ecc = torch.zeros(p.shape, dtype=ecc.ecc8_dtype(p.dtype), device=p.device)
     state_m = torch.empty(p.shape, dtype=torch.int8, device=p.device)
     state_m_scale = torch.empty(((numel + 31) // 32,), dtype=torch.float16, device=p.device)
     m = torch.full((numel,), 0.0, device=p.device)
@@ -173,6 +173,7 @@ if triton is not None:
         eps,
         c3,
         PARAM_DTYPE: tl.constexpr,
+        PARAM_ECC_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
         SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
@@ -199,7 +200,7 @@ if triton is not None:
         numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
-        param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
+        param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(PARAM_ECC_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
         state_m_scale = tl.multiple_of(tl.load(state_m_scale_ptrs + tensor).to(tl.pointer_type(tl.float16)), 16)
@@ -220,7 +221,7 @@ if triton is not None:
                                      weight_decay, beta1, c0, beta2, c1, c2, eps, c3, start_k, numel_here, offs_k,
                                      offs_k < numel_here)
 
-    _launcher = MultiTensorLauncher(flash_adam_step_kernel, flash_adam_step_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 2}, scalar_count=8, rows=32, cols=32, num_warps=4, aligned=True, slice_rows=8,
+    _launcher = MultiTensorLauncher(flash_adam_step_kernel, flash_adam_step_torch, {'PARAM_DTYPE': 0, 'PARAM_ECC_DTYPE': 1, 'GRAD_DTYPE': 2}, scalar_count=8, rows=32, cols=32, num_warps=4, aligned=True, slice_rows=8,
                                    written=(0, 1, 3, 4, 5, 6))
 
     @torch.library.custom_op("optgen::flash_adam_step_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_m_scale', 'state_v', 'state_v_scale'))
@@ -236,7 +237,7 @@ if triton is not None:
 MAIN_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
-        Buffer('param_ecc', 'p_ecc', 'int8', written=True),
+        Buffer('param_ecc', 'p_ecc', 'ecc8', written=True),
         Buffer('grad', None, 'param'),
         Buffer('state_m', 'm', 'int8', written=True, state='exp_avg'),
         Buffer('state_m_scale', 'm_scale', 'float16', written=True, shape='groups', group=32, state='exp_avg'),
@@ -258,7 +259,7 @@ MAIN_VARIANT = Variant(
 def init_state_fp32(p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fresh state buffers for parameter p (with fp32 states): each state at its initial value, encoded."""
     numel = p.numel()
-    param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    param_ecc = torch.zeros(p.shape, dtype=ecc.ecc8_dtype(p.dtype), device=p.device)
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
@@ -284,7 +285,7 @@ def export_state_fp32(p: torch.Tensor, state: dict) -> dict[str, torch.Tensor]:
 def import_state_fp32(p: torch.Tensor, values: dict) -> dict[str, torch.Tensor]:
     """State buffers for p encoded from fp32 values under torch.optim's names (missing ones start at init)."""
     numel = p.numel()
-    param_ecc = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    param_ecc = torch.zeros(p.shape, dtype=ecc.ecc8_dtype(p.dtype), device=p.device)
     state_m = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     m = torch.full((numel,), 0.0, device=p.device)
     state_m.copy_(m.view(state_m.shape))
@@ -364,6 +365,7 @@ if triton is not None:
         eps,
         c3,
         PARAM_DTYPE: tl.constexpr,
+        PARAM_ECC_DTYPE: tl.constexpr,
         GRAD_DTYPE: tl.constexpr,
         SCALARS_TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
@@ -389,7 +391,7 @@ if triton is not None:
         numel_here = tl.load(numels + 2 * tensor)  # elements here (in this rank's shard under FSDP2)
         offs = start + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
         param = tl.multiple_of(tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)), 16)
-        param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(tl.int8)), 16)
+        param_ecc = tl.multiple_of(tl.load(param_ecc_ptrs + tensor).to(tl.pointer_type(PARAM_ECC_DTYPE)), 16)
         grad = tl.multiple_of(tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD_DTYPE)), 16)
         state_m = tl.multiple_of(tl.load(state_m_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
         state_v = tl.multiple_of(tl.load(state_v_ptrs + tensor).to(tl.pointer_type(tl.float32)), 16)
@@ -402,7 +404,7 @@ if triton is not None:
             flash_adam_step_fp32_tile(param, param_ecc, grad, state_m, state_v, weight_decay, beta1, c0, beta2, c1, c2,
                                       eps, c3, offs, offs < numel_here)
 
-    _launcher_fp32 = MultiTensorLauncher(flash_adam_step_fp32_kernel, flash_adam_step_fp32_torch, {'PARAM_DTYPE': 0, 'GRAD_DTYPE': 2}, scalar_count=8, rows=2, cols=256, num_warps=4, aligned=True,
+    _launcher_fp32 = MultiTensorLauncher(flash_adam_step_fp32_kernel, flash_adam_step_fp32_torch, {'PARAM_DTYPE': 0, 'PARAM_ECC_DTYPE': 1, 'GRAD_DTYPE': 2}, scalar_count=8, rows=2, cols=256, num_warps=4, aligned=True,
                                    written=(0, 1, 3, 4))
 
     @torch.library.custom_op("optgen::flash_adam_step_fp32_triton", mutates_args=('param', 'param_ecc', 'state_m', 'state_v'))
@@ -418,7 +420,7 @@ if triton is not None:
 FP32_VARIANT = Variant(
     buffers=(
         Buffer('param', None, 'param', written=True),
-        Buffer('param_ecc', 'p_ecc', 'int8', written=True),
+        Buffer('param_ecc', 'p_ecc', 'ecc8', written=True),
         Buffer('grad', None, 'param'),
         Buffer('state_m', 'm', 'float32', written=True, state='exp_avg'),
         Buffer('state_v', 'v', 'float32', written=True, state='exp_avg_sq'),

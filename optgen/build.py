@@ -180,7 +180,7 @@ def _init_state_lines(ir: IR) -> list[str]:
 
     Side buffers of the parameter (e.g. an ECC correction) start at zero: the parameter holds its value exactly.
     """
-    dtypes = {"param": "p.dtype"}
+    dtypes = {"param": "p.dtype", "ecc8": "ecc.ecc8_dtype(p.dtype)"}
     shapes = {"param": "p.shape", "half": "((numel + 1) // 2,)", "scalar": "()"}
     lines = ["numel = p.numel()"]
     if ir.needs_rng:

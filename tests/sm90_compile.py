@@ -54,7 +54,7 @@ def signature(cls, launcher) -> tuple[dict, list[dict]]:
         else:
             sig[name] = "constexpr"
             consts[name] = {**launcher.tile_constexprs(), "NRED": max(1, len(launcher.slots)), "PASS": 1,
-                            "SCALARS_TENSOR": False}.get(name, dtype)
+                            "SCALARS_TENSOR": False}.get(name, tl.int8 if name.endswith("_ECC_DTYPE") else dtype)
     passes = range(1, launcher.passes + 1) if launcher.slots else [1]
     return sig, [{**consts, **({"PASS": k} if "PASS" in consts else {})} for k in passes]
 

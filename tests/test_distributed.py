@@ -155,8 +155,7 @@ def _full_states(opt: Any) -> list[dict[str, torch.Tensor]]:
     for index, values in sorted(opt.torch_state_dict()["state"].items()):
         out.append({k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().clone()
                     for k, v in values.items()})
-    for values, p in zip(out, [p for g in opt.param_groups for p in g["params"]]):
-        master = opt._export(p)["master"]  # an fp32 parameter is its own master: copy it
+    for values, master in zip(out, opt.master_weights()):  # an fp32 parameter is its own master: copy it
         values["master"] = (master.full_tensor() if isinstance(master, DTensor) else master).detach().clone()
     return out
 

@@ -978,7 +978,7 @@ def test_flash_fp16_parameters_keep_a_correction_term(name):
         for _ in range(12):
             p.grad = (1 + 0.1 * torch.rand(5000, generator=g_gen)).half()
             opt.step()
-        assert opt.variant_of(p) == "" and opt.state[p]["p_ecc"].dtype == torch.int8
+        assert opt.variant_of(p) == "" and opt.state[p]["p_ecc"].dtype == torch.uint8  # int8 codes, fp16's form
         master, stored = opt.master_weights()[0], p.detach().float()
         half_ulp = torch.exp2(torch.floor(torch.log2(stored.abs())) - 11)  # of the fp16 value (10 mantissa bits)
         assert ((master - stored).abs() <= half_ulp).all()
@@ -1009,3 +1009,33 @@ def test_flash_adamw_fp16_tracks_float64_adamw(backend):
         ref = ref * (1 - lr * wd) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
     moved = (ref - w0.double()).abs().max()
     assert (opt.master_weights()[0].double() - ref).abs().max() <= 0.03 * moved
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_flash_correction_made_for_bf16_is_refused_for_fp16(backend):
+    """A correction term is read in its parameter's format: a bf16 parameter cast to fp16 between steps, or a bf16
+    model's checkpoint loaded into the model cast to fp16, is refused before anything changes (it was read in
+    fp16's ulp, 8x finer, moving the master weights silently)."""
+    if backend == "triton":
+        need_interpreter()
+    gen = torch.Generator().manual_seed(16)
+    (p,) = make_params(gen, [(8192,)], torch.bfloat16)
+    opt = optim.FlashAdamW([p], lr=1e-4, backend=backend)
+    for _ in range(3):
+        p.grad = fresh_grad(gen, p).to(torch.bfloat16)
+        opt.step()
+    saved = opt.state_dict()
+    before = [p.detach().clone()] + [v.clone() for v in opt.state[p].values()]
+    p.data = p.data.to(torch.float16)
+    p.grad = fresh_grad(gen, p).to(torch.float16)
+    with pytest.raises(ValueError, match="p_ecc"):
+        opt.step()
+    with pytest.raises(ValueError, match="p_ecc"):  # nor is it decoded in the other format
+        opt.master_weights()
+    after = [p.detach().to(torch.bfloat16)] + list(opt.state[p].values())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    q = p.detach().clone().requires_grad_()  # the model cast to fp16, and the bf16 model's checkpoint
+    fresh = optim.FlashAdamW([q], lr=1e-4, backend=backend)
+    with pytest.raises(ValueError, match="p_ecc"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state

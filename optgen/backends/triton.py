@@ -102,7 +102,7 @@ def render_triton_kernel(ir: IR) -> TritonKernel:
     for t in ir.tensors:
         for arg, b in zip(t.arg_names, t.codec.buffers()):
             table_args.append(f"{arg}_ptrs")
-            if b.dtype == "param" or t.role == "grad":
+            if b.dtype in ("param", "ecc8") or t.role == "grad":
                 dtype = f"{arg.upper()}_DTYPE"
                 dtype_args.append(dtype)
             else:

@@ -14,15 +14,16 @@ from typing import Any, ClassVar
 from optgen.errors import SpecError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
-               "float8_e4m3fn": 1, "float8_e5m2": 1}
+               "float8_e4m3fn": 1, "float8_e5m2": 1, "ecc8": 1}
 
 
 @dataclass(frozen=True)
 class Buffer:
     """One physical tensor of a stored value.
 
-    ``suffix`` is appended to the state name ("" for the main buffer); ``dtype`` is a torch dtype name
-    or "param" (the parameter's own dtype). ``shape`` is "param" (the parameter's shape), "groups"
+    ``suffix`` is appended to the state name ("" for the main buffer); ``dtype`` is a torch dtype name,
+    "param" (the parameter's own dtype) or "ecc8" (int8 codes for a bf16 parameter, the same bits as uint8 for an
+    fp16 one: a correction term is read in its parameter's format only, and the dtype says which). ``shape`` is "param" (the parameter's shape), "groups"
     (1-D, one element per ``group_size`` elements, rounded up), "half" (1-D, ceil(numel / 2): two 4-bit
     codes per byte) or "scalar" (0-d, one value for the whole tensor).
     """

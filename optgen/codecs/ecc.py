@@ -71,6 +71,19 @@ def _round_narrow(x: torch.Tensor, fmt: str) -> torch.Tensor:
 NARROW_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def ecc8_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of ``narrow+ecc8``'s correction for a parameter of ``dtype``: int8 codes, for fp16 their
+    bits in a uint8 tensor. A correction made for one format is then refused, not read in the other, when the
+    parameter's dtype changes between bf16 and fp16 or a checkpoint of the other is loaded (the state checks
+    compare dtypes)."""
+    return torch.uint8 if dtype == torch.float16 else torch.int8
+
+
+def _codes(ecc: torch.Tensor) -> torch.Tensor:
+    """The signed codes of a correction buffer (a uint8 one holds int8 bits)."""
+    return ecc.view(torch.int8) if ecc.dtype == torch.uint8 else ecc
+
+
 def _format(p: torch.Tensor, fmt: str) -> str:
     """``fmt``, or the format of the narrow tensor ``p`` itself where ``fmt`` is "param" (``narrow+ecc8``)."""
     return NARROW_FORMATS[p.dtype] if fmt == "param" else fmt
@@ -80,7 +93,7 @@ def torch_decode(p: torch.Tensor, ecc: torch.Tensor, fmt: str, n: int) -> torch.
     """The fp32 master weight (flat) from the narrow value and its correction."""
     fmt = _format(p, fmt)
     p32 = p.reshape(-1).float()
-    frac = ecc.reshape(-1).float() / torch.full((), float(n), device=p32.device)
+    frac = _codes(ecc).reshape(-1).float() / torch.full((), float(n), device=p32.device)
     return p32 + frac * _half_ulp(p32, fmt)
 
 
@@ -92,7 +105,8 @@ def torch_encode(x: torch.Tensor, p: torch.Tensor, ecc: torch.Tensor, fmt: str, 
     rho = torch.sign(z) * torch.floor(torch.abs(z) + 0.5)
     rho = torch.where(torch.isfinite(p32), rho, 0.0)  # x inf or NaN gives p32 inf or NaN
     p.copy_((torch_to_bf16(p32) if fmt == "bf16" else p32.to(torch.float16)).view(p.shape))
-    ecc.copy_(rho.to(ecc.dtype).view(ecc.shape))
+    codes = _codes(ecc)
+    codes.copy_(rho.to(codes.dtype).view(codes.shape))
 
 
 # ----------------------------------------------------------------------------------------------- Triton
@@ -108,7 +122,10 @@ if triton is not None:
             p32 = tl_load_bf16(p_ptr + offs, mask)
         else:
             p32 = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        rho = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.float32)
+        rho = tl.load(e_ptr + offs, mask=mask, other=0)
+        if e_ptr.dtype.element_ty == tl.uint8:  # int8 codes kept in a uint8 tensor (an fp16 parameter's)
+            rho = rho.to(tl.int8, bitcast=True)
+        rho = rho.to(tl.float32)
         exponent = tl.minimum(_exponent_bits_tl(p32, EMIN), 0x7F000000).to(tl.float32, bitcast=True)
         # rho/N: an integer |rho| <= N <= 32767 over N, correctly rounded (every code checked in tests)
         return p32 + quotient(rho, N * 1.0, 1.0 / N) * (exponent * (0.5 ** (MANT + 1)))
@@ -130,7 +147,10 @@ if triton is not None:
         half = ((z.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F000000).to(tl.float32, bitcast=True)
         rho = (z + half).to(tl.int32)
         tl.store(p_ptr + offs, narrow, mask=mask)
-        tl.store(e_ptr + offs, rho.to(e_ptr.dtype.element_ty), mask=mask)
+        if e_ptr.dtype.element_ty == tl.uint8:
+            tl.store(e_ptr + offs, rho.to(tl.int8).to(tl.uint8, bitcast=True), mask=mask)
+        else:
+            tl.store(e_ptr + offs, rho.to(e_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def triton_decode_narrow(p_ptr, e_ptr, offs, mask, N: tl.constexpr):
@@ -200,7 +220,7 @@ class NarrowEcc8(EccCodec):
     """The parameter's own 16-bit format, bf16 or fp16, + int8 correction: FlashOptim's choice per parameter
     (bf16+ecc8 for a bf16 parameter, fp16+ecc8 for an fp16 one), in one layout."""
 
-    name, fmt, narrow_dtype, ecc_dtype, n = "narrow+ecc8", "param", "param", "int8", 127
+    name, fmt, narrow_dtype, ecc_dtype, n = "narrow+ecc8", "param", "param", "ecc8", 127
     param_dtypes = ("bfloat16", "float16")
 
     def triton_decode(self, out: str, ptrs: list[str], offs: str, mask: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Optimizer state off the GPU: CPU offload and paged states, for every optgen optimizer.
 
-``offloaded(FlashAdamW)`` is FlashAdamW whose states (ECC terms of bf16+ecc8 parameters included: they are
+``offloaded(FlashAdamW)`` is FlashAdamW whose states (ECC terms of narrow+ecc8 parameters included: they are
 state entries) live in *chunks*: flat byte buffers, each holding the states of whole tensors of one param
 group, and every state tensor in ``optimizer.state`` is a view into its chunk. A chunk lives either in
 pinned CPU memory or on the GPU ("resident").
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from optgen.runtime.optimizer import OptgenOptimizer, _param_list, _tensors_of
+from optgen.runtime.optimizer import OptgenOptimizer, _check_state, _param_list, _tensors_of
 from optgen.runtime.transfer import make_rng, refuse_graph_capture
 
 ALIGN = 256  # bytes: every state view starts on this boundary (the kernels need 16 for vector loads)
@@ -614,16 +614,23 @@ class OffloadedOptimizer(OptgenOptimizer):
         self._drop_chunks()
         self._place(values)
 
-    def _export(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """export_state of one parameter, its states brought to the parameter's device one tensor at a time."""
+    def _export(self, p: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+        """export_state of one parameter, its states brought to the parameter's device one tensor at a time; a state
+        whose dtype or size no longer fits the parameter's layout is refused (it lives in a chunk, on the CPU)."""
         layout = self.variants[self.variant_of(p)]
-        state = self.state.get(p) or layout.init_state(p.detach())
+        state = self.state.get(p)
+        for b in layout.buffers if state else ():
+            if b.key is not None:
+                value = state.get(b.key)
+                _check_state(value, b.key, index, b.torch_dtype(p.dtype), getattr(value, "device", None),
+                             b.shape_for(p))
+        state = state or layout.init_state(p.detach())
         local = {k: v if k == "step" else v.to(p.device) for k, v in state.items()}
         return layout.export_state(p.detach(), local)
 
     def master_weights(self) -> list[torch.Tensor]:
         self.synchronize()
-        return [self._export(p)["master"] for g in self.param_groups for p in g["params"]]
+        return [self._export(p, i)["master"] for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
 
     def torch_state_dict(self) -> dict[str, Any]:
         """As the base class, with the fp32 states on the CPU (the full fp32 state need not fit the GPU)."""
@@ -632,7 +639,7 @@ class OffloadedOptimizer(OptgenOptimizer):
         state = {}
         for index, p in enumerate(p for g in self.param_groups for p in g["params"]):
             if self.state.get(p):
-                values = self._export(p)
+                values = self._export(p, index)
                 values.pop("master")
                 state[index] = {"step": self.state[p]["step"].clone(), **{k: v.cpu() for k, v in values.items()}}
         return {"state": state, "param_groups": sd["param_groups"]}

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from optgen.codecs.ecc import ecc8_dtype
 from optgen.runtime import distributed
 from optgen.runtime.group_plan import GroupPlan, PlanBook, PlannedLaunch, next_count
 from optgen.runtime.launch import RngArgs, Scalars
@@ -82,7 +83,7 @@ class Buffer:
 
     arg: str
     key: str | None  # key in optimizer.state[p]; None for the parameter ("param") and gradient ("grad")
-    dtype: str  # torch dtype name, or "param" for the parameter's own dtype
+    dtype: str  # torch dtype name, "param" for the parameter's own dtype, or "ecc8" (see optgen.codecs.ecc)
     written: bool = False
     shape: str = "param"  # "param", "groups" (one per `group` elements), "half" (4-bit pairs) or "scalar"
     group: int = 1
@@ -90,6 +91,8 @@ class Buffer:
     reads: int = 1  # passes of a step that read it: more than one where whole-tensor reductions come first (LAMB)
 
     def torch_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        if self.dtype == "ecc8":
+            return ecc8_dtype(param_dtype)
         return param_dtype if self.dtype == "param" else getattr(torch, self.dtype)
 
     def shape_for(self, p: torch.Tensor) -> tuple[int, ...]:
@@ -186,9 +189,9 @@ def _check_state(value: Any, key: str, index: int, dtype: torch.dtype, device: t
     got = f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}" \
         if isinstance(value, torch.Tensor) else "nothing" if value is None else type(value).__name__
     raise ValueError(f"state '{key}' of parameter {index}: expected a {dtype} tensor of shape {shape} on {device}, "
-                     f"got {got}. A state is made for its parameter's layout at the first step (min_quantized_size "
-                     f"and the '{FP32_STATE_ATTR}' mark choose it): load states with load_state_dict, or delete the "
-                     f"parameter's state to start it afresh")
+                     f"got {got}. A state is made for its parameter's layout at the first step (its dtype, "
+                     f"min_quantized_size and the '{FP32_STATE_ATTR}' mark choose it): load states with "
+                     f"load_state_dict, or delete the parameter's state to start it afresh")
 
 
 def _saved_meta(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -877,8 +880,10 @@ class OptgenOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"state '{key}' of parameter {index}: expected {where} of shape {shape} and "
                                  f"dtype {dtype} (this rank's shard included), got {got}")
 
-    def _export(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """fp32 values (states under torch names, and "master") of ``p``; DTensors for a DTensor ``p``."""
+    def _export(self, p: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+        """fp32 values (states under torch names, and "master") of ``p``, the ``index``-th parameter; DTensors for a
+        DTensor ``p``. A state that no longer fits the parameter's layout is refused, as ``step()`` refuses it."""
+        self._check_states([p], [index], None)
         layout = self.variants[self.variant_of(p)]
         p_local = distributed.local(p).detach()
         state = self.state.get(p) or layout.init_state(p_local)
@@ -890,7 +895,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
     def master_weights(self) -> list[torch.Tensor]:
         """The fp32 master weight of every parameter (e.g. bf16 value + ECC correction), in group order
         (DTensors for DTensor parameters)."""
-        return [self._export(p)["master"] for group in self.param_groups for p in group["params"]]
+        return [self._export(p, i)["master"] for i, p in enumerate(p for g in self.param_groups for p in g["params"])]
 
     def torch_state_dict(self) -> dict[str, Any]:
         """This optimizer's state in fp32, in the layout of the matching torch.optim optimizer (e.g. an
@@ -900,7 +905,7 @@ class OptgenOptimizer(torch.optim.Optimizer):
         state = {}
         for index, p in enumerate(params):
             if self.state.get(p):
-                values = self._export(p)
+                values = self._export(p, index)
                 values.pop("master")
                 state[index] = {"step": self.state[p]["step"].clone(), **values}
         return {"state": state, "param_groups": sd["param_groups"]}
