@@ -26,8 +26,8 @@ GENERATED_NAMES = {"param", "grad", "scalars", "torch", "triton", "tl", "math", 
                    "violated_checks", "numel_here", "part", "Sharding",
                    # the kernel's slice loop, the generated class and its functions' own names
                    "k", "start_k", "offs_k", "self", "state", "values", "seed", "device", "tl_rng_args",
-                   "min_quantized_size", "quantized_multiple", "spec_name", "hyperparam_rules", "param_dtypes", "host_scalars", "op",
-                   "fallback", "triton_step", "buffers", "annotations",
+                   "min_quantized_size", "quantized_multiple", "spec_name", "hyperparam_rules", "param_dtypes",
+                   "host_scalars", "op", "fallback", "triton_step", "buffers", "annotations",
                    *(f"{f}{layout}" for f in ("init_state", "export_state", "import_state")
                      for layout in ("", "_fp32", "_native")),
                    "Buffer", "HyperParamRule", "MultiTensorLauncher", "OptgenOptimizer", "Variant",
@@ -216,16 +216,14 @@ class IR:
         return passes
 
     def bytes_moved_per_element(self, param_bytes: int | None = None, grad_bytes: int | None = None) -> float:
-        """Bytes one step moves per element, pass by pass (``schedule``): every buffer a pass decodes read once
-        and every buffer it stores written once. For an elementwise update (one pass), each buffer read once and
-        each written buffer written once."""
+        """Bytes one step moves per element: each tensor read by as many passes as decode it (``reads_per_step``)
+        and written once if stored; for an elementwise update (one pass), each buffer read once and each written
+        buffer written once. The generated class sums the same (``bytes_per_element(moved=True)``)."""
         param_bytes = self._param_bytes() if param_bytes is None else param_bytes
         grad_bytes = self._grad_bytes(param_bytes) if grad_bytes is None else grad_bytes
-
-        def size(t: TensorIO) -> float:
-            return grad_bytes if t.role == "grad" else t.codec.bytes_per_element(param_bytes)
-
-        return sum(size(t) for step_pass in self.schedule() for t in step_pass.reads() + step_pass.stores)
+        reads = self.reads_per_step()
+        return sum((grad_bytes if t.role == "grad" else t.codec.bytes_per_element(param_bytes))
+                   * (reads[t.name] + (t.output is not None)) for t in self.tensors)
 
     def reads_per_step(self) -> dict[str, int]:
         """How many passes of a step decode each tensor (by name): 1 everywhere for an elementwise update."""

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -30,10 +31,14 @@ from optgen.runtime.launch import _sum_partials
 SCALAR_PTRS = {"scalars": "*fp32", "red": "*fp32", "part": "*fp32", "rng": "*i64", "numels": "*i64", "blocks": "*i64"}
 
 
-def signature(cls, launcher) -> tuple[dict, list[dict]]:
-    """Argument types and one constexpr set per kernel pass, for an eager launch (the scalars as arguments)."""
+def signature(cls, variant) -> tuple[dict, list[dict]]:
+    """Argument types and one constexpr set per kernel pass, for an eager launch (the scalars as arguments), with
+    parameters of the first dtype the spec takes: each dtype constexpr is its buffer's dtype for them."""
     sig, consts = {}, {}
-    dtype = getattr(tl, cls.param_dtypes[0])
+    launcher = variant.triton_launcher
+    param_dtype = getattr(torch, cls.param_dtypes[0])
+    dtypes = {name: getattr(tl, str(variant.buffers[k].torch_dtype(param_dtype)).removeprefix("torch."))
+              for name, k in launcher.dtype_args.items()}  # torch's dtype names are Triton's
     names = launcher.kernel.arg_names
     first = names.index("scalars") + 1
     scalar_args = names[first:first + launcher.scalar_count]
@@ -54,7 +59,7 @@ def signature(cls, launcher) -> tuple[dict, list[dict]]:
         else:
             sig[name] = "constexpr"
             consts[name] = {**launcher.tile_constexprs(), "NRED": max(1, len(launcher.slots)), "PASS": 1,
-                            "SCALARS_TENSOR": False}.get(name, tl.int8 if name.endswith("_ECC_DTYPE") else dtype)
+                            "SCALARS_TENSOR": False, **dtypes}[name]
     passes = range(1, launcher.passes + 1) if launcher.slots else [1]
     return sig, [{**consts, **({"PASS": k} if "PASS" in consts else {})} for k in passes]
 
@@ -101,7 +106,7 @@ def main() -> None:
             cls = getattr(optim, name)
             importlib.import_module(cls.__module__)
             for key, variant in cls.variants.items():
-                sig, passes = signature(cls, variant.triton_launcher)
+                sig, passes = signature(cls, variant)
                 for consts in passes:
                     launcher = variant.triton_launcher
                     try:

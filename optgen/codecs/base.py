@@ -23,8 +23,8 @@ class Buffer:
 
     ``suffix`` is appended to the state name ("" for the main buffer); ``dtype`` is a torch dtype name,
     "param" (the parameter's own dtype) or "ecc8" (int8 codes for a bf16 parameter, the same bits as uint8 for an
-    fp16 one: a correction term is read in its parameter's format only, and the dtype says which). ``shape`` is "param" (the parameter's shape), "groups"
-    (1-D, one element per ``group_size`` elements, rounded up), "half" (1-D, ceil(numel / 2): two 4-bit
+    fp16 one: a correction term is read in its parameter's format only, and the dtype says which). ``shape`` is
+    "param" (the parameter's shape), "groups" (1-D, one element per ``group_size`` elements, rounded up), "half" (1-D, ceil(numel / 2): two 4-bit
     codes per byte) or "scalar" (0-d, one value for the whole tensor).
     """
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from optgen.runtime.optimizer import OptgenOptimizer, _check_state, _param_list, _tensors_of
+from optgen.runtime.optimizer import OptgenOptimizer, _param_list, _tensors_of
 from optgen.runtime.transfer import make_rng, refuse_graph_capture
 
 ALIGN = 256  # bytes: every state view starts on this boundary (the kernels need 16 for vector loads)
@@ -616,15 +616,10 @@ class OffloadedOptimizer(OptgenOptimizer):
 
     def _export(self, p: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
         """export_state of one parameter, its states brought to the parameter's device one tensor at a time; a state
-        whose dtype or size no longer fits the parameter's layout is refused (it lives in a chunk, on the CPU)."""
+        that no longer fits the parameter (``_check_states``) is refused."""
+        self._check_states([p], [index], None)
         layout = self.variants[self.variant_of(p)]
-        state = self.state.get(p)
-        for b in layout.buffers if state else ():
-            if b.key is not None:
-                value = state.get(b.key)
-                _check_state(value, b.key, index, b.torch_dtype(p.dtype), getattr(value, "device", None),
-                             b.shape_for(p))
-        state = state or layout.init_state(p.detach())
+        state = self.state.get(p) or layout.init_state(p.detach())
         local = {k: v if k == "step" else v.to(p.device) for k, v in state.items()}
         return layout.export_state(p.detach(), local)
 
